@@ -1,0 +1,1 @@
+"""Experiment configs: `base.py` declares every key; the other files override it."""

@@ -1,0 +1,100 @@
+"""Every config key of distill_jax, with its default.
+
+Variants (`configs/synthetic.py`, ...) start from `get_base_config()` and
+override values; they never add keys. `distill_jax.config_lib.validate` checks
+the values at start-up and names the key at fault.
+"""
+
+import ml_collections
+
+# Logical axis name -> mesh axis. Items tables ('vocab') are the only ones
+# worth splitting over 'model' on large catalogues; everything else is small.
+DEFAULT_RULES = (
+    ("batch", "data"),
+    ("vocab", None),
+    ("embed", None),
+    ("pos", None),
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+)
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """One model's subtree: architecture plus its own optimisation settings."""
+    c = ml_collections.ConfigDict()
+    c.name = "sasrec"  # One of distill_jax.models.MODELS.
+    c.embed_dim = 64
+    c.num_blocks = 2
+    c.num_heads = 2
+    c.mlp_dim = 256
+    c.dropout = 0.2
+    c.dtype = "float32"  # Compute dtype; parameters stay float32.
+    # Shared with the other model: checked equal at start-up. max_len is the
+    # input window; num_items = -1 takes the catalogue size from the data.
+    c.max_len = 50
+    c.num_items = -1
+    # BERT4Rec only: share of the window's items replaced by the mask token.
+    c.mask_prob = 0.2
+    # Optimisation (optax AdamW with linear warm-up and cosine decay).
+    c.learning_rate = 1e-3
+    c.weight_decay = 0.0
+    c.warmup_steps = 100
+    c.num_steps = 1000
+    c.batch_size = 128
+    c.grad_clip_norm = 1.0
+    c.update(overrides)
+    return c
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns the config with every key declared."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # Comma-separated stages of the main job, run in this order.
+    config.stages = "teacher,student_kd,student_scratch,report"
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "synthetic"
+    config.data.path = ""
+    config.data.synthetic = ml_collections.ConfigDict()
+    config.data.synthetic.num_users = 2000
+    config.data.synthetic.num_items = 1000
+    config.data.synthetic.min_len = 5
+    config.data.synthetic.mean_len = 20.0
+    config.data.synthetic.max_len = 80
+    config.data.synthetic.num_tastes = 20  # Latent taste clusters.
+    config.data.synthetic.zipf_exponent = 1.0  # Item popularity ~ rank^-a.
+    config.data.synthetic.successors = 4  # Likely next items per item.
+    config.data.synthetic.transition_prob = 0.7  # P(next item follows a transition).
+    # Batches hold users of similar length so that short sequences do not pay
+    # for the padding of long ones (same examples, fewer wasted positions).
+    config.data.length_buckets = True
+
+    config.teacher = model_config()
+    config.student = model_config(embed_dim=16, num_blocks=1, num_heads=1, mlp_dim=64)
+
+    config.distill = ml_collections.ConfigDict()
+    config.distill.mode = "soft"  # 'soft': alpha*CE + (1-alpha)*T^2*KL; 'hard': teacher top-k.
+    config.distill.temperature = 1.0
+    config.distill.alpha = 0.0
+    config.distill.hard_k = 1
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 200
+    config.eval.batch_size = 256
+    config.eval.patience = 5  # Evaluations without improvement before stopping; 0 = never stop.
+    config.eval.exclude_history = True
+    config.eval.ks = (10,)
+    config.eval.max_valid_users = -1  # -1: every user; else a fixed seeded subset.
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1 fills the devices left over by the other axis.
+    config.mesh.model = 1
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.rules = DEFAULT_RULES
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 200
+    config.log_every_steps = 100
+    return config

@@ -1,0 +1,31 @@
+"""The embedded default: synthetic sequences, a SASRec teacher, a 1/8-size student.
+
+Run:
+  python -m distill_jax.main --workdir=/tmp/distill_synth
+  python -m distill_jax.main --config=configs/synthetic.py:tiny --workdir=/tmp/distill_tiny
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the synthetic config; `arg='tiny'` shrinks everything for smoke runs."""
+    config = base.get_base_config()
+    if arg == "tiny":
+        s = config.data.synthetic
+        s.num_users, s.num_items, s.mean_len, s.max_len, s.num_tastes = 120, 60, 10.0, 20, 4
+        for m in (config.teacher, config.student):
+            m.max_len = 16
+            m.num_steps = 30
+            m.warmup_steps = 5
+            m.batch_size = 32
+        config.teacher.update(embed_dim=16, mlp_dim=32)
+        config.student.update(embed_dim=8, mlp_dim=16)
+        config.eval.every_steps = 10
+        config.checkpoint.every_steps = 10
+        config.log_every_steps = 10
+    elif arg:
+        raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected '' or 'tiny'.")
+    return config

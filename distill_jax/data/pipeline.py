@@ -1,0 +1,169 @@
+"""Fixed-shape batches for training and evaluation.
+
+Training batches are a pure function of (seed, step): the iterator's whole
+state is the step number, which the checkpoint stores, so a resumed run sees
+exactly the batches an uninterrupted one would.
+
+Only positions that hold a target get catalogue logits: a batch carries
+`target_pos [B, K]` (indices into the window), `targets [B, K]` and
+`where [B, K]`, with K rounded up to a multiple of `POSITION_BUCKET` so the
+step compiles for a handful of shapes only.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+POSITION_BUCKET = 8
+HISTORY_BUCKET = 32
+
+
+def _round_up(n: int, multiple: int, cap: int | None = None) -> int:
+    n = max(1, -(-n // multiple) * multiple)
+    return min(n, cap) if cap is not None else n
+
+
+def _windows(seq: np.ndarray, length: int, overlap: int) -> list[np.ndarray]:
+    """Splits `seq` into windows of at most `length` items, newest first.
+
+    Consecutive windows share `overlap` items so that every item of a causal
+    sequence serves once as a target.
+    """
+    out, end = [], len(seq)
+    while end > overlap:
+        out.append(seq[max(0, end - length):end])
+        end -= length - overlap
+    return out
+
+
+@dataclasses.dataclass
+class TrainBatches:
+    """Training batches for one model, indexed by step.
+
+    Args:
+      sequences: each user's training items, oldest first.
+      num_items: catalogue size V (the mask token is V + 1).
+      max_len: the model's window L.
+      batch_size: the global batch size B.
+      causal: True for next-item models (SASRec), False for masked-item
+        models (BERT4Rec).
+      mask_prob: masked-item models: share of the window's items masked.
+      seed: fixes the epoch order and the masks.
+      length_buckets: group windows of similar length into a batch.
+    """
+
+    sequences: Sequence[np.ndarray]
+    num_items: int
+    max_len: int
+    batch_size: int
+    causal: bool
+    mask_prob: float
+    seed: int
+    length_buckets: bool = True
+
+    def __post_init__(self):
+        if self.causal:
+            # input = window[:-1], target = window[1:]
+            windows = [w for s in self.sequences for w in _windows(s, self.max_len + 1, 1)]
+        else:
+            windows = [w for s in self.sequences for w in _windows(s, self.max_len, 0)]
+        if not windows:
+            raise ValueError("No training windows: every training sequence is too short.")
+        self._windows = windows
+        self._lengths = np.array([len(w) for w in windows])
+        self.steps_per_epoch = -(-len(windows) // self.batch_size)
+        self._plan_epoch, self._plan = -1, None
+
+    @property
+    def num_windows(self) -> int:
+        return len(self._windows)
+
+    def _epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self._plan_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self._windows))
+            if self.length_buckets:
+                # Sort by length inside large shuffled chunks: batches hold
+                # similar lengths, yet the epoch order stays random.
+                chunk = self.batch_size * 16
+                order = np.concatenate([
+                    c[np.argsort(self._lengths[c], kind="stable")]
+                    for c in np.array_split(order, max(1, len(order) // chunk))
+                ])
+            batches = [order[i:i + self.batch_size]
+                       for i in range(0, len(order), self.batch_size)]
+            self._plan = [batches[i] for i in rng.permutation(len(batches))]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The global batch of training step `step` (0-based)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        rows = self._epoch_plan(epoch)[index]
+        B, L = self.batch_size, self.max_len
+        inputs = np.zeros((B, L), np.int32)
+        if self.causal:
+            k = _round_up(int(self._lengths[rows].max()) - 1, POSITION_BUCKET, L)
+            targets = np.zeros((B, k), np.int32)
+            where = np.zeros((B, k), bool)
+            for b, r in enumerate(rows):
+                w = self._windows[r]
+                m = len(w) - 1
+                inputs[b, L - m:] = w[:-1]
+                targets[b, k - m:] = w[1:]
+                where[b, k - m:] = True
+            target_pos = np.broadcast_to(np.arange(L - k, L, dtype=np.int32), (B, k)).copy()
+        else:
+            rng = np.random.default_rng([self.seed, epoch, index, 1])
+            masked = []
+            for b, r in enumerate(rows):
+                w = self._windows[r]
+                inputs[b, L - len(w):] = w
+                pick = np.flatnonzero(rng.random(len(w)) < self.mask_prob)
+                if pick.size == 0:
+                    pick = np.array([rng.integers(len(w))])
+                masked.append(L - len(w) + pick)
+            k = _round_up(max(len(m) for m in masked), POSITION_BUCKET, L)
+            targets = np.zeros((B, k), np.int32)
+            where = np.zeros((B, k), bool)
+            target_pos = np.zeros((B, k), np.int32)
+            for b, pos in enumerate(masked):
+                targets[b, :len(pos)] = inputs[b, pos]
+                where[b, :len(pos)] = True
+                target_pos[b, :len(pos)] = pos
+                inputs[b, pos] = self.num_items + 1
+        return {"inputs": inputs, "target_pos": target_pos, "targets": targets, "where": where}
+
+
+def eval_batches(histories: Sequence[np.ndarray], targets: np.ndarray, *, num_items: int,
+                 max_len: int, batch_size: int, causal: bool,
+                 users: np.ndarray | None = None):
+    """Yields fixed-size evaluation batches, users grouped by history length.
+
+    Each batch has `inputs [B, L]` (the newest items of the history; masked-item
+    models get the mask token in the last slot, where they predict),
+    `history [B, H]` (the WHOLE history, for excluding seen items), `targets
+    [B]` and `where [B]` (False on rows that only fill the last batch).
+    """
+    users = np.arange(len(targets)) if users is None else np.asarray(users)
+    order = users[np.argsort([len(histories[u]) for u in users], kind="stable")]
+    L = max_len
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        h = _round_up(max(len(histories[u]) for u in rows), HISTORY_BUCKET)
+        inputs = np.zeros((batch_size, L), np.int32)
+        history = np.zeros((batch_size, h), np.int32)
+        tgt = np.ones((batch_size,), np.int32)
+        where = np.zeros((batch_size,), bool)
+        for b, u in enumerate(rows):
+            hist = histories[u]
+            if causal:
+                recent = hist[-L:]
+            else:
+                recent = np.append(hist[-(L - 1):] if L > 1 else hist[:0], num_items + 1)
+            inputs[b, L - len(recent):] = recent
+            history[b, :len(hist)] = hist
+            tgt[b] = targets[u]
+            where[b] = True
+        yield {"inputs": inputs, "history": history, "targets": tgt, "where": where}

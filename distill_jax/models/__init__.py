@@ -1,0 +1,141 @@
+"""Sequential recommender models and the registry that builds them from config.
+
+Both models map ``[B, L]`` left-padded int32 item ids (0 = padding, 1..V
+items, V+1 = BERT4Rec's mask token) to ``[B, L, D]`` hidden states, and
+``model.logits`` maps ``[..., D]`` hidden states to ``[..., V+1]`` float32
+scores with column 0 at -inf::
+
+    model = build_model(config.teacher, num_items=V, max_len=L, key_prefix="teacher")
+    params = model.init({"params": key}, items, train=False)
+    hidden = model.apply(params, items, train=True, rngs={"dropout": key})
+    logits = model.apply(params, hidden[valid], method=model.logits)
+
+``init`` returns parameters boxed in ``nn.Partitioned``; ``apply`` accepts them
+boxed or ``nn.unbox``-ed. The logical axis names used (``LOGICAL_AXES``):
+
+* ``vocab``: catalog rows, V+1 (item embedding rows, output bias). The one
+  large axis; shard it along ``model`` for big catalogs.
+* ``pos``: position-table rows (max_len).
+* ``embed``: model width D (embeddings, LayerNorm scales/biases, attention
+  output and MLP output biases).
+* ``mlp``: MLP hidden width.
+* ``heads``: attention heads.
+* ``kv``: per-head width D / heads.
+
+Parameter shapes: item_embedding (V+1, D) ('vocab', 'embed'); position_embedding
+(L, D) ('pos', 'embed'); mask_embedding (D,) ('embed',), BERT4Rec only;
+output_bias (V+1,) ('vocab',); per block query/key/value kernel (D, H, D/H)
+('embed', 'heads', 'kv') and bias (H, D/H) ('heads', 'kv'); out kernel
+(H, D/H, D) ('heads', 'kv', 'embed'); MLP wi (D, M) ('embed', 'mlp'), wo (M, D)
+('mlp', 'embed').
+
+Sharding: the models run under meshes with ``AxisType.Auto`` or
+``AxisType.Explicit`` axes (the latter is ``jax.make_mesh``'s default; see
+``layers.py``). Tested: batch along ``data``; ``vocab``, ``mlp`` and ``heads``
+along ``model``. Keep ``pos``, ``embed`` and ``kv`` unsharded (the position
+table is sliced by length; LayerNorm reduces over ``embed``). A dimension
+mapped to a mesh axis must be divisible by its size: sharding ``vocab`` over
+n devices needs n | V+1, and ``heads``/``mlp`` likewise.
+
+Dropout draws from the 'dropout' rng. On CPU, threefry keys make XLA compile
+times several times longer than ``jax.random.key(seed, impl="rbg")`` keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from distill_jax.models.base import SequenceRecommender
+from distill_jax.models.bert4rec import BERT4Rec
+from distill_jax.models.sasrec import SASRec
+
+__all__ = [
+    "BERT4Rec",
+    "DTYPES",
+    "LOGICAL_AXES",
+    "MODELS",
+    "SASRec",
+    "SequenceRecommender",
+    "build_model",
+    "count_params",
+]
+
+MODELS: dict[str, type[SequenceRecommender]] = {"sasrec": SASRec, "bert4rec": BERT4Rec}
+
+DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+LOGICAL_AXES: tuple[str, ...] = ("vocab", "pos", "embed", "mlp", "heads", "kv")
+
+
+def build_model(
+    cfg: ml_collections.ConfigDict,
+    *,
+    num_items: int,
+    max_len: int,
+    key_prefix: str = "model",
+) -> SequenceRecommender:
+    """Builds a model from its config subtree.
+
+    Args:
+      cfg: ConfigDict with ``name, embed_dim, num_blocks, num_heads, mlp_dim,
+        dropout, dtype`` (dtype is "float32" or "bfloat16").
+      num_items: V, the catalog size from the data (not the config, so teacher
+        and student cannot disagree).
+      max_len: L, the window length.
+      key_prefix: Where ``cfg`` sits under ``config``, used in error messages,
+        e.g. "teacher" gives "config.teacher.name=...".
+
+    Returns:
+      The unbound flax module.
+
+    Raises:
+      ValueError: naming the offending config key when a value is not valid.
+    """
+
+    def key(name: str) -> str:
+        return f"config.{key_prefix}.{name}"
+
+    if cfg.name not in MODELS:
+        raise ValueError(
+            f"{key('name')}={cfg.name!r} is not a known model; expected one of {sorted(MODELS)}"
+        )
+    if cfg.dtype not in DTYPES:
+        raise ValueError(
+            f"{key('dtype')}={cfg.dtype!r} is not a known dtype; expected one of {sorted(DTYPES)}"
+        )
+    for field in ("embed_dim", "num_blocks", "num_heads", "mlp_dim"):
+        if not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise ValueError(f"{key(field)}={cfg[field]!r} must be a positive integer")
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(
+            f"{key('embed_dim')}={cfg.embed_dim} must be divisible by "
+            f"{key('num_heads')}={cfg.num_heads}"
+        )
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{key('dropout')}={cfg.dropout!r} must be in [0, 1)")
+    if num_items < 1 or max_len < 1:
+        raise ValueError(f"num_items={num_items} and max_len={max_len} must be positive")
+    return MODELS[cfg.name](
+        num_items=num_items,
+        max_len=max_len,
+        embed_dim=cfg.embed_dim,
+        num_blocks=cfg.num_blocks,
+        num_heads=cfg.num_heads,
+        mlp_dim=cfg.mlp_dim,
+        dropout_rate=float(cfg.dropout),
+        dtype=DTYPES[cfg.dtype],
+    )
+
+
+def count_params(params: Any) -> int:
+    """Total number of parameter scalars.
+
+    Works on boxed (``nn.Partitioned``) or unboxed trees, and on
+    ``jax.eval_shape`` output, since it only reads shapes.
+    """
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -1,0 +1,174 @@
+"""The transformer encoder that SASRec and BERT4Rec share.
+
+The two models differ only in the attention mask (causal or not) and in
+whether the input may hold a mask token, so both are this module with two
+class variables set; see ``sasrec.py`` and ``bert4rec.py``.
+
+Design decisions the data pipeline and trainer rely on:
+
+* Positions are counted from the RIGHT end of the window: the last (newest)
+  position uses row 0 of the position table, the one before it row 1, and so
+  on. With left padding the newest item always sits at the last index, so an
+  item's position embedding depends only on how recent it is, and a sequence
+  gives the same outputs whatever the amount of left padding (also with inputs
+  shorter than ``max_len``; longer inputs are an error).
+* Padding keys are masked out of attention; padding queries attend to
+  themselves only, so their outputs are finite but meaningless.
+* The item table has V+1 rows (padding + items) and is tied to the output
+  layer. BERT4Rec's mask token (id V+1) is a separate ``[D]`` vector instead of
+  row V+1, so the table that is sharded along ``vocab`` is exactly the logits'
+  columns and the output layer never slices it.
+* A learned output bias ``[V+1]`` is added to the tied logits: it lets the
+  model learn item popularity without spending embedding norm on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from distill_jax.models.layers import (
+    Dropout,
+    TransformerBlock,
+    attention_mask,
+    embedding_lookup,
+    layer_norm,
+    partitioned,
+)
+
+Dtype = Any
+
+
+class SequenceRecommender(nn.Module):
+    """Embeddings -> pre-LN transformer blocks -> final LayerNorm; tied output.
+
+    Attributes:
+      num_items: V, the number of real items (ids 1..V).
+      max_len: L, the longest window the position table covers.
+      embed_dim: D, the model width; divisible by ``num_heads``.
+      num_blocks: Number of transformer blocks.
+      num_heads: Attention heads per block.
+      mlp_dim: Hidden width of each block's MLP.
+      dropout_rate: Dropout on the embeddings and inside every block.
+      dtype: Compute dtype; parameters stay float32, logits are float32.
+    """
+
+    # Set by subclasses; the data pipeline reads them to decide what to feed.
+    is_causal: ClassVar[bool] = True
+    uses_mask_token: ClassVar[bool] = False
+
+    num_items: int
+    max_len: int
+    embed_dim: int
+    num_blocks: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}"
+            )
+        # Std D^-1/2: with the tied output, logits of a unit-scale final
+        # LayerNorm output then start at unit scale.
+        init = nn.initializers.normal(stddev=self.embed_dim**-0.5)
+        self.item_embedding = self.param(
+            "item_embedding",
+            partitioned(init, ("vocab", "embed")),
+            (self.num_items + 1, self.embed_dim),
+            jnp.float32,
+        )
+        self.position_embedding = self.param(
+            "position_embedding",
+            partitioned(init, ("pos", "embed")),
+            (self.max_len, self.embed_dim),
+            jnp.float32,
+        )
+        if self.uses_mask_token:
+            self.mask_embedding = self.param(
+                "mask_embedding", partitioned(init, ("embed",)), (self.embed_dim,), jnp.float32
+            )
+        self.output_bias = self.param(
+            "output_bias",
+            partitioned(nn.initializers.zeros, ("vocab",)),
+            (self.num_items + 1,),
+            jnp.float32,
+        )
+        self.embed_dropout = Dropout(self.dropout_rate)
+        self.blocks = [
+            TransformerBlock(self.num_heads, self.mlp_dim, self.dropout_rate, dtype=self.dtype)
+            for _ in range(self.num_blocks)
+        ]
+        self.final_norm = layer_norm(self.dtype)
+
+    def embed(self, items: jax.Array) -> jax.Array:
+        """Item (or mask-token) embeddings plus right-aligned positions.
+
+        Args:
+          items: ``[B, L]`` int ids with ``L <= max_len``.
+
+        Returns:
+          ``[B, L, D]`` in the compute dtype, scaled by sqrt(D).
+        """
+        length = items.shape[-1]
+        if length > self.max_len:
+            raise ValueError(f"input length {length} exceeds the model's max_len={self.max_len}")
+        if self.uses_mask_token:
+            is_mask = (items == self.num_items + 1)[..., None]
+            x = embedding_lookup(self.item_embedding, jnp.where(is_mask[..., 0], 0, items))
+            x = jnp.where(is_mask, self.mask_embedding, x)
+        else:
+            # Out-of-range ids give NaN rows: a mask token fed to a causal
+            # model shows up loudly instead of as a silently wrong row.
+            x = embedding_lookup(self.item_embedding, items)
+        positions = self.position_embedding[:length][::-1]
+        # sqrt(D) puts the residual stream at unit scale, like the blocks' outputs.
+        return ((x + positions) * self.embed_dim**0.5).astype(self.dtype)
+
+    def __call__(self, items: jax.Array, *, train: bool) -> jax.Array:
+        """Encodes a batch of left-padded sequences.
+
+        Args:
+          items: ``[B, L]`` int32 ids, 0 = padding, ``L <= max_len``.
+          train: Whether dropout is active (needs the 'dropout' rng when the
+            rate is non-zero).
+
+        Returns:
+          ``[B, L, D]`` hidden states in the compute dtype. Values at padding
+          positions are finite but meaningless.
+        """
+        mask = attention_mask(items, causal=self.is_causal)
+        x = self.embed_dropout(self.embed(items), deterministic=not train)
+        for block in self.blocks:
+            x = block(x, mask, train=train)
+        return self.final_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Scores every catalog column with the tied item embeddings.
+
+        Args:
+          hidden: ``[..., D]`` hidden states, any leading shape (the trainer
+            passes only valid positions, so the big product is not wasted on
+            padding).
+
+        Returns:
+          ``[..., V+1]`` float32 logits; column 0 (padding) is -inf.
+        """
+        table = self.item_embedding.astype(self.dtype)
+        # Accumulate in float32 even for bfloat16 compute: logits feed softmaxes
+        # over the whole catalog, where bfloat16 rounding would show.
+        scores = jnp.einsum(
+            "...d,vd->...v",
+            hidden.astype(self.dtype),
+            table,
+            preferred_element_type=jnp.float32,
+        )
+        scores = scores + self.output_bias
+        # jnp.where rather than .at[..., 0].set: a scatter into a vocab-sharded
+        # array is ambiguous under explicit sharding; the where fuses anyway.
+        return jnp.where(jnp.arange(self.num_items + 1) == 0, -jnp.inf, scores)

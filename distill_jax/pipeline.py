@@ -1,0 +1,193 @@
+"""The main job: teacher -> student_kd -> student_scratch -> report.
+
+Each stage works in `WORKDIR/<stage>/`; it resumes from its checkpoint and,
+once finished, writes `result.json`, so a re-run skips it. The report stage
+writes `WORKDIR/report.json` and `WORKDIR/report.md`.
+"""
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from distill_jax import config_lib, models
+from distill_jax.data import synthetic
+from distill_jax.data.preprocess import LeaveOneOut, leave_one_out
+from distill_jax.evaluation.evaluator import Evaluator
+from distill_jax.train import loop
+from distill_jax.train import sharding as sharding_lib
+from distill_jax.train import state as state_lib
+from distill_jax.train.checkpoint import StageCheckpointer
+
+log = logging.getLogger(__name__)
+
+# stage -> (its model's config subtree, its teacher's stage or None)
+STAGES = {
+    "teacher": ("teacher", None),
+    "student_kd": ("student", "teacher"),
+    "student_scratch": ("student", None),
+}
+
+
+def load_data(config: ml_collections.ConfigDict) -> synthetic.SequenceData:
+    if config.data.source == "synthetic":
+        return synthetic.generate(config.data.synthetic, config.seed)
+    raise config_lib.ConfigError(
+        f"config.data.source={config.data.source!r} is invalid: expected 'synthetic'.")
+
+
+def _check_catalogue(config: ml_collections.ConfigDict, num_items: int) -> None:
+    for key in config_lib.MODEL_KEYS:
+        n = config[key].num_items
+        if n not in (-1, num_items):
+            raise config_lib.ConfigError(
+                f"config.{key}.num_items={n} is invalid: the data has {num_items} items "
+                "(use -1 to take the size from the data).")
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """Writes atomically (temp file + rename): readers never see half a file."""
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def build(config: ml_collections.ConfigDict, key: str, num_items: int):
+    return models.build_model(config[key], num_items=num_items,
+                              max_len=config[key].max_len, key_prefix=key)
+
+
+def load_best_params(model, config, mesh, stage_dir: str):
+    """The best parameters a finished stage saved, laid out by the sharding rules."""
+    shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
+    abstract = state_lib.abstract_params(model)
+    ckpt = StageCheckpointer(stage_dir)
+    try:
+        params, _ = ckpt.restore_best(abstract, shardings)
+    finally:
+        ckpt.close()
+    return params, shardings
+
+
+def run_stage(stage: str, config: ml_collections.ConfigDict, split: LeaveOneOut, mesh,
+              workdir: str, stop_at_step: int | None = None) -> dict | None:
+    """Runs (or resumes, or skips if finished) one training stage.
+
+    Returns:
+      The stage's result dict, or None if it stopped before finishing.
+    """
+    stage_dir = os.path.join(workdir, stage)
+    result_path = os.path.join(stage_dir, "result.json")
+    if os.path.exists(result_path):
+        log.info("[%s] finished earlier; skipping (%s)", stage, result_path)
+        with open(result_path) as f:
+            return json.load(f)
+    os.makedirs(stage_dir, exist_ok=True)
+    key, teacher_stage = STAGES[stage]
+    model = build(config, key, split.num_items)
+    teacher = None
+    if teacher_stage is not None:
+        t_dir = os.path.join(workdir, teacher_stage)
+        if not os.path.exists(os.path.join(t_dir, "result.json")):
+            raise FileNotFoundError(
+                f"Stage {stage!r} needs a finished {teacher_stage!r} stage in {t_dir}; add "
+                f"'{teacher_stage}' to config.stages before '{stage}'.")
+        t_model = build(config, STAGES[teacher_stage][0], split.num_items)
+        t_params, t_shardings = load_best_params(t_model, config, mesh, t_dir)
+        teacher = loop.Teacher(model=t_model, params=t_params, shardings=t_shardings)
+    res = loop.train_stage(name=stage, model=model, mcfg=config[key], config=config,
+                           split=split, workdir=stage_dir, mesh=mesh, teacher=teacher,
+                           stop_at_step=stop_at_step)
+    if not res.finished:
+        return None
+    shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
+    evaluator = Evaluator(model, split, config, mesh, shardings)
+    t0 = time.time()
+    metrics = {"test": evaluator.evaluate(res.params, "test"),
+               "valid": evaluator.evaluate(res.params, "valid")}
+    result = {
+        "model": config[key].name,
+        "params": models.count_params(res.params),
+        "param_bytes": loop.param_bytes(res.params),
+        "metrics": metrics,
+        "train_seconds": res.train_seconds,
+        "eval_seconds": time.time() - t0,
+        "best_step": res.best_step,
+        "steps_run": res.steps_run,
+        "stopped_early": res.stopped_early,
+        "teacher": teacher_stage,
+    }
+    _write_json(result_path, result)
+    log.info("[%s] test %s", stage, json.dumps(metrics["test"]))
+    return result
+
+
+def _report_md(report: dict) -> str:
+    ks = report["config"]["eval"]["ks"]
+    cols = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
+    d = report["dataset"]
+    lines = [
+        "# distill_jax report", "",
+        f"Data: {d['name']}: {d['users']} users, {d['items']} items, "
+        f"{d['interactions']} interactions. Full ranking over all items, "
+        f"history excluded: {report['config']['eval']['exclude_history']}.", "",
+        "| model | arch | params | " + " | ".join(f"test {c}" for c in cols)
+        + " | valid ndcg@10 | train s |",
+        "|---|---|---:|" + "---:|" * len(cols) + "---:|---:|",
+    ]
+    for name, r in report["models"].items():
+        test = r["metrics"]["test"]
+        lines.append(
+            f"| {name} | {r['model']} | {r['params']:,} | "
+            + " | ".join(f"{test[c]:.4f}" for c in cols)
+            + f" | {r['metrics']['valid']['ndcg@10']:.4f} | {r['train_seconds']:.1f} |")
+    t, kd, sc = (report["models"].get(k) for k in ("teacher", "student_kd", "student_scratch"))
+    if t and kd and sc:
+        tn, kn, sn = (r["metrics"]["test"]["ndcg@10"] for r in (t, kd, sc))
+        lines += ["", f"Student/teacher parameters: {kd['params'] / t['params']:.3f}. "
+                  f"student_kd NDCG@10 = {kn / tn if tn else float('nan'):.2f} x teacher, "
+                  f"{kn / sn if sn else float('nan'):.2f} x student_scratch."]
+    return "\n".join(lines) + "\n"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        stop_at_step: int | None = None) -> dict | None:
+    """Runs the configured stages in `workdir`; returns the report (if written)."""
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    data = load_data(config)
+    split = leave_one_out(data)
+    _check_catalogue(config, data.num_items)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    log.info("data %s: %d users, %d items, %d interactions; mesh %s", data.name,
+             data.num_users, data.num_items, data.num_interactions, dict(mesh.shape))
+    results = {}
+    report = None
+    for stage in config_lib.stages(config):
+        if stage == "report":
+            report = {
+                "config": json.loads(config.to_json_best_effort()),
+                "dataset": {"name": data.name, "users": data.num_users,
+                            "items": data.num_items,
+                            "interactions": data.num_interactions},
+                "models": results,
+            }
+            _write_json(os.path.join(workdir, "report.json"), report)
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "report.md"), "w") as f:
+                    f.write(_report_md(report))
+            log.info("report written to %s", os.path.join(workdir, "report.md"))
+            continue
+        result = run_stage(stage, config, split, mesh, workdir, stop_at_step)
+        if result is None:
+            log.info("stopped during stage %s; re-run to resume", stage)
+            return None
+        results[stage] = result
+    return report

@@ -1,0 +1,175 @@
+"""The one trainer: teacher training, distillation and the no-teacher baseline."""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import zlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from distill_jax.data.pipeline import TrainBatches
+from distill_jax.data.preprocess import LeaveOneOut
+from distill_jax.evaluation.evaluator import Evaluator
+from distill_jax.train import sharding as sharding_lib
+from distill_jax.train import state as state_lib
+from distill_jax.train import steps as steps_lib
+from distill_jax.train.checkpoint import StageCheckpointer
+
+log = logging.getLogger(__name__)
+SELECT_METRIC = "ndcg@10"
+
+
+@dataclasses.dataclass
+class Teacher:
+    """A frozen teacher: its module, its (sharded) params and their shardings."""
+
+    model: nn.Module
+    params: Any
+    shardings: Any
+
+
+@dataclasses.dataclass
+class StageResult:
+    params: Any  # The best parameters by validation NDCG@10; None if not finished.
+    best_step: int
+    best_valid: dict
+    steps_run: int
+    train_seconds: float
+    stopped_early: bool
+    finished: bool
+
+
+class _Writer:
+    """TensorBoard events on process 0 only; a no-op elsewhere."""
+
+    def __init__(self, logdir: str):
+        self._w = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self._w = SummaryWriter(logdir)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
+        if self._w is not None:
+            for k, v in values.items():
+                self._w.add_scalar(f"{prefix}/{k}", float(v), step)
+            self._w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+
+
+def train_stage(*, name: str, model: nn.Module, mcfg: ml_collections.ConfigDict,
+                config: ml_collections.ConfigDict, split: LeaveOneOut, workdir: str, mesh,
+                teacher: Teacher | None = None, stop_at_step: int | None = None) -> StageResult:
+    """Trains `model` (with `teacher`: by distillation), resuming from `workdir`.
+
+    Args:
+      name: the stage's name, for logs.
+      model: the model being trained.
+      mcfg: its config subtree (`config.teacher` or `config.student`).
+      config: the whole config (seed, distill, eval, checkpoint, sharding).
+      split: the data.
+      workdir: the stage's directory (checkpoints, TensorBoard events).
+      mesh: the device mesh.
+      teacher: a frozen teacher, for distillation; None trains on labels only.
+      stop_at_step: stop (as if pre-empted) after saving the checkpoint of this
+        step; a later call resumes. For job schedulers with time limits, and tests.
+
+    Returns:
+      The best parameters and how the stage went.
+    """
+    rule_pairs = sharding_lib.rules(config)
+    sharding_lib.check_batch_size(mcfg.batch_size, mesh, "batch_size of the model config")
+    batches = TrainBatches(split.train, num_items=split.num_items, max_len=mcfg.max_len,
+                           batch_size=mcfg.batch_size, causal=model.is_causal,
+                           mask_prob=mcfg.mask_prob, seed=config.seed,
+                           length_buckets=config.data.length_buckets)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))
+    state, shardings = state_lib.create_state(model, mcfg, mesh, rule_pairs, init_rng)
+    step_fn = steps_lib.make_train_step(
+        model, task="distill" if teacher else "train", mesh=mesh, state_shardings=shardings,
+        teacher=teacher.model if teacher else None,
+        teacher_shardings=teacher.shardings if teacher else None, distill_cfg=config.distill)
+    evaluator = Evaluator(model, split, config, mesh, shardings.params)
+    ckpt = StageCheckpointer(workdir)
+    meta = {"best_metric": -1.0, "best_step": -1, "best_valid": {}, "bad_evals": 0,
+            "train_seconds": 0.0, "finished": False, "stopped_early": False}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore_state(state, shardings)
+        log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
+    writer = _Writer(os.path.join(workdir, "tb"))
+    teacher_params = teacher.params if teacher else None
+    num_steps = mcfg.num_steps
+    step = int(state.step)
+    t_start, t_window, window_steps = time.time(), time.time(), 0
+    seconds_before = meta["train_seconds"]
+    log.info("[%s] %d training windows, %d steps/epoch, %d steps", name, batches.num_windows,
+             batches.steps_per_epoch, num_steps)
+
+    def save(step):
+        meta["train_seconds"] = seconds_before + time.time() - t_start
+        meta["data_iterator"] = {"step": step}
+        meta["config"] = json.loads(config.to_json_best_effort())
+        ckpt.save_state(step, state, meta)
+
+    while step < num_steps and not meta["finished"]:
+        batch = sharding_lib.put_batch(batches.batch(step), mesh)
+        state, metrics = step_fn(state, teacher_params, batch, step_rng)
+        step += 1
+        window_steps += 1
+        if step % config.log_every_steps == 0 or step == num_steps:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.time()
+            rate = window_steps / max(now - t_window, 1e-9)
+            eta = (num_steps - step) / max(rate, 1e-9)
+            log.info("[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
+                     name, step, num_steps, m["loss"], m["grad_norm"], rate, eta)
+            writer.scalars(step, {**m, "steps_per_second": rate}, "train")
+            t_window, window_steps = now, 0
+        if step % config.eval.every_steps == 0 or step == num_steps:
+            valid = evaluator.evaluate(state.params, "valid")
+            writer.scalars(step, valid, "valid")
+            improved = valid[SELECT_METRIC] > meta["best_metric"]
+            if improved:
+                meta.update(best_metric=valid[SELECT_METRIC], best_step=step,
+                            best_valid=valid, bad_evals=0)
+                ckpt.save_best(step, state.params, {"step": step, "valid": valid})
+            else:
+                meta["bad_evals"] += 1
+            log.info("[%s] step %d valid %s%s", name, step,
+                     " ".join(f"{k}={v:.4f}" for k, v in valid.items() if k != "users"),
+                     " (best)" if improved else "")
+            patience = config.eval.patience
+            if patience and meta["bad_evals"] >= patience and step < num_steps:
+                log.info("[%s] early stop at step %d: no improvement in %d evaluations",
+                         name, step, patience)
+                meta["finished"] = meta["stopped_early"] = True
+        if step == num_steps:
+            meta["finished"] = True
+        if meta["finished"] or step % config.checkpoint.every_steps == 0:
+            save(step)
+        if stop_at_step is not None and step >= stop_at_step and not meta["finished"]:
+            if step % config.checkpoint.every_steps:
+                save(step)
+            log.info("[%s] stopping at step %d as asked; re-run to resume", name, step)
+            break
+    writer.close()
+    params = None
+    if meta["finished"]:
+        params, _ = ckpt.restore_best(state.params, shardings.params)
+    ckpt.close()
+    return StageResult(params=params, finished=bool(meta["finished"]), best_step=meta["best_step"], best_valid=meta["best_valid"],
+                       steps_run=step, train_seconds=float(meta["train_seconds"]),
+                       stopped_early=bool(meta["stopped_early"]))
+
+
+def param_bytes(params: Any) -> int:
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))

@@ -1,0 +1,89 @@
+"""Jitted train steps: one builder for teacher training, distillation and baselines."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from distill_jax import losses
+from distill_jax.train import sharding as sharding_lib
+
+TASKS = ("train", "distill")
+
+
+def hidden_at_targets(model: nn.Module, params, inputs, target_pos, *, train: bool,
+                      rngs=None) -> jax.Array:
+    """Hidden states `[B, K, D]` at the target positions only.
+
+    Catalogue logits cost `K x V` per row, so they are computed only where a
+    target sits, not at every (mostly padded) window position.
+    """
+    hidden = model.apply({"params": params}, inputs, train=train, rngs=rngs)
+    return jnp.take_along_axis(hidden, target_pos[..., None], axis=1)
+
+
+def logits_at_targets(model: nn.Module, params, batch, *, train: bool, rngs=None):
+    h = hidden_at_targets(model, params, batch["inputs"], batch["target_pos"], train=train,
+                          rngs=rngs)
+    return model.apply({"params": params}, h, method=model.logits)
+
+
+def make_loss_fn(model: nn.Module, task: str, teacher: nn.Module | None,
+                 distill_cfg: ml_collections.ConfigDict | None):
+    """loss(params, teacher_params, batch, dropout_rng) -> scalar loss."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+    if task == "distill" and teacher is None:
+        raise ValueError("task='distill' needs a teacher model.")
+
+    def loss_fn(params, teacher_params, batch, dropout_rng):
+        logits = logits_at_targets(model, params, batch, train=True,
+                                   rngs={"dropout": dropout_rng})
+        where = batch["where"]
+        if task == "train":
+            return losses.cross_entropy(logits, batch["targets"], where=where)
+        # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
+        t_logits = jax.lax.stop_gradient(
+            logits_at_targets(teacher, teacher_params, batch, train=False))
+        if distill_cfg.mode == "hard":
+            return losses.hard_label_distill(logits, t_logits, k=distill_cfg.hard_k,
+                                              where=where)
+        return losses.distill_loss(logits, t_logits, batch["targets"],
+                                   temperature=distill_cfg.temperature,
+                                   alpha=distill_cfg.alpha, where=where)
+
+    return loss_fn
+
+
+def make_train_step(model: nn.Module, *, task: str, mesh, state_shardings: Any,
+                    teacher: nn.Module | None = None, teacher_shardings: Any = None,
+                    distill_cfg: ml_collections.ConfigDict | None = None):
+    """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
+
+    The state is donated (updated in place); the teacher's parameters keep
+    their own sharding and receive no gradient. `teacher_params` is ignored
+    (pass None) for task='train'.
+    """
+    loss_fn = make_loss_fn(model, task, teacher, distill_cfg)
+
+    def step(state, teacher_params, batch, rng):
+        dropout_rng = jax.random.fold_in(rng, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, teacher_params, batch,
+                                                  dropout_rng)
+        new_state = state.apply_gradients(grads=grads)
+        metrics = {"loss": loss, "grad_norm": jnp.sqrt(
+            sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
+        return new_state, metrics
+
+    batch_s = sharding_lib.batch_sharding(mesh)
+    rep = sharding_lib.replicated(mesh)
+    jitted = jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_s, rep),
+                     out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+    def run(state, teacher_params, batch, rng):
+        with jax.set_mesh(mesh):
+            return jitted(state, teacher_params, batch, rng)
+
+    return run

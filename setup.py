@@ -1,0 +1,31 @@
+"""Package set-up for distill_jax (tool settings live in pyproject.toml)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="distill_jax",
+    version="0.1.0",
+    description="Knowledge distillation for sequential recommenders in JAX/Flax.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["distill_jax", "distill_jax.*", "configs"]),
+    install_requires=[
+        "absl-py",
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.90",
+        "ml-collections>=1.0",
+        "tensorflow-datasets>=4.9.8",
+        "grain>=0.2.10",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+        "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
+        "tpu": ["jax[tpu]>=0.7"],
+        "gpu": ["jax[cuda12]>=0.7"],
+    },
+)
