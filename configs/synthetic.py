@@ -13,6 +13,11 @@ from configs import base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the synthetic config; `arg='tiny'` shrinks everything for smoke runs."""
     config = base.get_base_config()
+    for m in (config.teacher, config.student):
+        m.max_len = 30
+        m.num_steps = 800
+        m.warmup_steps = 50
+        m.learning_rate = 2e-3
     if arg == "tiny":
         s = config.data.synthetic
         s.num_users, s.num_items, s.mean_len, s.max_len, s.num_tastes = 120, 60, 10.0, 20, 4

@@ -21,9 +21,7 @@ def _expect(ok: bool, key: str, value: Any, expected: str) -> None:
 def _positive_int(cfg: ml_collections.ConfigDict, prefix: str, *names: str) -> None:
     for name in names:
         value = cfg[name]
-        _expect(
-            isinstance(value, int) and value > 0, f"{prefix}.{name}", value, "an integer > 0"
-        )
+        _expect(isinstance(value, int) and value > 0, f"{prefix}.{name}", value, "an integer > 0")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -35,61 +33,129 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for s in stages:
         _expect(s in KNOWN_STAGES, "stages", config.stages, f"stages among {KNOWN_STAGES}")
 
-    _expect(config.data.source in ("synthetic",), "data.source", config.data.source,
-            "'synthetic'")
+    _expect(config.data.source in ("synthetic",), "data.source", config.data.source, "'synthetic'")
     syn = config.data.synthetic
-    _positive_int(syn, "data.synthetic", "num_users", "num_items", "min_len", "max_len",
-                  "num_tastes", "successors")
-    _expect(syn.min_len >= 3, "data.synthetic.min_len", syn.min_len,
-            "at least 3 (leave-one-out needs a training item, a validation and a test item)")
-    _expect(syn.max_len >= syn.min_len, "data.synthetic.max_len", syn.max_len,
-            f">= data.synthetic.min_len ({syn.min_len})")
-    _expect(syn.min_len <= syn.mean_len <= syn.max_len, "data.synthetic.mean_len",
-            syn.mean_len, "between data.synthetic.min_len and data.synthetic.max_len")
-    _expect(0.0 <= syn.transition_prob <= 1.0, "data.synthetic.transition_prob",
-            syn.transition_prob, "a probability in [0, 1]")
-    _expect(syn.zipf_exponent >= 0.0, "data.synthetic.zipf_exponent", syn.zipf_exponent,
-            ">= 0")
+    _positive_int(
+        syn,
+        "data.synthetic",
+        "num_users",
+        "num_items",
+        "min_len",
+        "max_len",
+        "num_tastes",
+        "successors",
+    )
+    _expect(
+        syn.min_len >= 3,
+        "data.synthetic.min_len",
+        syn.min_len,
+        "at least 3 (leave-one-out needs a training item, a validation and a test item)",
+    )
+    _expect(
+        syn.max_len >= syn.min_len,
+        "data.synthetic.max_len",
+        syn.max_len,
+        f">= data.synthetic.min_len ({syn.min_len})",
+    )
+    _expect(
+        syn.min_len <= syn.mean_len <= syn.max_len,
+        "data.synthetic.mean_len",
+        syn.mean_len,
+        "between data.synthetic.min_len and data.synthetic.max_len",
+    )
+    _expect(
+        0.0 <= syn.transition_prob <= 1.0,
+        "data.synthetic.transition_prob",
+        syn.transition_prob,
+        "a probability in [0, 1]",
+    )
+    _expect(syn.zipf_exponent >= 0.0, "data.synthetic.zipf_exponent", syn.zipf_exponent, ">= 0")
 
     for prefix in MODEL_KEYS:
         m = config[prefix]
         _expect(m.name in MODELS, f"{prefix}.name", m.name, f"one of {sorted(MODELS)}")
-        _positive_int(m, prefix, "embed_dim", "num_blocks", "num_heads", "mlp_dim", "max_len",
-                      "num_steps", "batch_size")
-        _expect(m.embed_dim % m.num_heads == 0, f"{prefix}.embed_dim", m.embed_dim,
-                f"a multiple of {prefix}.num_heads ({m.num_heads})")
+        _positive_int(
+            m,
+            prefix,
+            "embed_dim",
+            "num_blocks",
+            "num_heads",
+            "mlp_dim",
+            "max_len",
+            "num_steps",
+            "batch_size",
+        )
+        _expect(
+            m.embed_dim % m.num_heads == 0,
+            f"{prefix}.embed_dim",
+            m.embed_dim,
+            f"a multiple of {prefix}.num_heads ({m.num_heads})",
+        )
         _expect(0.0 <= m.dropout < 1.0, f"{prefix}.dropout", m.dropout, "a rate in [0, 1)")
         _expect(0.0 < m.mask_prob < 1.0, f"{prefix}.mask_prob", m.mask_prob, "a rate in (0, 1)")
-        _expect(m.dtype in ("float32", "bfloat16"), f"{prefix}.dtype", m.dtype,
-                "'float32' or 'bfloat16'")
-        _expect(m.num_items == -1 or m.num_items > 0, f"{prefix}.num_items", m.num_items,
-                "-1 (from the data) or the catalogue size")
+        _expect(
+            m.dtype in ("float32", "bfloat16"),
+            f"{prefix}.dtype",
+            m.dtype,
+            "'float32' or 'bfloat16'",
+        )
+        _expect(
+            m.num_items == -1 or m.num_items > 0,
+            f"{prefix}.num_items",
+            m.num_items,
+            "-1 (from the data) or the catalogue size",
+        )
         _expect(m.learning_rate > 0, f"{prefix}.learning_rate", m.learning_rate, "> 0")
         _expect(m.weight_decay >= 0, f"{prefix}.weight_decay", m.weight_decay, ">= 0")
-        _expect(0 <= m.warmup_steps < m.num_steps, f"{prefix}.warmup_steps", m.warmup_steps,
-                f"in [0, {prefix}.num_steps={m.num_steps})")
-        _expect(m.grad_clip_norm >= 0, f"{prefix}.grad_clip_norm", m.grad_clip_norm,
-                ">= 0 (0 disables clipping)")
+        _expect(
+            0 <= m.warmup_steps < m.num_steps,
+            f"{prefix}.warmup_steps",
+            m.warmup_steps,
+            f"in [0, {prefix}.num_steps={m.num_steps})",
+        )
+        _expect(
+            m.grad_clip_norm >= 0,
+            f"{prefix}.grad_clip_norm",
+            m.grad_clip_norm,
+            ">= 0 (0 disables clipping)",
+        )
     for key in SHARED_MODEL_KEYS:
         t, s = config.teacher[key], config.student[key]
-        _expect(t == s, f"student.{key}", s,
-                f"equal to config.teacher.{key}={t!r} (teacher and student share it)")
+        _expect(
+            t == s,
+            f"student.{key}",
+            s,
+            f"equal to config.teacher.{key}={t!r} (teacher and student share it)",
+        )
 
     d = config.distill
     _expect(d.mode in ("soft", "hard"), "distill.mode", d.mode, "'soft' or 'hard'")
     _expect(d.temperature > 0, "distill.temperature", d.temperature, "a temperature > 0")
     _expect(0.0 <= d.alpha <= 1.0, "distill.alpha", d.alpha, "a weight in [0, 1]")
-    _expect(isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k,
-            "an integer >= 1")
+    _expect(
+        isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k, "an integer >= 1"
+    )
 
     _positive_int(config.eval, "eval", "every_steps", "batch_size")
     _expect(config.eval.patience >= 0, "eval.patience", config.eval.patience, ">= 0")
-    _expect(10 in tuple(config.eval.ks), "eval.ks", config.eval.ks,
-            "a tuple of cut-offs containing 10 (model selection uses NDCG@10)")
-    _expect(all(isinstance(k, int) and k > 0 for k in config.eval.ks), "eval.ks",
-            config.eval.ks, "positive integer cut-offs")
-    _expect(config.eval.max_valid_users == -1 or config.eval.max_valid_users > 0,
-            "eval.max_valid_users", config.eval.max_valid_users, "-1 or > 0")
+    _expect(
+        10 in tuple(config.eval.ks),
+        "eval.ks",
+        config.eval.ks,
+        "a tuple of cut-offs containing 10 (model selection uses NDCG@10)",
+    )
+    _expect(
+        all(isinstance(k, int) and k > 0 for k in config.eval.ks),
+        "eval.ks",
+        config.eval.ks,
+        "positive integer cut-offs",
+    )
+    _expect(
+        config.eval.max_valid_users == -1 or config.eval.max_valid_users > 0,
+        "eval.max_valid_users",
+        config.eval.max_valid_users,
+        "-1 or > 0",
+    )
     for axis in ("data", "model"):
         v = config.mesh[axis]
         _expect(v == -1 or v >= 1, f"mesh.{axis}", v, "-1 (fill) or a positive axis size")

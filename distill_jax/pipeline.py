@@ -37,7 +37,8 @@ def load_data(config: ml_collections.ConfigDict) -> synthetic.SequenceData:
     if config.data.source == "synthetic":
         return synthetic.generate(config.data.synthetic, config.seed)
     raise config_lib.ConfigError(
-        f"config.data.source={config.data.source!r} is invalid: expected 'synthetic'.")
+        f"config.data.source={config.data.source!r} is invalid: expected 'synthetic'."
+    )
 
 
 def _check_catalogue(config: ml_collections.ConfigDict, num_items: int) -> None:
@@ -46,7 +47,8 @@ def _check_catalogue(config: ml_collections.ConfigDict, num_items: int) -> None:
         if n not in (-1, num_items):
             raise config_lib.ConfigError(
                 f"config.{key}.num_items={n} is invalid: the data has {num_items} items "
-                "(use -1 to take the size from the data).")
+                "(use -1 to take the size from the data)."
+            )
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -60,8 +62,9 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def build(config: ml_collections.ConfigDict, key: str, num_items: int):
-    return models.build_model(config[key], num_items=num_items,
-                              max_len=config[key].max_len, key_prefix=key)
+    return models.build_model(
+        config[key], num_items=num_items, max_len=config[key].max_len, key_prefix=key
+    )
 
 
 def load_best_params(model, config, mesh, stage_dir: str):
@@ -76,8 +79,14 @@ def load_best_params(model, config, mesh, stage_dir: str):
     return params, shardings
 
 
-def run_stage(stage: str, config: ml_collections.ConfigDict, split: LeaveOneOut, mesh,
-              workdir: str, stop_at_step: int | None = None) -> dict | None:
+def run_stage(
+    stage: str,
+    config: ml_collections.ConfigDict,
+    split: LeaveOneOut,
+    mesh,
+    workdir: str,
+    stop_at_step: int | None = None,
+) -> dict | None:
     """Runs (or resumes, or skips if finished) one training stage.
 
     Returns:
@@ -98,20 +107,31 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, split: LeaveOneOut,
         if not os.path.exists(os.path.join(t_dir, "result.json")):
             raise FileNotFoundError(
                 f"Stage {stage!r} needs a finished {teacher_stage!r} stage in {t_dir}; add "
-                f"'{teacher_stage}' to config.stages before '{stage}'.")
+                f"'{teacher_stage}' to config.stages before '{stage}'."
+            )
         t_model = build(config, STAGES[teacher_stage][0], split.num_items)
         t_params, t_shardings = load_best_params(t_model, config, mesh, t_dir)
         teacher = loop.Teacher(model=t_model, params=t_params, shardings=t_shardings)
-    res = loop.train_stage(name=stage, model=model, mcfg=config[key], config=config,
-                           split=split, workdir=stage_dir, mesh=mesh, teacher=teacher,
-                           stop_at_step=stop_at_step)
+    res = loop.train_stage(
+        name=stage,
+        model=model,
+        mcfg=config[key],
+        config=config,
+        split=split,
+        workdir=stage_dir,
+        mesh=mesh,
+        teacher=teacher,
+        stop_at_step=stop_at_step,
+    )
     if not res.finished:
         return None
     shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
     evaluator = Evaluator(model, split, config, mesh, shardings)
     t0 = time.time()
-    metrics = {"test": evaluator.evaluate(res.params, "test"),
-               "valid": evaluator.evaluate(res.params, "valid")}
+    metrics = {
+        "test": evaluator.evaluate(res.params, "test"),
+        "valid": evaluator.evaluate(res.params, "valid"),
+    }
     result = {
         "model": config[key].name,
         "params": models.count_params(res.params),
@@ -134,11 +154,14 @@ def _report_md(report: dict) -> str:
     cols = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
     d = report["dataset"]
     lines = [
-        "# distill_jax report", "",
+        "# distill_jax report",
+        "",
         f"Data: {d['name']}: {d['users']} users, {d['items']} items, "
         f"{d['interactions']} interactions. Full ranking over all items, "
-        f"history excluded: {report['config']['eval']['exclude_history']}.", "",
-        "| model | arch | params | " + " | ".join(f"test {c}" for c in cols)
+        f"history excluded: {report['config']['eval']['exclude_history']}.",
+        "",
+        "| model | arch | params | "
+        + " | ".join(f"test {c}" for c in cols)
         + " | valid ndcg@10 | train s |",
         "|---|---|---:|" + "---:|" * len(cols) + "---:|---:|",
     ]
@@ -147,18 +170,23 @@ def _report_md(report: dict) -> str:
         lines.append(
             f"| {name} | {r['model']} | {r['params']:,} | "
             + " | ".join(f"{test[c]:.4f}" for c in cols)
-            + f" | {r['metrics']['valid']['ndcg@10']:.4f} | {r['train_seconds']:.1f} |")
+            + f" | {r['metrics']['valid']['ndcg@10']:.4f} | {r['train_seconds']:.1f} |"
+        )
     t, kd, sc = (report["models"].get(k) for k in ("teacher", "student_kd", "student_scratch"))
     if t and kd and sc:
         tn, kn, sn = (r["metrics"]["test"]["ndcg@10"] for r in (t, kd, sc))
-        lines += ["", f"Student/teacher parameters: {kd['params'] / t['params']:.3f}. "
-                  f"student_kd NDCG@10 = {kn / tn if tn else float('nan'):.2f} x teacher, "
-                  f"{kn / sn if sn else float('nan'):.2f} x student_scratch."]
+        lines += [
+            "",
+            f"Student/teacher parameters: {kd['params'] / t['params']:.3f}. "
+            f"student_kd NDCG@10 = {kn / tn if tn else float('nan'):.2f} x teacher, "
+            f"{kn / sn if sn else float('nan'):.2f} x student_scratch.",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        stop_at_step: int | None = None) -> dict | None:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
+) -> dict | None:
     """Runs the configured stages in `workdir`; returns the report (if written)."""
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
@@ -166,17 +194,26 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     split = leave_one_out(data)
     _check_catalogue(config, data.num_items)
     mesh = sharding_lib.make_mesh(config.mesh)
-    log.info("data %s: %d users, %d items, %d interactions; mesh %s", data.name,
-             data.num_users, data.num_items, data.num_interactions, dict(mesh.shape))
+    log.info(
+        "data %s: %d users, %d items, %d interactions; mesh %s",
+        data.name,
+        data.num_users,
+        data.num_items,
+        data.num_interactions,
+        dict(mesh.shape),
+    )
     results = {}
     report = None
     for stage in config_lib.stages(config):
         if stage == "report":
             report = {
                 "config": json.loads(config.to_json_best_effort()),
-                "dataset": {"name": data.name, "users": data.num_users,
-                            "items": data.num_items,
-                            "interactions": data.num_interactions},
+                "dataset": {
+                    "name": data.name,
+                    "users": data.num_users,
+                    "items": data.num_items,
+                    "interactions": data.num_interactions,
+                },
                 "models": results,
             }
             _write_json(os.path.join(workdir, "report.json"), report)

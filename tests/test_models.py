@@ -124,10 +124,10 @@ def expected_param_count(
 ) -> int:
     """Hand count from the config. The heads' widths sum to D, so H does not appear."""
     d, m = embed_dim, mlp_dim
-    attention = 4 * (d * d + d)  # query, key, value, out: kernel D*D + bias D each
+    attention = 4 * d * d + 3 * d  # query, key, value, out: kernel D*D; bias D but key
     mlp = (d * m + m) + (m * d + d)
     norms = 2 * (2 * d)  # two LayerNorms, scale + bias
-    block = attention + mlp + norms  # = 4D^2 + 2DM + 9D + M
+    block = attention + mlp + norms  # = 4D^2 + 2DM + 8D + M
     total = (num_items + 1) * d  # item embedding, tied to the output layer
     total += max_len * d  # position embedding
     total += num_items + 1  # output bias

@@ -6,8 +6,9 @@ exactly the batches an uninterrupted one would.
 
 Only positions that hold a target get catalogue logits: a batch carries
 `target_pos [B, K]` (indices into the window), `targets [B, K]` and
-`where [B, K]`, with K rounded up to a multiple of `POSITION_BUCKET` so the
-step compiles for a handful of shapes only.
+`where [B, K]`, with K rounded up to a power of two (at least
+`MIN_POSITIONS`, at most the window) so the step compiles for a handful of
+shapes only; histories for evaluation likewise (at least `MIN_HISTORY`).
 """
 
 import dataclasses
@@ -15,13 +16,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-POSITION_BUCKET = 8
-HISTORY_BUCKET = 32
+MIN_POSITIONS = 8
+MIN_HISTORY = 32
 
 
-def _round_up(n: int, multiple: int, cap: int | None = None) -> int:
-    n = max(1, -(-n // multiple) * multiple)
-    return min(n, cap) if cap is not None else n
+def _bucket(n: int, minimum: int, cap: int | None = None) -> int:
+    """The smallest power-of-two multiple of `minimum` that holds n, capped."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return min(size, cap) if cap is not None else size
 
 
 def _windows(seq: np.ndarray, length: int, overlap: int) -> list[np.ndarray]:
@@ -32,7 +36,7 @@ def _windows(seq: np.ndarray, length: int, overlap: int) -> list[np.ndarray]:
     """
     out, end = [], len(seq)
     while end > overlap:
-        out.append(seq[max(0, end - length):end])
+        out.append(seq[max(0, end - length) : end])
         end -= length - overlap
     return out
 
@@ -87,12 +91,15 @@ class TrainBatches:
                 # Sort by length inside large shuffled chunks: batches hold
                 # similar lengths, yet the epoch order stays random.
                 chunk = self.batch_size * 16
-                order = np.concatenate([
-                    c[np.argsort(self._lengths[c], kind="stable")]
-                    for c in np.array_split(order, max(1, len(order) // chunk))
-                ])
-            batches = [order[i:i + self.batch_size]
-                       for i in range(0, len(order), self.batch_size)]
+                order = np.concatenate(
+                    [
+                        c[np.argsort(self._lengths[c], kind="stable")]
+                        for c in np.array_split(order, max(1, len(order) // chunk))
+                    ]
+                )
+            batches = [
+                order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)
+            ]
             self._plan = [batches[i] for i in rng.permutation(len(batches))]
             self._plan_epoch = epoch
         return self._plan
@@ -104,41 +111,48 @@ class TrainBatches:
         B, L = self.batch_size, self.max_len
         inputs = np.zeros((B, L), np.int32)
         if self.causal:
-            k = _round_up(int(self._lengths[rows].max()) - 1, POSITION_BUCKET, L)
+            k = _bucket(int(self._lengths[rows].max()) - 1, MIN_POSITIONS, L)
             targets = np.zeros((B, k), np.int32)
             where = np.zeros((B, k), bool)
             for b, r in enumerate(rows):
                 w = self._windows[r]
                 m = len(w) - 1
-                inputs[b, L - m:] = w[:-1]
-                targets[b, k - m:] = w[1:]
-                where[b, k - m:] = True
+                inputs[b, L - m :] = w[:-1]
+                targets[b, k - m :] = w[1:]
+                where[b, k - m :] = True
             target_pos = np.broadcast_to(np.arange(L - k, L, dtype=np.int32), (B, k)).copy()
         else:
             rng = np.random.default_rng([self.seed, epoch, index, 1])
             masked = []
             for b, r in enumerate(rows):
                 w = self._windows[r]
-                inputs[b, L - len(w):] = w
+                inputs[b, L - len(w) :] = w
                 pick = np.flatnonzero(rng.random(len(w)) < self.mask_prob)
                 if pick.size == 0:
                     pick = np.array([rng.integers(len(w))])
                 masked.append(L - len(w) + pick)
-            k = _round_up(max(len(m) for m in masked), POSITION_BUCKET, L)
+            k = _bucket(max(len(m) for m in masked), MIN_POSITIONS, L)
             targets = np.zeros((B, k), np.int32)
             where = np.zeros((B, k), bool)
             target_pos = np.zeros((B, k), np.int32)
             for b, pos in enumerate(masked):
-                targets[b, :len(pos)] = inputs[b, pos]
-                where[b, :len(pos)] = True
-                target_pos[b, :len(pos)] = pos
+                targets[b, : len(pos)] = inputs[b, pos]
+                where[b, : len(pos)] = True
+                target_pos[b, : len(pos)] = pos
                 inputs[b, pos] = self.num_items + 1
         return {"inputs": inputs, "target_pos": target_pos, "targets": targets, "where": where}
 
 
-def eval_batches(histories: Sequence[np.ndarray], targets: np.ndarray, *, num_items: int,
-                 max_len: int, batch_size: int, causal: bool,
-                 users: np.ndarray | None = None):
+def eval_batches(
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    *,
+    num_items: int,
+    max_len: int,
+    batch_size: int,
+    causal: bool,
+    users: np.ndarray | None = None,
+):
     """Yields fixed-size evaluation batches, users grouped by history length.
 
     Each batch has `inputs [B, L]` (the newest items of the history; masked-item
@@ -150,8 +164,8 @@ def eval_batches(histories: Sequence[np.ndarray], targets: np.ndarray, *, num_it
     order = users[np.argsort([len(histories[u]) for u in users], kind="stable")]
     L = max_len
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        h = _round_up(max(len(histories[u]) for u in rows), HISTORY_BUCKET)
+        rows = order[start : start + batch_size]
+        h = _bucket(max(len(histories[u]) for u in rows), MIN_HISTORY)
         inputs = np.zeros((batch_size, L), np.int32)
         history = np.zeros((batch_size, h), np.int32)
         tgt = np.ones((batch_size,), np.int32)
@@ -161,9 +175,9 @@ def eval_batches(histories: Sequence[np.ndarray], targets: np.ndarray, *, num_it
             if causal:
                 recent = hist[-L:]
             else:
-                recent = np.append(hist[-(L - 1):] if L > 1 else hist[:0], num_items + 1)
-            inputs[b, L - len(recent):] = recent
-            history[b, :len(hist)] = hist
+                recent = np.append(hist[-(L - 1) :] if L > 1 else hist[:0], num_items + 1)
+            inputs[b, L - len(recent) :] = recent
+            history[b, : len(hist)] = hist
             tgt[b] = targets[u]
             where[b] = True
         yield {"inputs": inputs, "history": history, "targets": tgt, "where": where}

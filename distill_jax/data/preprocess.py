@@ -40,7 +40,8 @@ def leave_one_out(data: SequenceData) -> LeaveOneOut:
     if short:
         raise ValueError(
             f"{data.name}: {len(short)} users have fewer than 3 items (first: user index "
-            f"{short[0]}); leave-one-out needs a training, a validation and a test item.")
+            f"{short[0]}); leave-one-out needs a training, a validation and a test item."
+        )
     return LeaveOneOut(
         num_items=data.num_items,
         train=[s[:-2] for s in data.sequences],

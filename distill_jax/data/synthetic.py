@@ -75,8 +75,9 @@ def generate(cfg: ml_collections.ConfigDict, seed: int) -> SequenceData:
     for i in range(num_items):
         members = items_of_taste[taste_of_item[i]]
         if members.size > k and rng.random() < 0.8:
-            successors[i] = rng.choice(members, size=k, replace=False, p=taste_probs[
-                taste_of_item[i]])
+            successors[i] = rng.choice(
+                members, size=k, replace=False, p=taste_probs[taste_of_item[i]]
+            )
         else:
             successors[i] = rng.choice(num_items, size=k, replace=False, p=global_p)
 
@@ -95,5 +96,4 @@ def generate(cfg: ml_collections.ConfigDict, seed: int) -> SequenceData:
                 current = rng.choice(items_of_taste[t], p=taste_probs[t])
             seq[j] = current
         sequences.append((seq + 1).astype(np.int32))  # Item ids start at 1.
-    return SequenceData(num_items=num_items, sequences=sequences,
-                        name=f"synthetic(seed={seed})")
+    return SequenceData(num_items=num_items, sequences=sequences, name=f"synthetic(seed={seed})")

@@ -25,7 +25,8 @@ boxed or ``nn.unbox``-ed. The logical axis names used (``LOGICAL_AXES``):
 Parameter shapes: item_embedding (V+1, D) ('vocab', 'embed'); position_embedding
 (L, D) ('pos', 'embed'); mask_embedding (D,) ('embed',), BERT4Rec only;
 output_bias (V+1,) ('vocab',); per block query/key/value kernel (D, H, D/H)
-('embed', 'heads', 'kv') and bias (H, D/H) ('heads', 'kv'); out kernel
+('embed', 'heads', 'kv') and bias (H, D/H) ('heads', 'kv'), query and value only
+(a key bias shifts all of a query's scores alike: softmax cancels it); out kernel
 (H, D/H, D) ('heads', 'kv', 'embed'); MLP wi (D, M) ('embed', 'mlp'), wo (M, D)
 ('mlp', 'embed').
 

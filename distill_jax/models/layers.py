@@ -113,6 +113,7 @@ class Dense(nn.Module):
     bias_axes: tuple[str, ...]
     num_contract: int = 1
     dtype: Dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -128,12 +129,6 @@ class Dense(nn.Module):
             contracted + tuple(self.features),
             jnp.float32,
         )
-        bias = self.param(
-            "bias",
-            partitioned(nn.initializers.zeros, self.bias_axes),
-            tuple(self.features),
-            jnp.float32,
-        )
         batch_dims = x.ndim - self.num_contract
         out_sharding = None
         x_sharding, k_sharding = explicit_sharding(x), explicit_sharding(kernel)
@@ -147,6 +142,14 @@ class Dense(nn.Module):
             kernel.astype(self.dtype),
             ((tuple(range(batch_dims, x.ndim)), in_axes), ((), ())),
             out_sharding=out_sharding,
+        )
+        if not self.use_bias:
+            return y
+        bias = self.param(
+            "bias",
+            partitioned(nn.initializers.zeros, self.bias_axes),
+            tuple(self.features),
+            jnp.float32,
         )
         return y + bias.astype(self.dtype)
 
@@ -214,17 +217,21 @@ class MultiHeadAttention(nn.Module):
             )
         head_dim = embed_dim // self.num_heads
 
-        def projection(name: str) -> Dense:
+        def projection(name: str, use_bias: bool = True) -> Dense:
             return Dense(
                 (self.num_heads, head_dim),
                 kernel_axes=("embed", "heads", "kv"),
                 bias_axes=("heads", "kv"),
                 dtype=self.dtype,
+                use_bias=use_bias,
                 name=name,
             )
 
         query = projection("query")(x)
-        key = projection("key")(x)
+        # No key bias: it adds q.b to every score of a query alike, which the
+        # softmax cancels. Its gradient is pure rounding noise, which Adam would
+        # scale up to full-size updates that differ between shardings.
+        key = projection("key", use_bias=False)(x)
         value = projection("value")(x)
         # Scale the queries, not the [L, L] scores: fewer multiplies.
         query = query * jnp.asarray(head_dim**-0.5, self.dtype)

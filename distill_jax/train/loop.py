@@ -52,6 +52,7 @@ class _Writer:
         self._w = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
+
             self._w = SummaryWriter(logdir)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
@@ -65,9 +66,18 @@ class _Writer:
             self._w.close()
 
 
-def train_stage(*, name: str, model: nn.Module, mcfg: ml_collections.ConfigDict,
-                config: ml_collections.ConfigDict, split: LeaveOneOut, workdir: str, mesh,
-                teacher: Teacher | None = None, stop_at_step: int | None = None) -> StageResult:
+def train_stage(
+    *,
+    name: str,
+    model: nn.Module,
+    mcfg: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    split: LeaveOneOut,
+    workdir: str,
+    mesh,
+    teacher: Teacher | None = None,
+    stop_at_step: int | None = None,
+) -> StageResult:
     """Trains `model` (with `teacher`: by distillation), resuming from `workdir`.
 
     Args:
@@ -87,21 +97,39 @@ def train_stage(*, name: str, model: nn.Module, mcfg: ml_collections.ConfigDict,
     """
     rule_pairs = sharding_lib.rules(config)
     sharding_lib.check_batch_size(mcfg.batch_size, mesh, "batch_size of the model config")
-    batches = TrainBatches(split.train, num_items=split.num_items, max_len=mcfg.max_len,
-                           batch_size=mcfg.batch_size, causal=model.is_causal,
-                           mask_prob=mcfg.mask_prob, seed=config.seed,
-                           length_buckets=config.data.length_buckets)
+    batches = TrainBatches(
+        split.train,
+        num_items=split.num_items,
+        max_len=mcfg.max_len,
+        batch_size=mcfg.batch_size,
+        causal=model.is_causal,
+        mask_prob=mcfg.mask_prob,
+        seed=config.seed,
+        length_buckets=config.data.length_buckets,
+    )
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))
     state, shardings = state_lib.create_state(model, mcfg, mesh, rule_pairs, init_rng)
     step_fn = steps_lib.make_train_step(
-        model, task="distill" if teacher else "train", mesh=mesh, state_shardings=shardings,
+        model,
+        task="distill" if teacher else "train",
+        mesh=mesh,
+        state_shardings=shardings,
         teacher=teacher.model if teacher else None,
-        teacher_shardings=teacher.shardings if teacher else None, distill_cfg=config.distill)
+        teacher_shardings=teacher.shardings if teacher else None,
+        distill_cfg=config.distill,
+    )
     evaluator = Evaluator(model, split, config, mesh, shardings.params)
     ckpt = StageCheckpointer(workdir)
-    meta = {"best_metric": -1.0, "best_step": -1, "best_valid": {}, "bad_evals": 0,
-            "train_seconds": 0.0, "finished": False, "stopped_early": False}
+    meta = {
+        "best_metric": -1.0,
+        "best_step": -1,
+        "best_valid": {},
+        "bad_evals": 0,
+        "train_seconds": 0.0,
+        "finished": False,
+        "stopped_early": False,
+    }
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore_state(state, shardings)
         log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
@@ -111,8 +139,13 @@ def train_stage(*, name: str, model: nn.Module, mcfg: ml_collections.ConfigDict,
     step = int(state.step)
     t_start, t_window, window_steps = time.time(), time.time(), 0
     seconds_before = meta["train_seconds"]
-    log.info("[%s] %d training windows, %d steps/epoch, %d steps", name, batches.num_windows,
-             batches.steps_per_epoch, num_steps)
+    log.info(
+        "[%s] %d training windows, %d steps/epoch, %d steps",
+        name,
+        batches.num_windows,
+        batches.steps_per_epoch,
+        num_steps,
+    )
 
     def save(step):
         meta["train_seconds"] = seconds_before + time.time() - t_start
@@ -130,8 +163,16 @@ def train_stage(*, name: str, model: nn.Module, mcfg: ml_collections.ConfigDict,
             now = time.time()
             rate = window_steps / max(now - t_window, 1e-9)
             eta = (num_steps - step) / max(rate, 1e-9)
-            log.info("[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
-                     name, step, num_steps, m["loss"], m["grad_norm"], rate, eta)
+            log.info(
+                "[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
+                name,
+                step,
+                num_steps,
+                m["loss"],
+                m["grad_norm"],
+                rate,
+                eta,
+            )
             writer.scalars(step, {**m, "steps_per_second": rate}, "train")
             t_window, window_steps = now, 0
         if step % config.eval.every_steps == 0 or step == num_steps:
@@ -139,18 +180,27 @@ def train_stage(*, name: str, model: nn.Module, mcfg: ml_collections.ConfigDict,
             writer.scalars(step, valid, "valid")
             improved = valid[SELECT_METRIC] > meta["best_metric"]
             if improved:
-                meta.update(best_metric=valid[SELECT_METRIC], best_step=step,
-                            best_valid=valid, bad_evals=0)
+                meta.update(
+                    best_metric=valid[SELECT_METRIC], best_step=step, best_valid=valid, bad_evals=0
+                )
                 ckpt.save_best(step, state.params, {"step": step, "valid": valid})
             else:
                 meta["bad_evals"] += 1
-            log.info("[%s] step %d valid %s%s", name, step,
-                     " ".join(f"{k}={v:.4f}" for k, v in valid.items() if k != "users"),
-                     " (best)" if improved else "")
+            log.info(
+                "[%s] step %d valid %s%s",
+                name,
+                step,
+                " ".join(f"{k}={v:.4f}" for k, v in valid.items() if k != "users"),
+                " (best)" if improved else "",
+            )
             patience = config.eval.patience
             if patience and meta["bad_evals"] >= patience and step < num_steps:
-                log.info("[%s] early stop at step %d: no improvement in %d evaluations",
-                         name, step, patience)
+                log.info(
+                    "[%s] early stop at step %d: no improvement in %d evaluations",
+                    name,
+                    step,
+                    patience,
+                )
                 meta["finished"] = meta["stopped_early"] = True
         if step == num_steps:
             meta["finished"] = True
@@ -166,9 +216,15 @@ def train_stage(*, name: str, model: nn.Module, mcfg: ml_collections.ConfigDict,
     if meta["finished"]:
         params, _ = ckpt.restore_best(state.params, shardings.params)
     ckpt.close()
-    return StageResult(params=params, finished=bool(meta["finished"]), best_step=meta["best_step"], best_valid=meta["best_valid"],
-                       steps_run=step, train_seconds=float(meta["train_seconds"]),
-                       stopped_early=bool(meta["stopped_early"]))
+    return StageResult(
+        params=params,
+        finished=bool(meta["finished"]),
+        best_step=meta["best_step"],
+        best_valid=meta["best_valid"],
+        steps_run=step,
+        train_seconds=float(meta["train_seconds"]),
+        stopped_early=bool(meta["stopped_early"]),
+    )
 
 
 def param_bytes(params: Any) -> int:

@@ -23,17 +23,22 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh
     n = len(devices)
     data, model = cfg.data, cfg.model
     if data == -1 and model == -1:
-        raise ValueError("config.mesh.data and config.mesh.model are both -1; at most one may "
-                         "fill the remaining devices.")
+        raise ValueError(
+            "config.mesh.data and config.mesh.model are both -1; at most one may "
+            "fill the remaining devices."
+        )
     if data == -1:
         data = n // model if model and n % model == 0 else 0
     if model == -1:
         model = n // data if data and n % data == 0 else 0
     if data * model != n:
-        raise ValueError(f"config.mesh.data={cfg.data}, config.mesh.model={cfg.model} do not "
-                         f"tile the {n} available devices; expected data * model == {n}.")
-    return jax.make_mesh((data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                         devices=devices)
+        raise ValueError(
+            f"config.mesh.data={cfg.data}, config.mesh.model={cfg.model} do not "
+            f"tile the {n} available devices; expected data * model == {n}."
+        )
+    return jax.make_mesh(
+        (data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices
+    )
 
 
 def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
@@ -61,8 +66,10 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, key: str) -> None
     data = mesh.shape["data"]
     procs = jax.process_count()
     if batch_size % data or batch_size % procs:
-        raise ValueError(f"config.{key}={batch_size} is invalid: expected a multiple of the "
-                         f"mesh's data axis ({data}) and of the process count ({procs}).")
+        raise ValueError(
+            f"config.{key}={batch_size} is invalid: expected a multiple of the "
+            f"mesh's data axis ({data}) and of the process count ({procs})."
+        )
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -78,6 +85,6 @@ def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str
     out = {}
     for key, value in batch.items():
         rows = value.shape[0] // procs
-        local = value[pid * rows:(pid + 1) * rows]
+        local = value[pid * rows : (pid + 1) * rows]
         out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
     return out

@@ -19,12 +19,15 @@ class TrainState(train_state.TrainState):
 def make_optimizer(mcfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay to 1% of the peak rate."""
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=mcfg.learning_rate, warmup_steps=mcfg.warmup_steps,
-        decay_steps=mcfg.num_steps, end_value=mcfg.learning_rate * 0.01)
+        init_value=0.0,
+        peak_value=mcfg.learning_rate,
+        warmup_steps=mcfg.warmup_steps,
+        decay_steps=mcfg.num_steps,
+        end_value=mcfg.learning_rate * 0.01,
+    )
     # Decay matrices only: shrinking LayerNorm scales and biases only hurts.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=mcfg.weight_decay,
-                        mask=decay_mask)
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=mcfg.weight_decay, mask=decay_mask)
     if mcfg.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(mcfg.grad_clip_norm), adamw)
     return adamw
@@ -36,9 +39,12 @@ def _dummy_inputs(model: nn.Module) -> jax.Array:
 
 def init_params_fn(model: nn.Module):
     """A function rng -> boxed params (logical axis names kept)."""
+
     def init(rng):
-        return model.init({"params": rng, "dropout": rng}, _dummy_inputs(model),
-                          train=False)["params"]
+        return model.init({"params": rng, "dropout": rng}, _dummy_inputs(model), train=False)[
+            "params"
+        ]
+
     return init
 
 
@@ -48,8 +54,9 @@ def param_shardings(model: nn.Module, mesh, rule_pairs) -> Any:
     return sharding_lib.logical_shardings(abstract, mesh, rule_pairs)
 
 
-def create_state(model: nn.Module, mcfg: ml_collections.ConfigDict, mesh, rule_pairs,
-                 rng: jax.Array) -> tuple[TrainState, Any]:
+def create_state(
+    model: nn.Module, mcfg: ml_collections.ConfigDict, mesh, rule_pairs, rng: jax.Array
+) -> tuple[TrainState, Any]:
     """Initialises the train state directly in its sharded layout.
 
     Returns:

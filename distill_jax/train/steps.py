@@ -13,8 +13,9 @@ from distill_jax.train import sharding as sharding_lib
 TASKS = ("train", "distill")
 
 
-def hidden_at_targets(model: nn.Module, params, inputs, target_pos, *, train: bool,
-                      rngs=None) -> jax.Array:
+def hidden_at_targets(
+    model: nn.Module, params, inputs, target_pos, *, train: bool, rngs=None
+) -> jax.Array:
     """Hidden states `[B, K, D]` at the target positions only.
 
     Catalogue logits cost `K x V` per row, so they are computed only where a
@@ -25,13 +26,18 @@ def hidden_at_targets(model: nn.Module, params, inputs, target_pos, *, train: bo
 
 
 def logits_at_targets(model: nn.Module, params, batch, *, train: bool, rngs=None):
-    h = hidden_at_targets(model, params, batch["inputs"], batch["target_pos"], train=train,
-                          rngs=rngs)
+    h = hidden_at_targets(
+        model, params, batch["inputs"], batch["target_pos"], train=train, rngs=rngs
+    )
     return model.apply({"params": params}, h, method=model.logits)
 
 
-def make_loss_fn(model: nn.Module, task: str, teacher: nn.Module | None,
-                 distill_cfg: ml_collections.ConfigDict | None):
+def make_loss_fn(
+    model: nn.Module,
+    task: str,
+    teacher: nn.Module | None,
+    distill_cfg: ml_collections.ConfigDict | None,
+):
     """loss(params, teacher_params, batch, dropout_rng) -> scalar loss."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
@@ -39,27 +45,38 @@ def make_loss_fn(model: nn.Module, task: str, teacher: nn.Module | None,
         raise ValueError("task='distill' needs a teacher model.")
 
     def loss_fn(params, teacher_params, batch, dropout_rng):
-        logits = logits_at_targets(model, params, batch, train=True,
-                                   rngs={"dropout": dropout_rng})
+        logits = logits_at_targets(model, params, batch, train=True, rngs={"dropout": dropout_rng})
         where = batch["where"]
         if task == "train":
             return losses.cross_entropy(logits, batch["targets"], where=where)
         # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
         t_logits = jax.lax.stop_gradient(
-            logits_at_targets(teacher, teacher_params, batch, train=False))
+            logits_at_targets(teacher, teacher_params, batch, train=False)
+        )
         if distill_cfg.mode == "hard":
-            return losses.hard_label_distill(logits, t_logits, k=distill_cfg.hard_k,
-                                              where=where)
-        return losses.distill_loss(logits, t_logits, batch["targets"],
-                                   temperature=distill_cfg.temperature,
-                                   alpha=distill_cfg.alpha, where=where)
+            return losses.hard_label_distill(logits, t_logits, k=distill_cfg.hard_k, where=where)
+        return losses.distill_loss(
+            logits,
+            t_logits,
+            batch["targets"],
+            temperature=distill_cfg.temperature,
+            alpha=distill_cfg.alpha,
+            where=where,
+        )
 
     return loss_fn
 
 
-def make_train_step(model: nn.Module, *, task: str, mesh, state_shardings: Any,
-                    teacher: nn.Module | None = None, teacher_shardings: Any = None,
-                    distill_cfg: ml_collections.ConfigDict | None = None):
+def make_train_step(
+    model: nn.Module,
+    *,
+    task: str,
+    mesh,
+    state_shardings: Any,
+    teacher: nn.Module | None = None,
+    teacher_shardings: Any = None,
+    distill_cfg: ml_collections.ConfigDict | None = None,
+):
     """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
 
     The state is donated (updated in place); the teacher's parameters keep
@@ -70,17 +87,22 @@ def make_train_step(model: nn.Module, *, task: str, mesh, state_shardings: Any,
 
     def step(state, teacher_params, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, teacher_params, batch,
-                                                  dropout_rng)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, teacher_params, batch, dropout_rng)
         new_state = state.apply_gradients(grads=grads)
-        metrics = {"loss": loss, "grad_norm": jnp.sqrt(
-            sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
+        metrics = {
+            "loss": loss,
+            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+        }
         return new_state, metrics
 
     batch_s = sharding_lib.batch_sharding(mesh)
     rep = sharding_lib.replicated(mesh)
-    jitted = jax.jit(step, in_shardings=(state_shardings, teacher_shardings, batch_s, rep),
-                     out_shardings=(state_shardings, rep), donate_argnums=(0,))
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, teacher_shardings, batch_s, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )
 
     def run(state, teacher_params, batch, rng):
         with jax.set_mesh(mesh):

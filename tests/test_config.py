@@ -1,0 +1,81 @@
+"""Start-up validation: every bad value fails naming its key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import base, synthetic
+from distill_jax import config_lib
+
+
+def _cfg():
+    return synthetic.get_config("tiny")
+
+
+def test_defaults_are_valid():
+    config_lib.validate(synthetic.get_config())
+    config_lib.validate(synthetic.get_config("tiny"))
+    config_lib.validate(base.get_base_config())
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("distill.temperature", 0.0, r"config\.distill\.temperature=0\.0.*> 0"),
+        ("distill.temperature", -1.0, r"config\.distill\.temperature"),
+        ("distill.alpha", 1.5, r"config\.distill\.alpha=1\.5.*\[0, 1\]"),
+        ("distill.alpha", -0.1, r"config\.distill\.alpha"),
+        ("student.name", "transformer9000", r"config\.student\.name='transformer9000'.*sasrec"),
+        ("teacher.dropout", 1.0, r"config\.teacher\.dropout"),
+        ("teacher.embed_dim", 15, r"config\.teacher\.embed_dim=15.*num_heads"),
+        ("stages", "teacher,distill", r"config\.stages"),
+        ("distill.mode", "medium", r"config\.distill\.mode"),
+    ],
+)
+def test_bad_value_names_key(key, value, match):
+    config = _cfg()
+    section, _, leaf = key.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.validate(config)
+
+
+def test_teacher_and_student_must_share_max_len_and_catalogue():
+    config = _cfg()
+    config.student.max_len = config.teacher.max_len + 1
+    with pytest.raises(config_lib.ConfigError, match=r"config\.student\.max_len.*teacher"):
+        config_lib.validate(config)
+    config = _cfg()
+    config.teacher.num_items = 100
+    with pytest.raises(config_lib.ConfigError, match=r"config\.student\.num_items.*teacher"):
+        config_lib.validate(config)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="configs/synthetic.py.*'huge'"):
+        synthetic.get_config("huge")
+
+
+def test_unknown_key_is_refused_on_the_command_line(tmp_path):
+    # The config is locked: an override of a key base.py does not declare fails
+    # before anything runs, and the message names the key.
+    out = subprocess.run(
+        [sys.executable, "-m", "distill_jax.main", f"--workdir={tmp_path}",
+         "--config.student.embed_dimm=32"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "embed_dimm" in out.stderr
+    assert not (tmp_path / "teacher").exists()
+
+
+def test_invalid_override_fails_at_start_up(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "distill_jax.main", f"--workdir={tmp_path}",
+         "--config.distill.temperature=0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "config.distill.temperature" in out.stderr
+    assert not (tmp_path / "teacher").exists()

@@ -1,0 +1,157 @@
+"""Synthetic data, the leave-one-out split and the batches."""
+
+import numpy as np
+import pytest
+
+from configs import synthetic as synthetic_config
+from distill_jax.data import pipeline, preprocess, synthetic
+
+
+@pytest.fixture(scope="module")
+def data():
+    cfg = synthetic_config.get_config().data.synthetic
+    return synthetic.generate(cfg, seed=0)
+
+
+def test_deterministic_by_seed(data):
+    cfg = synthetic_config.get_config().data.synthetic
+    again = synthetic.generate(cfg, seed=0)
+    other = synthetic.generate(cfg, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(data.sequences, again.sequences))
+    assert not all(
+        len(a) == len(b) and np.array_equal(a, b)
+        for a, b in zip(data.sequences, other.sequences)
+    )
+
+
+def test_size_ids_and_lengths_follow_config(data):
+    cfg = synthetic_config.get_config().data.synthetic
+    assert data.num_users == cfg.num_users
+    flat = np.concatenate(data.sequences)
+    assert flat.min() >= 1 and flat.max() <= cfg.num_items
+    lengths = np.array([len(s) for s in data.sequences])
+    assert lengths.min() >= cfg.min_len and lengths.max() <= cfg.max_len
+    assert abs(lengths.mean() - cfg.mean_len) < 0.15 * cfg.mean_len
+
+
+def test_popularity_is_long_tailed(data):
+    counts = np.bincount(np.concatenate(data.sequences), minlength=data.num_items + 1)[1:]
+    top = np.sort(counts)[::-1]
+    # The 10% most popular items take a large share; the median item is rare.
+    assert top[: data.num_items // 10].sum() > 0.4 * counts.sum()
+    assert np.median(counts) < counts.mean()
+
+
+def _hr_at_10(score_fn, split):
+    hits = 0
+    histories, targets = split.eval_examples("test")
+    for hist, target in zip(histories, targets):
+        scores = score_fn(hist).astype(np.float64)
+        scores[0] = -np.inf
+        scores[hist] = -np.inf
+        scores[target] = score_fn(hist)[target]
+        rank = 1 + np.sum(np.delete(scores, target) >= scores[target])
+        hits += rank <= 10
+    return hits / len(targets)
+
+
+def test_a_sequence_model_clearly_beats_popularity(data):
+    # A count-based next-item (bigram) model, fitted on the training part only,
+    # is the simplest sequence model: it must beat popularity by a wide margin,
+    # or the data would not reward sequence modelling.
+    split = preprocess.leave_one_out(data)
+    V = data.num_items
+    pop = np.bincount(np.concatenate(split.train), minlength=V + 1).astype(np.float64)
+    bigram = np.zeros((V + 1, V + 1))
+    for s in split.train:
+        np.add.at(bigram, (s[:-1], s[1:]), 1.0)
+    hr_pop = _hr_at_10(lambda h: pop.copy(), split)
+    hr_seq = _hr_at_10(lambda h: bigram[h[-1]] + 1e-3 * pop / pop.max(), split)
+    assert hr_seq > 2.0 * hr_pop, (hr_seq, hr_pop)
+
+
+def test_leave_one_out():
+    d = synthetic.SequenceData(num_items=9, sequences=[np.array([1, 2, 3, 4]), np.array([5, 6, 7])])
+    split = preprocess.leave_one_out(d)
+    np.testing.assert_array_equal(split.train[0], [1, 2])
+    np.testing.assert_array_equal(split.valid_targets, [3, 6])
+    np.testing.assert_array_equal(split.test_targets, [4, 7])
+    hist, tgt = split.eval_examples("test")
+    np.testing.assert_array_equal(hist[0], [1, 2, 3])
+    with pytest.raises(ValueError, match="fewer than 3 items"):
+        preprocess.leave_one_out(
+            synthetic.SequenceData(num_items=3, sequences=[np.array([1, 2])]))
+
+
+def _train_batches(causal, seqs, **kw):
+    args = dict(num_items=20, max_len=6, batch_size=4, causal=causal, mask_prob=0.3, seed=3)
+    args.update(kw)
+    return pipeline.TrainBatches(seqs, **args)
+
+
+def test_causal_batches_are_shifted_windows_and_cover_every_target():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in (2, 3, 9, 14, 5, 7)]
+    tb = _train_batches(True, seqs)
+    seen = []
+    for step in range(tb.steps_per_epoch):
+        b = tb.batch(step)
+        L, K = b["inputs"].shape[1], b["targets"].shape[1]
+        np.testing.assert_array_equal(b["target_pos"][0], np.arange(L - K, L))
+        for row in range(4):
+            w = b["where"][row]
+            if not w.any():
+                continue
+            # Each target is the item after the input at its position.
+            inp, tgt = b["inputs"][row], b["targets"][row][w]
+            pos = b["target_pos"][row][w]
+            assert np.all(inp[pos] > 0)
+            seen.append((tuple(inp[pos]), tuple(tgt)))
+    # Every (item -> next item) pair of every sequence appears exactly once.
+    pairs = sorted(p for inp, tgt in seen for p in zip(inp, tgt))
+    expect = sorted((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:]))
+    assert pairs == expect
+
+
+def test_batches_are_a_function_of_the_step():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in range(2, 30)]
+    for causal in (True, False):
+        a, b = _train_batches(causal, seqs), _train_batches(causal, seqs)
+        for step in (5, 0, 17, 5):  # any order: no hidden iterator state
+            x, y = a.batch(step), b.batch(step)
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+        assert not np.array_equal(a.batch(0)["inputs"], a.batch(a.steps_per_epoch)["inputs"])
+
+
+def test_masked_batches_hide_their_targets():
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in range(3, 12)]
+    tb = _train_batches(False, seqs)
+    for step in range(tb.steps_per_epoch):
+        b = tb.batch(step)
+        for row in range(4):
+            w = b["where"][row]
+            if w.any():
+                pos = b["target_pos"][row][w]
+                assert np.all(b["inputs"][row][pos] == 21)  # the mask token V + 1
+                assert np.all((b["targets"][row][w] >= 1) & (b["targets"][row][w] <= 20))
+
+
+def test_eval_batches_keep_the_whole_history():
+    hist = [np.arange(1, 41, dtype=np.int32), np.array([3], np.int32)]
+    batches = list(pipeline.eval_batches(hist, np.array([7, 8]), num_items=50, max_len=5,
+                                         batch_size=4, causal=True))
+    assert len(batches) == 1
+    b = batches[0]
+    order = [1, 0]  # shortest history first
+    np.testing.assert_array_equal(b["inputs"][1], [36, 37, 38, 39, 40])
+    np.testing.assert_array_equal(b["inputs"][0], [0, 0, 0, 0, 3])
+    assert b["history"].shape[1] >= 40
+    np.testing.assert_array_equal(b["history"][1][:40], hist[0])
+    np.testing.assert_array_equal(b["targets"][:2], np.array([7, 8])[order])
+    np.testing.assert_array_equal(b["where"], [True, True, False, False])
+    masked = next(pipeline.eval_batches(hist, np.array([7, 8]), num_items=50, max_len=5,
+                                        batch_size=4, causal=False))
+    np.testing.assert_array_equal(masked["inputs"][1], [37, 38, 39, 40, 51])
