@@ -3,6 +3,10 @@
 Run:
   python -m distill_jax.main --workdir=/tmp/distill_synth
   python -m distill_jax.main --config=configs/synthetic.py:tiny --workdir=/tmp/distill_tiny
+  python -m distill_jax.main --config=configs/synthetic.py:bert4rec --workdir=/tmp/distill_b4r
+
+Variants (comma-separated, e.g. `tiny,bert4rec`): `tiny` shrinks everything for
+smoke runs; `bert4rec` makes teacher and students BERT4Rec instead of SASRec.
 """
 
 import ml_collections
@@ -10,15 +14,27 @@ import ml_collections
 from configs import base
 
 
+VARIANTS = ("tiny", "bert4rec")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the synthetic config; `arg='tiny'` shrinks everything for smoke runs."""
+    """Returns the synthetic config with the comma-separated variants of `arg`."""
+    variants = [v for v in (arg or "").split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(
+                f"configs/synthetic.py: unknown variant {v!r}; expected a comma-separated "
+                f"subset of {VARIANTS}."
+            )
     config = base.get_base_config()
     for m in (config.teacher, config.student):
         m.max_len = 30
         m.num_steps = 800
         m.warmup_steps = 50
         m.learning_rate = 2e-3
-    if arg == "tiny":
+    if "bert4rec" in variants:
+        config.teacher.name = config.student.name = "bert4rec"
+    if "tiny" in variants:
         s = config.data.synthetic
         s.num_users, s.num_items, s.mean_len, s.max_len, s.num_tastes = 120, 60, 10.0, 20, 4
         for m in (config.teacher, config.student):
@@ -31,6 +47,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.every_steps = 10
         config.checkpoint.every_steps = 10
         config.log_every_steps = 10
-    elif arg:
-        raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected '' or 'tiny'.")
     return config

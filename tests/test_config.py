@@ -61,9 +61,16 @@ def test_unknown_key_is_refused_on_the_command_line(tmp_path):
     # The config is locked: an override of a key base.py does not declare fails
     # before anything runs, and the message names the key.
     out = subprocess.run(
-        [sys.executable, "-m", "distill_jax.main", f"--workdir={tmp_path}",
-         "--config.student.embed_dimm=32"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.main",
+            f"--workdir={tmp_path}",
+            "--config.student.embed_dimm=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode != 0
     assert "embed_dimm" in out.stderr
@@ -72,9 +79,16 @@ def test_unknown_key_is_refused_on_the_command_line(tmp_path):
 
 def test_invalid_override_fails_at_start_up(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "distill_jax.main", f"--workdir={tmp_path}",
-         "--config.distill.temperature=0"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.main",
+            f"--workdir={tmp_path}",
+            "--config.distill.temperature=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode != 0
     assert "config.distill.temperature" in out.stderr

@@ -19,8 +19,7 @@ def test_deterministic_by_seed(data):
     other = synthetic.generate(cfg, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(data.sequences, again.sequences))
     assert not all(
-        len(a) == len(b) and np.array_equal(a, b)
-        for a, b in zip(data.sequences, other.sequences)
+        len(a) == len(b) and np.array_equal(a, b) for a, b in zip(data.sequences, other.sequences)
     )
 
 
@@ -79,8 +78,7 @@ def test_leave_one_out():
     hist, tgt = split.eval_examples("test")
     np.testing.assert_array_equal(hist[0], [1, 2, 3])
     with pytest.raises(ValueError, match="fewer than 3 items"):
-        preprocess.leave_one_out(
-            synthetic.SequenceData(num_items=3, sequences=[np.array([1, 2])]))
+        preprocess.leave_one_out(synthetic.SequenceData(num_items=3, sequences=[np.array([1, 2])]))
 
 
 def _train_batches(causal, seqs, **kw):
@@ -141,8 +139,11 @@ def test_masked_batches_hide_their_targets():
 
 def test_eval_batches_keep_the_whole_history():
     hist = [np.arange(1, 41, dtype=np.int32), np.array([3], np.int32)]
-    batches = list(pipeline.eval_batches(hist, np.array([7, 8]), num_items=50, max_len=5,
-                                         batch_size=4, causal=True))
+    batches = list(
+        pipeline.eval_batches(
+            hist, np.array([7, 8]), num_items=50, max_len=5, batch_size=4, causal=True
+        )
+    )
     assert len(batches) == 1
     b = batches[0]
     order = [1, 0]  # shortest history first
@@ -152,6 +153,9 @@ def test_eval_batches_keep_the_whole_history():
     np.testing.assert_array_equal(b["history"][1][:40], hist[0])
     np.testing.assert_array_equal(b["targets"][:2], np.array([7, 8])[order])
     np.testing.assert_array_equal(b["where"], [True, True, False, False])
-    masked = next(pipeline.eval_batches(hist, np.array([7, 8]), num_items=50, max_len=5,
-                                        batch_size=4, causal=False))
+    masked = next(
+        pipeline.eval_batches(
+            hist, np.array([7, 8]), num_items=50, max_len=5, batch_size=4, causal=False
+        )
+    )
     np.testing.assert_array_equal(masked["inputs"][1], [37, 38, 39, 40, 51])

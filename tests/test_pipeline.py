@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
 from configs import synthetic
 from distill_jax import pipeline
 
@@ -12,9 +16,16 @@ from distill_jax import pipeline
 def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
     workdir = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "distill_jax.main", "--config=configs/synthetic.py:tiny",
-         f"--workdir={workdir}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.main",
+            "--config=configs/synthetic.py:tiny",
+            f"--workdir={workdir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -45,3 +56,21 @@ def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
     config.stages = "teacher,student_kd,student_scratch,report"
     again = pipeline.run(config, str(workdir))
     assert again["models"] == report["models"]
+
+
+def test_bert4rec_distillation_and_student_checkpoint_holds_no_teacher(tmp_path):
+    config = synthetic.get_config("tiny,bert4rec")
+    config.stages = "teacher,student_kd,report"
+    config.teacher.num_steps = config.student.num_steps = 20
+    report = pipeline.run(config, str(tmp_path))
+    assert set(report["models"]) == {"teacher", "student_kd"}
+    assert report["models"]["student_kd"]["model"] == "bert4rec"
+    assert report["models"]["student_kd"]["teacher"] == "teacher"
+    # The student's checkpoint holds the student's train state alone.
+    state_dir = tmp_path / "student_kd" / "state"
+    (step_dir,) = [p for p in state_dir.iterdir() if p.name.isdigit()]
+    tree = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata.tree
+    shapes = [leaf.shape for leaf in jax.tree.leaves(tree["params"])]
+    n = sum(int(np.prod(s)) for s in shapes)
+    assert n == report["models"]["student_kd"]["params"]
+    assert set(tree) == {"step", "params", "opt_state"}

@@ -30,49 +30,67 @@ def split():
 def _run_steps(config, split, mesh, task, n_steps=2):
     """Runs n_steps of `task` on `mesh`; returns (losses, params) on the host."""
     rules = sharding_lib.rules(config)
-    student = models.build_model(config.student, num_items=split.num_items,
-                                 max_len=config.student.max_len)
-    state, shard = state_lib.create_state(student, config.student, mesh, rules,
-                                          jax.random.key(1))
+    student = models.build_model(
+        config.student, num_items=split.num_items, max_len=config.student.max_len
+    )
+    state, shard = state_lib.create_state(student, config.student, mesh, rules, jax.random.key(1))
     teacher = t_params = t_shard = None
     if task == "distill":
-        teacher = models.build_model(config.teacher, num_items=split.num_items,
-                                     max_len=config.teacher.max_len)
-        t_state, t_sh = state_lib.create_state(teacher, config.teacher, mesh, rules,
-                                               jax.random.key(2))
+        teacher = models.build_model(
+            config.teacher, num_items=split.num_items, max_len=config.teacher.max_len
+        )
+        t_state, t_sh = state_lib.create_state(
+            teacher, config.teacher, mesh, rules, jax.random.key(2)
+        )
         t_params, t_shard = t_state.params, t_sh.params
-    step = steps.make_train_step(student, task=task, mesh=mesh, state_shardings=shard,
-                                 teacher=teacher, teacher_shardings=t_shard,
-                                 distill_cfg=config.distill)
-    batches = TrainBatches(split.train, num_items=split.num_items, max_len=student.max_len,
-                           batch_size=config.student.batch_size, causal=True, mask_prob=0.2,
-                           seed=0)
+    step = steps.make_train_step(
+        student,
+        task=task,
+        mesh=mesh,
+        state_shardings=shard,
+        teacher=teacher,
+        teacher_shardings=t_shard,
+        distill_cfg=config.distill,
+    )
+    batches = TrainBatches(
+        split.train,
+        num_items=split.num_items,
+        max_len=student.max_len,
+        batch_size=config.student.batch_size,
+        causal=True,
+        mask_prob=0.2,
+        seed=0,
+    )
     losses = []
     for i in range(n_steps):
-        state, metrics = step(state, t_params, sharding_lib.put_batch(batches.batch(i), mesh),
-                              jax.random.key(3))
+        state, metrics = step(
+            state, t_params, sharding_lib.put_batch(batches.batch(i), mesh), jax.random.key(3)
+        )
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params), state
 
 
 @pytest.mark.parametrize("task", ["train", "distill"])
-@pytest.mark.parametrize("mesh_shape,vocab_axis", [((8, 1), None), ((2, 4), "model"),
-                                                   ((4, 2), "model")])
+@pytest.mark.parametrize(
+    "mesh_shape,vocab_axis", [((8, 1), None), ((2, 4), "model"), ((4, 2), "model")]
+)
 def test_sharded_step_matches_single_device(split, task, mesh_shape, vocab_axis):
     assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
     config = _config()
     config.distill.alpha = 0.5
     config.distill.temperature = 2.0
     config.sharding.rules = tuple(
-        (name, vocab_axis if name == "vocab" else axis) for name, axis in config.sharding.rules)
+        (name, vocab_axis if name == "vocab" else axis) for name, axis in config.sharding.rules
+    )
     single = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
     config.mesh.data, config.mesh.model = mesh_shape
     multi = sharding_lib.make_mesh(config.mesh)
     loss1, params1, _ = _run_steps(config, split, single, task)
     loss8, params8, state8 = _run_steps(config, split, multi, task)
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 params8, params1)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params8, params1
+    )
     emb = state8.params["item_embedding"]
     # The item table really is split as the rules say (not silently replicated).
     expected_rows = split.num_items + 1
@@ -88,13 +106,21 @@ def test_interrupted_run_resumes_to_the_same_parameters(split, tmp_path):
     config.checkpoint.every_steps = 8
     config.eval.patience = 0
     mesh = sharding_lib.make_mesh(config.mesh)
-    model = models.build_model(config.student, num_items=split.num_items,
-                               max_len=config.student.max_len)
+    model = models.build_model(
+        config.student, num_items=split.num_items, max_len=config.student.max_len
+    )
 
     def train(workdir, stop_at_step=None):
-        return loop.train_stage(name="student_scratch", model=model, mcfg=config.student,
-                                config=config, split=split, workdir=str(workdir), mesh=mesh,
-                                stop_at_step=stop_at_step)
+        return loop.train_stage(
+            name="student_scratch",
+            model=model,
+            mcfg=config.student,
+            config=config,
+            split=split,
+            workdir=str(workdir),
+            mesh=mesh,
+            stop_at_step=stop_at_step,
+        )
 
     whole = train(tmp_path / "whole")
     first = train(tmp_path / "split", stop_at_step=12)  # pre-empted after step 12's checkpoint
@@ -103,8 +129,9 @@ def test_interrupted_run_resumes_to_the_same_parameters(split, tmp_path):
     assert second.finished and second.steps_run == 24
     assert second.best_step == whole.best_step
     assert second.best_valid == whole.best_valid
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(second.params),
-                 jax.device_get(whole.params))
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(second.params), jax.device_get(whole.params)
+    )
     # A finished stage does not train again.
     again = train(tmp_path / "split")
     assert again.steps_run == 24
