@@ -13,7 +13,6 @@ import ml_collections
 
 from configs import base
 
-
 VARIANTS = ("tiny", "bert4rec")
 
 

@@ -17,9 +17,10 @@ def test_deterministic_by_seed(data):
     cfg = synthetic_config.get_config().data.synthetic
     again = synthetic.generate(cfg, seed=0)
     other = synthetic.generate(cfg, seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip(data.sequences, again.sequences))
+    assert all(np.array_equal(a, b) for a, b in zip(data.sequences, again.sequences, strict=True))
     assert not all(
-        len(a) == len(b) and np.array_equal(a, b) for a, b in zip(data.sequences, other.sequences)
+        len(a) == len(b) and np.array_equal(a, b)
+        for a, b in zip(data.sequences, other.sequences, strict=True)
     )
 
 
@@ -44,7 +45,7 @@ def test_popularity_is_long_tailed(data):
 def _hr_at_10(score_fn, split):
     hits = 0
     histories, targets = split.eval_examples("test")
-    for hist, target in zip(histories, targets):
+    for hist, target in zip(histories, targets, strict=True):
         scores = score_fn(hist).astype(np.float64)
         scores[0] = -np.inf
         scores[hist] = -np.inf
@@ -106,8 +107,8 @@ def test_causal_batches_are_shifted_windows_and_cover_every_target():
             assert np.all(inp[pos] > 0)
             seen.append((tuple(inp[pos]), tuple(tgt)))
     # Every (item -> next item) pair of every sequence appears exactly once.
-    pairs = sorted(p for inp, tgt in seen for p in zip(inp, tgt))
-    expect = sorted((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:]))
+    pairs = sorted(p for inp, tgt in seen for p in zip(inp, tgt, strict=True))
+    expect = sorted((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:], strict=True))
     assert pairs == expect
 
 
