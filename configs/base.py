@@ -52,7 +52,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     # Comma-separated stages of the main job, run in this order.
-    config.stages = "teacher,student_kd,student_scratch,report"
+    config.stages = "popularity,teacher,student_kd,student_scratch,report"
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "synthetic"
@@ -85,7 +85,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 256
     config.eval.patience = 5  # Evaluations without improvement before stopping; 0 = never stop.
     config.eval.exclude_history = True
-    config.eval.ks = (10,)
+    config.eval.ks = (5, 10, 20)
+    # Long-tail slice: targets outside the most popular items that make up
+    # this share of the training interactions.
+    config.eval.tail_share = 0.2
+    # Report stage: CPU latency of a top-10 recommendation for these batch sizes.
+    config.eval.latency_batch_sizes = (1, 256)
+    config.eval.latency_repeats = 30
     config.eval.max_valid_users = -1  # -1: every user; else a fixed seeded subset.
 
     config.mesh = ml_collections.ConfigDict()

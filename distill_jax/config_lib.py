@@ -5,7 +5,7 @@ from typing import Any
 import ml_collections
 
 MODEL_KEYS = ("teacher", "student")
-KNOWN_STAGES = ("teacher", "student_kd", "student_scratch", "report")
+KNOWN_STAGES = ("popularity", "teacher", "student_kd", "student_scratch", "report")
 SHARED_MODEL_KEYS = ("max_len", "num_items")
 
 
@@ -155,6 +155,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval.max_valid_users",
         config.eval.max_valid_users,
         "-1 or > 0",
+    )
+    _expect(
+        0.0 < config.eval.tail_share < 1.0,
+        "eval.tail_share",
+        config.eval.tail_share,
+        "a share in (0, 1)",
+    )
+    _expect(
+        all(isinstance(b, int) and b > 0 for b in config.eval.latency_batch_sizes),
+        "eval.latency_batch_sizes",
+        config.eval.latency_batch_sizes,
+        "a tuple of positive batch sizes",
+    )
+    _expect(
+        config.eval.latency_repeats > 0, "eval.latency_repeats", config.eval.latency_repeats, "> 0"
     )
     for axis in ("data", "model"):
         v = config.mesh[axis]

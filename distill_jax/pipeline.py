@@ -17,6 +17,7 @@ import ml_collections
 from distill_jax import config_lib, models
 from distill_jax.data import synthetic
 from distill_jax.data.preprocess import LeaveOneOut, leave_one_out
+from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation.evaluator import Evaluator
 from distill_jax.train import loop
 from distill_jax.train import sharding as sharding_lib
@@ -79,6 +80,26 @@ def load_best_params(model, config, mesh, stage_dir: str):
     return params, shardings
 
 
+def _stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def _finished(workdir: str, stage: str) -> bool:
+    return os.path.exists(os.path.join(_stage_dir(workdir, stage), "result.json"))
+
+
+def _cost(evaluator: Evaluator, scorer, params: Any, config) -> dict:
+    return {
+        "params": models.count_params(params) if params is not None else 0,
+        "param_bytes": loop.param_bytes(params) if params is not None else 0,
+        "flops_per_sequence": scorer.flops_per_sequence,
+        "latency_top10": {
+            f"batch_{b}": evaluator.latency(scorer, b, config.eval.latency_repeats)
+            for b in config.eval.latency_batch_sizes
+        },
+    }
+
+
 def run_stage(
     stage: str,
     config: ml_collections.ConfigDict,
@@ -87,31 +108,53 @@ def run_stage(
     workdir: str,
     stop_at_step: int | None = None,
 ) -> dict | None:
-    """Runs (or resumes, or skips if finished) one training stage.
+    """Runs (or resumes, or skips if finished) one stage.
 
     Returns:
       The stage's result dict, or None if it stopped before finishing.
     """
-    stage_dir = os.path.join(workdir, stage)
+    stage_dir = _stage_dir(workdir, stage)
     result_path = os.path.join(stage_dir, "result.json")
     if os.path.exists(result_path):
         log.info("[%s] finished earlier; skipping (%s)", stage, result_path)
         with open(result_path) as f:
             return json.load(f)
     os.makedirs(stage_dir, exist_ok=True)
+    evaluator = Evaluator(split, config, mesh)
+    if stage == "popularity":
+        scorer = evaluator_lib.popularity_scorer(split, mesh, config.teacher.max_len)
+        t0 = time.time()
+        metrics = {s: evaluator.evaluate(scorer, s) for s in ("test", "valid")}
+        result = {
+            "model": "popularity",
+            "params": 0,
+            "metrics": metrics,
+            "train_seconds": 0.0,
+            "eval_seconds": time.time() - t0,
+            "teacher": None,
+            "cost": _cost(evaluator, scorer, None, config),
+        }
+        _write_json(result_path, result)
+        log.info("[%s] test %s", stage, _brief(metrics["test"]))
+        return result
     key, teacher_stage = STAGES[stage]
     model = build(config, key, split.num_items)
-    teacher = None
-    if teacher_stage is not None:
-        t_dir = os.path.join(workdir, teacher_stage)
-        if not os.path.exists(os.path.join(t_dir, "result.json")):
-            raise FileNotFoundError(
-                f"Stage {stage!r} needs a finished {teacher_stage!r} stage in {t_dir}; add "
-                f"'{teacher_stage}' to config.stages before '{stage}'."
-            )
-        t_model = build(config, STAGES[teacher_stage][0], split.num_items)
-        t_params, t_shardings = load_best_params(t_model, config, mesh, t_dir)
+    teacher = t_scorer = None
+    # The scratch student is compared with the teacher too, when there is one.
+    t_stage = teacher_stage or ("teacher" if stage != "teacher" else None)
+    if t_stage is not None and _finished(workdir, t_stage):
+        t_model = build(config, STAGES[t_stage][0], split.num_items)
+        t_params, t_shardings = load_best_params(
+            t_model, config, mesh, _stage_dir(workdir, t_stage)
+        )
         teacher = loop.Teacher(model=t_model, params=t_params, shardings=t_shardings)
+        t_scorer = evaluator_lib.model_scorer(t_model, t_params, t_shardings)
+    elif teacher_stage is not None:
+        raise FileNotFoundError(
+            f"Stage {stage!r} needs a finished {teacher_stage!r} stage in "
+            f"{_stage_dir(workdir, teacher_stage)}; add '{teacher_stage}' to config.stages "
+            f"before '{stage}'."
+        )
     res = loop.train_stage(
         name=stage,
         model=model,
@@ -120,18 +163,15 @@ def run_stage(
         split=split,
         workdir=stage_dir,
         mesh=mesh,
-        teacher=teacher,
+        teacher=teacher if teacher_stage else None,
         stop_at_step=stop_at_step,
     )
     if not res.finished:
         return None
     shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
-    evaluator = Evaluator(model, split, config, mesh, shardings)
+    scorer = evaluator_lib.model_scorer(model, res.params, shardings)
     t0 = time.time()
-    metrics = {
-        "test": evaluator.evaluate(res.params, "test"),
-        "valid": evaluator.evaluate(res.params, "valid"),
-    }
+    metrics = {s: evaluator.evaluate(scorer, s) for s in ("test", "valid")}
     result = {
         "model": config[key].name,
         "params": models.count_params(res.params),
@@ -143,34 +183,48 @@ def run_stage(
         "steps_run": res.steps_run,
         "stopped_early": res.stopped_early,
         "teacher": teacher_stage,
+        "cost": _cost(evaluator, scorer, res.params, config),
     }
+    if t_scorer is not None and t_scorer.causal == scorer.causal:
+        result["agreement_with_teacher"] = {"test": evaluator.agreement(t_scorer, scorer, "test")}
     _write_json(result_path, result)
-    log.info("[%s] test %s", stage, json.dumps(metrics["test"]))
+    log.info("[%s] test %s", stage, _brief(metrics["test"]))
     return result
 
 
+def _brief(m: dict) -> str:
+    return " ".join(
+        f"{k}={m[k]:.4f}"
+        for k in ("hr@10", "ndcg@10", "mrr", "coverage@10", "tail_ndcg@10")
+        if k in m
+    )
+
+
 def _report_md(report: dict) -> str:
-    ks = report["config"]["eval"]["ks"]
-    cols = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
     d = report["dataset"]
+    cols = ["hr@10", "ndcg@10", "mrr", "coverage@10", "gini@10", "tail_ndcg@10"]
     lines = [
         "# distill_jax report",
         "",
         f"Data: {d['name']}: {d['users']} users, {d['items']} items, "
-        f"{d['interactions']} interactions. Full ranking over all items, "
-        f"history excluded: {report['config']['eval']['exclude_history']}.",
+        f"{d['interactions']} interactions. Leave-one-out test split, full ranking over "
+        f"every item, history excluded: {report['config']['eval']['exclude_history']}. "
+        "tail = targets outside the head items that make "
+        f"{report['config']['eval']['tail_share']:.0%} of training interactions.",
         "",
         "| model | arch | params | "
-        + " | ".join(f"test {c}" for c in cols)
-        + " | valid ndcg@10 | train s |",
-        "|---|---|---:|" + "---:|" * len(cols) + "---:|---:|",
+        + " | ".join(cols)
+        + " | valid ndcg@10 | top-10 ms (b=1 / b=256) | train s |",
+        "|---|---|---:|" + "---:|" * len(cols) + "---:|---:|---:|",
     ]
     for name, r in report["models"].items():
         test = r["metrics"]["test"]
+        lat = r.get("cost", {}).get("latency_top10", {})
+        lat_s = " / ".join(f"{v['p50_ms']:.2f}" for v in lat.values()) or "-"
         lines.append(
             f"| {name} | {r['model']} | {r['params']:,} | "
             + " | ".join(f"{test[c]:.4f}" for c in cols)
-            + f" | {r['metrics']['valid']['ndcg@10']:.4f} | {r['train_seconds']:.1f} |"
+            + f" | {r['metrics']['valid']['ndcg@10']:.4f} | {lat_s} | {r['train_seconds']:.1f} |"
         )
     t, kd, sc = (report["models"].get(k) for k in ("teacher", "student_kd", "student_scratch"))
     if t and kd and sc:
@@ -180,6 +234,21 @@ def _report_md(report: dict) -> str:
             f"Student/teacher parameters: {kd['params'] / t['params']:.3f}. "
             f"student_kd NDCG@10 = {kn / tn if tn else float('nan'):.2f} x teacher, "
             f"{kn / sn if sn else float('nan'):.2f} x student_scratch.",
+        ]
+    agree = {
+        n: r["agreement_with_teacher"]["test"]
+        for n, r in report["models"].items()
+        if "agreement_with_teacher" in r
+    }
+    if agree:
+        lines += [
+            "",
+            "Agreement with the teacher on the test inputs: "
+            + "; ".join(
+                f"{n}: top-10 overlap {a['top10_overlap']:.3f}, KL {a['kl']:.3f}"
+                for n, a in agree.items()
+            )
+            + ".",
         ]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,19 @@
-"""Full-ranking evaluation of a model on the validation or test split."""
+"""Full-ranking evaluation: accuracy, catalogue exposure, long-tail slice, agreement, cost.
+
+A `Scorer` is anything that maps a batch of input windows to scores over the
+whole catalogue: a trained model or the popularity baseline. Everything goes
+through the same code, so the split, the history exclusion and the metrics
+are shared by every row of a report.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -11,68 +23,264 @@ from distill_jax.evaluation import metrics as metrics_lib
 from distill_jax.train import sharding as sharding_lib
 
 
-class Evaluator:
-    """Scores every item for each user's next item and ranks the target.
+@dataclasses.dataclass(eq=False)
+class Scorer:
+    """Scores every item for a batch of input windows.
 
-    The model sees the newest `max_len` items of a user's history; the WHOLE
-    history is excluded from the candidates (when `config.eval.exclude_history`).
+    Attributes:
+      score_fn: pure `(params, inputs [B, L] int32) -> scores [B, V+1]`.
+      params: its parameters (a pytree of arrays).
+      param_shardings: their shardings on the mesh (or a replicated sharding).
+      max_len: the input window L.
+      causal: next-item inputs (True) or a trailing mask token (False).
+      flops_per_sequence: multiply-adds x 2 to score one user's catalogue.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        split: LeaveOneOut,
-        config: ml_collections.ConfigDict,
-        mesh,
+    score_fn: Callable[[Any, jax.Array], jax.Array]
+    params: Any
+    param_shardings: Any
+    max_len: int
+    causal: bool
+    flops_per_sequence: float
+
+
+def model_flops_per_sequence(model: nn.Module) -> float:
+    """FLOPs to score the catalogue for one sequence (forward pass).
+
+    Per block over L positions: Q, K, V and output projections 4 * 2 L D^2;
+    attention scores and weighted values 2 * 2 L^2 D; the MLP 2 * 2 L D M.
+    Then the catalogue logits at ONE position: 2 D (V + 1). Embedding lookups,
+    LayerNorm and softmax are not counted (not matmuls).
+    """
+    L, D, M, V = model.max_len, model.embed_dim, model.mlp_dim, model.num_items
+    per_block = 8 * L * D * D + 4 * L * L * D + 4 * L * D * M
+    return float(model.num_blocks * per_block + 2 * D * (V + 1))
+
+
+def model_scorer(model: nn.Module, params: Any, param_shardings: Any) -> Scorer:
+    """Scores from a model's logits at the last window position."""
+
+    def score_fn(params, inputs):
+        hidden = model.apply({"params": params}, inputs, train=False)
+        return model.apply({"params": params}, hidden[:, -1], method=model.logits)
+
+    return Scorer(
+        score_fn,
+        params,
         param_shardings,
-    ):
-        self.model, self.split, self.mesh = model, split, mesh
-        self.ks = tuple(config.eval.ks)
+        model.max_len,
+        model.is_causal,
+        model_flops_per_sequence(model),
+    )
+
+
+def popularity_counts(split: LeaveOneOut) -> np.ndarray:
+    """[V+1] item counts over the training part (each user's items but the last two)."""
+    flat = np.concatenate(split.train) if split.train else np.zeros(0, np.int64)
+    return np.bincount(flat, minlength=split.num_items + 1).astype(np.float32)
+
+
+def popularity_scorer(split: LeaveOneOut, mesh, max_len: int) -> Scorer:
+    """The popularity baseline: every user gets the training counts as scores."""
+    counts = popularity_counts(split)
+    counts[0] = -np.inf  # the padding column is never a candidate
+
+    def score_fn(params, inputs):
+        return jnp.broadcast_to(params, (inputs.shape[0], params.shape[0]))
+
+    rep = sharding_lib.replicated(mesh)
+    return Scorer(score_fn, jax.device_put(counts, rep), rep, max_len, True, 0.0)
+
+
+def head_items(counts: np.ndarray, share: float) -> np.ndarray:
+    """bool [V+1]: the most popular items that together make `share` of interactions."""
+    c = np.asarray(counts, np.float64).copy()
+    c[0] = 0
+    order = np.argsort(-c, kind="stable")
+    cum = np.cumsum(c[order])
+    n_head = int(np.searchsorted(cum, share * cum[-1], side="left")) + 1 if cum[-1] > 0 else 0
+    head = np.zeros(len(c), bool)
+    head[order[:n_head]] = True
+    return head
+
+
+class Evaluator:
+    """Ranks each user's held-out item among every item of the catalogue.
+
+    The scorer sees the newest `max_len` items of a user's history; the WHOLE
+    history is excluded from the candidates when `config.eval.exclude_history`.
+    Long-tail metrics (`tail_*`) cover the users whose target is outside the
+    head: the most popular items making up `config.eval.tail_share` of the
+    training interactions.
+    """
+
+    def __init__(self, split: LeaveOneOut, config: ml_collections.ConfigDict, mesh):
+        self.split, self.mesh = split, mesh
+        self.ks = tuple(sorted(config.eval.ks))
         self.batch_size = config.eval.batch_size
         sharding_lib.check_batch_size(self.batch_size, mesh, "eval.batch_size")
         self.exclude_history = config.eval.exclude_history
-        self.causal = model.is_causal
+        self.is_head = head_items(popularity_counts(split), config.eval.tail_share)
         self._valid_users = None
-        if config.eval.max_valid_users > 0 and config.eval.max_valid_users < len(
-            split.valid_targets
-        ):
+        n_valid = config.eval.max_valid_users
+        if 0 < n_valid < len(split.valid_targets):
             rng = np.random.default_rng([config.seed, 7])
             self._valid_users = np.sort(
-                rng.choice(len(split.valid_targets), config.eval.max_valid_users, replace=False)
+                rng.choice(len(split.valid_targets), n_valid, replace=False)
             )
+        self._compiled: dict[int, Callable] = {}
 
-        def batch_metrics(params, batch):
-            hidden = model.apply({"params": params}, batch["inputs"], train=False)
-            scores = model.apply({"params": params}, hidden[:, -1], method=model.logits)
-            ranks = metrics_lib.target_ranks(
-                scores, batch["targets"], batch["history"], exclude_history=self.exclude_history
-            )
-            return metrics_lib.ranking_metrics(ranks, ks=self.ks, where=batch["where"])
-
-        self._batch_metrics = jax.jit(
-            batch_metrics,
-            in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)),
-            out_shardings=sharding_lib.replicated(mesh),
-        )
-
-    def evaluate(self, params, split: str) -> dict[str, float]:
-        """Metrics (`hr@K`, `ndcg@K`, `mrr`, `users`) on 'valid' or 'test'."""
+    def _batches(self, scorer: Scorer, split: str):
         histories, targets = self.split.eval_examples(split)
         users = self._valid_users if split == "valid" else None
-        total = None
+        n_users = int(len(targets) if users is None else len(users))
         batches = pipeline.eval_batches(
             histories,
             targets,
             num_items=self.split.num_items,
-            max_len=self.model.max_len,
+            max_len=scorer.max_len,
             batch_size=self.batch_size,
-            causal=self.causal,
+            causal=scorer.causal,
             users=users,
         )
+        return batches, n_users
+
+    def _batch_fn(self, scorer: Scorer):
+        if id(scorer) not in self._compiled:
+            ks, k_max, excl = self.ks, max(self.ks), self.exclude_history
+            is_head = jnp.asarray(self.is_head)
+
+            def fn(params, batch):
+                scores = scorer.score_fn(params, batch["inputs"])
+                ranks = metrics_lib.target_ranks(
+                    scores, batch["targets"], batch["history"], exclude_history=excl
+                )
+                out = metrics_lib.ranking_metrics(ranks, ks=ks, where=batch["where"])
+                tail = batch["where"] & ~is_head[batch["targets"]]
+                for key, value in metrics_lib.ranking_metrics(ranks, ks=ks, where=tail).items():
+                    if key != "mrr":
+                        out[f"tail_{key}"] = value
+                top = metrics_lib.top_k_items(scores, batch["history"], k_max, exclude_history=excl)
+                return out, top
+
+            self._compiled[id(scorer)] = jax.jit(
+                fn,
+                in_shardings=(scorer.param_shardings, sharding_lib.batch_sharding(self.mesh)),
+                out_shardings=sharding_lib.replicated(self.mesh),
+            )
+        return self._compiled[id(scorer)]
+
+    def evaluate(self, scorer: Scorer, split: str) -> dict[str, float]:
+        """Metrics on 'valid' or 'test'.
+
+        Returns:
+          `hr@K`, `ndcg@K`, `mrr`, `tail_hr@K`, `tail_ndcg@K`, `coverage@K`,
+          `gini@K` for each K of `config.eval.ks`, and `users`, `tail_users`.
+        """
+        fn = self._batch_fn(scorer)
+        batches, n_users = self._batches(scorer, split)
+        total, exposure = None, np.zeros((len(self.ks), self.split.num_items + 1), np.int64)
         with jax.set_mesh(self.mesh):
             for batch in batches:
-                out = self._batch_metrics(params, sharding_lib.put_batch(batch, self.mesh))
+                out, top = fn(scorer.params, sharding_lib.put_batch(batch, self.mesh))
+                total = out if total is None else metrics_lib.accumulate(total, out)
+                top = np.asarray(jax.device_get(top))[batch["where"]]
+                for i, k in enumerate(self.ks):
+                    exposure[i] += np.bincount(
+                        top[:, :k].ravel(), minlength=self.split.num_items + 1
+                    )
+        total = jax.device_get(total)
+        result = metrics_lib.finalize(total)
+        for i, k in enumerate(self.ks):
+            result.update(metrics_lib.exposure_stats(exposure[i], k, self.split.num_items))
+        result["users"] = n_users
+        result["tail_users"] = int(total[f"tail_hr@{self.ks[0]}"][1])
+        return result
+
+    def agreement(
+        self, teacher: Scorer, student: Scorer, split: str = "test", k: int = 10
+    ) -> dict[str, float]:
+        """Teacher-student agreement on the split's inputs.
+
+        Returns:
+          `top{k}_overlap`: mean share of the teacher's top-k (history excluded)
+          also in the student's; `kl`: mean KL(teacher || student) of their
+          softmax distributions over the whole catalogue.
+        """
+        if teacher.causal != student.causal or teacher.max_len != student.max_len:
+            raise ValueError(
+                "agreement needs teacher and student fed the same inputs "
+                "(same model family and max_len)."
+            )
+        excl = self.exclude_history
+
+        def fn(tp, sp, batch):
+            ts = teacher.score_fn(tp, batch["inputs"])
+            ss = student.score_fn(sp, batch["inputs"])
+            t_top = metrics_lib.top_k_items(ts, batch["history"], k, exclude_history=excl)
+            s_top = metrics_lib.top_k_items(ss, batch["history"], k, exclude_history=excl)
+            overlap = jnp.sum(t_top[:, :, None] == s_top[:, None, :], axis=(1, 2)) / k
+            t_logp = jax.nn.log_softmax(ts, axis=-1)
+            s_logp = jax.nn.log_softmax(ss, axis=-1)
+            p = jnp.exp(t_logp)
+            kl = jnp.sum(jnp.where(p > 0, p * (t_logp - s_logp), 0.0), axis=-1)
+            w = batch["where"].astype(jnp.float32)
+            return {
+                "overlap": (jnp.sum(overlap * w), jnp.sum(w)),
+                "kl": (jnp.sum(kl * w), jnp.sum(w)),
+            }
+
+        jitted = jax.jit(
+            fn,
+            in_shardings=(
+                teacher.param_shardings,
+                student.param_shardings,
+                sharding_lib.batch_sharding(self.mesh),
+            ),
+            out_shardings=sharding_lib.replicated(self.mesh),
+        )
+        batches, _ = self._batches(teacher, split)
+        total = None
+        with jax.set_mesh(self.mesh):
+            for batch in batches:
+                out = jitted(
+                    teacher.params, student.params, sharding_lib.put_batch(batch, self.mesh)
+                )
                 total = out if total is None else metrics_lib.accumulate(total, out)
         result = metrics_lib.finalize(jax.device_get(total))
-        result["users"] = int(len(targets) if users is None else len(users))
-        return result
+        return {f"top{k}_overlap": result["overlap"], "kl": result["kl"]}
+
+    def latency(
+        self, scorer: Scorer, batch_size: int, repeats: int, k: int = 10
+    ) -> dict[str, float]:
+        """Wall-clock ms of a top-k recommendation for `batch_size` test users.
+
+        Runs on one device (serving does not shard a batch of 1), after a
+        warm-up call; reports the median and the 99th percentile.
+        """
+        histories, _ = self.split.eval_examples("test")
+        rows = np.resize(np.arange(len(histories)), batch_size)
+        inputs = next(
+            pipeline.eval_batches(
+                [histories[r] for r in rows],
+                np.ones(batch_size, np.int32),
+                num_items=self.split.num_items,
+                max_len=scorer.max_len,
+                batch_size=batch_size,
+                causal=scorer.causal,
+            )
+        )["inputs"]
+        device = jax.local_devices()[0]
+        params = jax.device_put(jax.device_get(scorer.params), device)
+        inputs = jax.device_put(inputs, device)
+        recommend = jax.jit(lambda p, x: jax.lax.top_k(scorer.score_fn(p, x), k)[1])
+        jax.block_until_ready(recommend(params, inputs))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(recommend(params, inputs))
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {
+            "p50_ms": float(np.percentile(times, 50)),
+            "p99_ms": float(np.percentile(times, 99)),
+        }

@@ -255,3 +255,54 @@ def finalize(total: Any) -> Any:
         return total_sum / count if count > 0 else 0.0
 
     return jax.tree.map(mean, total, is_leaf=_is_sum_and_count)
+
+
+def seen_mask(history: ArrayLike, num_cols: int) -> jax.Array:
+    """bool [B, num_cols]: True at the item ids listed in each row of `history`.
+
+    Ids outside 1..num_cols-1 (padding 0, negatives, too large) mark nothing
+    except column 0, which is never a candidate anyway.
+    """
+    history = jnp.asarray(history).astype(jnp.int32)
+    history = jnp.where(history < 0, num_cols, history)
+    return jax.vmap(lambda row: jnp.zeros((num_cols,), jnp.bool_).at[row].set(True, mode="drop"))(
+        history
+    )
+
+
+def top_k_items(
+    scores: ArrayLike, history: ArrayLike | None, k: int, *, exclude_history: bool = True
+) -> jax.Array:
+    """int32 [B, k]: each row's k best candidate items (never column 0).
+
+    With `exclude_history`, items of the row's history are not candidates, as
+    in `target_ranks`; what a user would be shown.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    blocked = jnp.zeros(scores.shape, jnp.bool_).at[:, 0].set(True)
+    if history is not None and exclude_history:
+        blocked = blocked | seen_mask(history, scores.shape[1])
+    return jax.lax.top_k(jnp.where(blocked, -jnp.inf, scores), k)[1].astype(jnp.int32)
+
+
+def exposure_stats(counts: np.ndarray, k: int, num_items: int) -> dict[str, float]:
+    """Catalogue coverage@k and exposure Gini@k from per-item top-k counts.
+
+    Args:
+      counts: [V+1] how often each item appeared in users' top-k lists.
+      k: the list length (for the keys).
+      num_items: V.
+
+    Returns:
+      `coverage@k`: share of the V items in at least one top-k list;
+      `gini@k`: Gini coefficient of the exposure counts over all V items
+      (0 = every item shown equally often, near 1 = a few items take all).
+    """
+    c = np.sort(np.asarray(counts, np.float64)[1 : num_items + 1])
+    total = c.sum()
+    coverage = float(np.count_nonzero(c)) / num_items
+    if total == 0:
+        return {f"coverage@{k}": coverage, f"gini@{k}": 0.0}
+    n = num_items
+    gini = float(np.sum((2 * np.arange(1, n + 1) - n - 1) * c) / (n * total))
+    return {f"coverage@{k}": coverage, f"gini@{k}": gini}

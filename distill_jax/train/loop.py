@@ -15,7 +15,7 @@ import numpy as np
 
 from distill_jax.data.pipeline import TrainBatches
 from distill_jax.data.preprocess import LeaveOneOut
-from distill_jax.evaluation.evaluator import Evaluator
+from distill_jax.evaluation.evaluator import Evaluator, model_scorer
 from distill_jax.train import sharding as sharding_lib
 from distill_jax.train import state as state_lib
 from distill_jax.train import steps as steps_lib
@@ -23,6 +23,7 @@ from distill_jax.train.checkpoint import StageCheckpointer
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"
+LOG_METRICS = ("hr@10", "ndcg@10", "mrr", "coverage@10")
 
 
 @dataclasses.dataclass
@@ -119,7 +120,9 @@ def train_stage(
         teacher_shardings=teacher.shardings if teacher else None,
         distill_cfg=config.distill,
     )
-    evaluator = Evaluator(model, split, config, mesh, shardings.params)
+    evaluator = Evaluator(split, config, mesh)
+    # One scorer for the whole stage, so validation compiles once.
+    scorer = model_scorer(model, None, shardings.params)
     ckpt = StageCheckpointer(workdir)
     meta = {
         "best_metric": -1.0,
@@ -176,7 +179,8 @@ def train_stage(
             writer.scalars(step, {**m, "steps_per_second": rate}, "train")
             t_window, window_steps = now, 0
         if step % config.eval.every_steps == 0 or step == num_steps:
-            valid = evaluator.evaluate(state.params, "valid")
+            scorer.params = state.params
+            valid = evaluator.evaluate(scorer, "valid")
             writer.scalars(step, valid, "valid")
             improved = valid[SELECT_METRIC] > meta["best_metric"]
             if improved:
@@ -190,7 +194,7 @@ def train_stage(
                 "[%s] step %d valid %s%s",
                 name,
                 step,
-                " ".join(f"{k}={v:.4f}" for k, v in valid.items() if k != "users"),
+                " ".join(f"{k}={valid[k]:.4f}" for k in LOG_METRICS if k in valid),
                 " (best)" if improved else "",
             )
             patience = config.eval.patience
