@@ -55,7 +55,7 @@ def test_popularity_matches_brute_force(setup):
     scorer = ev.popularity_scorer(split, mesh, config.teacher.max_len)
     got = evaluator.evaluate(scorer, "test")
     counts = np.bincount(np.concatenate(split.train), minlength=split.num_items + 1)
-    head = ev.head_items(counts, config.eval.tail_share)
+    head = preprocess.head_items(counts, config.eval.tail_share)
     want = _reference(split, lambda h: counts.astype(np.float64), config.eval.ks, head)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
@@ -67,9 +67,9 @@ def test_popularity_matches_brute_force(setup):
 
 def test_head_items_cover_the_share():
     counts = np.array([0, 50, 30, 10, 5, 5], np.float64)
-    head = ev.head_items(counts, 0.2)
+    head = preprocess.head_items(counts, 0.2)
     np.testing.assert_array_equal(head, [False, True, False, False, False, False])
-    head = ev.head_items(counts, 0.6)  # 50 < 60 <= 80
+    head = preprocess.head_items(counts, 0.6)  # 50 < 60 <= 80
     np.testing.assert_array_equal(head, [False, True, True, False, False, False])
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distill_jax.data import pipeline
+from distill_jax.data import pipeline, preprocess
 from distill_jax.data.preprocess import LeaveOneOut
 from distill_jax.evaluation import metrics as metrics_lib
 from distill_jax.train import sharding as sharding_lib
@@ -92,18 +92,6 @@ def popularity_scorer(split: LeaveOneOut, mesh, max_len: int) -> Scorer:
     return Scorer(score_fn, jax.device_put(counts, rep), rep, max_len, True, 0.0)
 
 
-def head_items(counts: np.ndarray, share: float) -> np.ndarray:
-    """bool [V+1]: the most popular items that together make `share` of interactions."""
-    c = np.asarray(counts, np.float64).copy()
-    c[0] = 0
-    order = np.argsort(-c, kind="stable")
-    cum = np.cumsum(c[order])
-    n_head = int(np.searchsorted(cum, share * cum[-1], side="left")) + 1 if cum[-1] > 0 else 0
-    head = np.zeros(len(c), bool)
-    head[order[:n_head]] = True
-    return head
-
-
 class Evaluator:
     """Ranks each user's held-out item among every item of the catalogue.
 
@@ -120,7 +108,7 @@ class Evaluator:
         self.batch_size = config.eval.batch_size
         sharding_lib.check_batch_size(self.batch_size, mesh, "eval.batch_size")
         self.exclude_history = config.eval.exclude_history
-        self.is_head = head_items(popularity_counts(split), config.eval.tail_share)
+        self.is_head = preprocess.head_items(popularity_counts(split), config.eval.tail_share)
         self._valid_users = None
         n_valid = config.eval.max_valid_users
         if 0 < n_valid < len(split.valid_targets):
