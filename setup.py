@@ -6,7 +6,7 @@ setup(
     name="distill_jax",
     version="0.1.0",
     description="Knowledge distillation for sequential recommenders in JAX/Flax.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["distill_jax", "distill_jax.*", "configs"]),
     install_requires=[
         "absl-py",
@@ -21,6 +21,7 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        "pyarrow>=15",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

@@ -20,6 +20,17 @@ DEFAULT_RULES = (
 )
 
 
+def parse_variants(file: str, arg: str | None, known: tuple[str, ...]) -> list[str]:
+    """Splits a comma-separated variant string; unknown names fail naming the file."""
+    variants = [v for v in (arg or "").split(",") if v]
+    for v in variants:
+        if v not in known:
+            raise ValueError(
+                f"{file}: unknown variant {v!r}; expected a comma-separated subset of {known}."
+            )
+    return variants
+
+
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """One model's subtree: architecture plus its own optimisation settings."""
     c = ml_collections.ConfigDict()
@@ -55,8 +66,27 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.stages = "popularity,teacher,student_kd,student_scratch,report"
 
     config.data = ml_collections.ConfigDict()
+    # 'synthetic' (generated), 'movielens' (a MovieLens folder: 100K, 1M/10M or
+    # 20M/25M/latest layout), 's3rec' (a `user item1 item2 ...` sequence file,
+    # e.g. Amazon Beauty), 'interactions' (a CSV/Parquet log).
     config.data.source = "synthetic"
-    config.data.path = ""
+    config.data.path = ""  # File or folder of a real source; never inside the repo.
+    config.data.download = ""  # MovieLens only: e.g. 'ml-100k' fetches it into path if absent.
+    config.data.cache_dir = ""  # Where the TFDS dataset is built; '' = WORKDIR/data.
+    # Preprocessing (each step is counted in report.json's dataset.steps).
+    config.data.rating_threshold = 0.0  # Keep ratings >= this; 0 keeps every row.
+    config.data.k_core = 0  # 0 = off; else users and items with >= k interactions.
+    config.data.min_user_interactions = 3  # Fewer after filtering: dropped and counted.
+    config.data.cold_user_fraction = 0.0  # Held-out users never seen in training.
+    config.data.cold_item_fraction = 0.0  # Items first seen in the last share of the log.
+    # Column names and files of an 'interactions' source.
+    config.data.user_col = "user_id"
+    config.data.item_col = "item_id"
+    config.data.time_col = "timestamp"
+    config.data.rating_col = ""
+    config.data.item_features_path = ""
+    config.data.user_features_path = ""
+    config.data.delimiter = ","
     config.data.synthetic = ml_collections.ConfigDict()
     config.data.synthetic.num_users = 2000
     config.data.synthetic.num_items = 1000

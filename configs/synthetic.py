@@ -18,13 +18,7 @@ VARIANTS = ("tiny", "bert4rec")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the synthetic config with the comma-separated variants of `arg`."""
-    variants = [v for v in (arg or "").split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(
-                f"configs/synthetic.py: unknown variant {v!r}; expected a comma-separated "
-                f"subset of {VARIANTS}."
-            )
+    variants = base.parse_variants("configs/synthetic.py", arg, VARIANTS)
     config = base.get_base_config()
     for m in (config.teacher, config.student):
         m.max_len = 30

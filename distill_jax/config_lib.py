@@ -33,7 +33,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for s in stages:
         _expect(s in KNOWN_STAGES, "stages", config.stages, f"stages among {KNOWN_STAGES}")
 
-    _expect(config.data.source in ("synthetic",), "data.source", config.data.source, "'synthetic'")
+    from distill_jax.data.dataset import SOURCES
+
+    d = config.data
+    _expect(d.source in SOURCES, "data.source", d.source, f"one of {SOURCES}")
+    _expect(
+        d.source == "synthetic" or bool(d.path),
+        "data.path",
+        d.path,
+        f"the path of the data (data.source={d.source!r} reads a file or folder)",
+    )
+    _expect(
+        d.rating_threshold >= 0,
+        "data.rating_threshold",
+        d.rating_threshold,
+        ">= 0 (0 keeps every rating)",
+    )
+    _expect(
+        isinstance(d.k_core, int) and d.k_core >= 0,
+        "data.k_core",
+        d.k_core,
+        "an integer >= 0 (0 = off)",
+    )
+    _expect(
+        isinstance(d.min_user_interactions, int) and d.min_user_interactions >= 3,
+        "data.min_user_interactions",
+        d.min_user_interactions,
+        ">= 3 (leave-one-out needs a training, a validation and a test item)",
+    )
+    for key in ("cold_user_fraction", "cold_item_fraction"):
+        _expect(0.0 <= d[key] < 1.0, f"data.{key}", d[key], "a fraction in [0, 1)")
     syn = config.data.synthetic
     _positive_int(
         syn,

@@ -15,8 +15,7 @@ import jax
 import ml_collections
 
 from distill_jax import config_lib, models
-from distill_jax.data import synthetic
-from distill_jax.data.preprocess import LeaveOneOut, leave_one_out
+from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation.evaluator import Evaluator
 from distill_jax.train import loop
@@ -32,14 +31,6 @@ STAGES = {
     "student_kd": ("student", "teacher"),
     "student_scratch": ("student", None),
 }
-
-
-def load_data(config: ml_collections.ConfigDict) -> synthetic.SequenceData:
-    if config.data.source == "synthetic":
-        return synthetic.generate(config.data.synthetic, config.seed)
-    raise config_lib.ConfigError(
-        f"config.data.source={config.data.source!r} is invalid: expected 'synthetic'."
-    )
 
 
 def _check_catalogue(config: ml_collections.ConfigDict, num_items: int) -> None:
@@ -103,7 +94,7 @@ def _cost(evaluator: Evaluator, scorer, params: Any, config) -> dict:
 def run_stage(
     stage: str,
     config: ml_collections.ConfigDict,
-    split: LeaveOneOut,
+    data: dataset_lib.Dataset,
     mesh,
     workdir: str,
     stop_at_step: int | None = None,
@@ -120,11 +111,12 @@ def run_stage(
         with open(result_path) as f:
             return json.load(f)
     os.makedirs(stage_dir, exist_ok=True)
+    split = data.split
     evaluator = Evaluator(split, config, mesh)
     if stage == "popularity":
         scorer = evaluator_lib.popularity_scorer(split, mesh, config.teacher.max_len)
         t0 = time.time()
-        metrics = {s: evaluator.evaluate(scorer, s) for s in ("test", "valid")}
+        metrics = {s: evaluator.evaluate(scorer, s) for s in data.eval_splits}
         result = {
             "model": "popularity",
             "params": 0,
@@ -171,7 +163,7 @@ def run_stage(
     shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
     scorer = evaluator_lib.model_scorer(model, res.params, shardings)
     t0 = time.time()
-    metrics = {s: evaluator.evaluate(scorer, s) for s in ("test", "valid")}
+    metrics = {s: evaluator.evaluate(scorer, s) for s in data.eval_splits}
     result = {
         "model": config[key].name,
         "params": models.count_params(res.params),
@@ -259,16 +251,15 @@ def run(
     """Runs the configured stages in `workdir`; returns the report (if written)."""
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    data = load_data(config)
-    split = leave_one_out(data)
-    _check_catalogue(config, data.num_items)
+    data = dataset_lib.load(config, workdir)
+    _check_catalogue(config, data.split.num_items)
     mesh = sharding_lib.make_mesh(config.mesh)
     log.info(
         "data %s: %d users, %d items, %d interactions; mesh %s",
-        data.name,
-        data.num_users,
-        data.num_items,
-        data.num_interactions,
+        data.info["name"],
+        data.info["users"],
+        data.info["items"],
+        data.info["interactions"],
         dict(mesh.shape),
     )
     results = {}
@@ -277,12 +268,7 @@ def run(
         if stage == "report":
             report = {
                 "config": json.loads(config.to_json_best_effort()),
-                "dataset": {
-                    "name": data.name,
-                    "users": data.num_users,
-                    "items": data.num_items,
-                    "interactions": data.num_interactions,
-                },
+                "dataset": data.info,
                 "models": results,
             }
             _write_json(os.path.join(workdir, "report.json"), report)
@@ -291,7 +277,7 @@ def run(
                     f.write(_report_md(report))
             log.info("report written to %s", os.path.join(workdir, "report.md"))
             continue
-        result = run_stage(stage, config, split, mesh, workdir, stop_at_step)
+        result = run_stage(stage, config, data, mesh, workdir, stop_at_step)
         if result is None:
             log.info("stopped during stage %s; re-run to resume", stage)
             return None

@@ -111,11 +111,10 @@ class Evaluator:
         self.is_head = preprocess.head_items(popularity_counts(split), config.eval.tail_share)
         self._valid_users = None
         n_valid = config.eval.max_valid_users
-        if 0 < n_valid < len(split.valid_targets):
+        n_valid_all = len(split.eval_examples("valid")[1])
+        if 0 < n_valid < n_valid_all:
             rng = np.random.default_rng([config.seed, 7])
-            self._valid_users = np.sort(
-                rng.choice(len(split.valid_targets), n_valid, replace=False)
-            )
+            self._valid_users = np.sort(rng.choice(n_valid_all, n_valid, replace=False))
         self._compiled: dict[int, Callable] = {}
 
     def _batches(self, scorer: Scorer, split: str):

@@ -1,8 +1,9 @@
 """Orbax checkpoints of one training stage.
 
 Two managers under the stage's directory:
-  state/  the latest train state + JSON metadata (data iterator position,
-          best-so-far bookkeeping, the config): a re-run resumes from it.
+  state/  the latest train state, the grain data iterator's state and JSON
+          metadata (best-so-far bookkeeping, the config): a re-run resumes
+          from it and sees exactly the batches an uninterrupted run would.
   best/   parameters only, of the step with the best validation NDCG@10.
 A teacher's parameters are never written here by a student's stage: the
 student's train state holds the student alone.
@@ -11,6 +12,7 @@ student's train state holds the student alone.
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -36,24 +38,30 @@ class StageCheckpointer:
     def latest_step(self) -> int | None:
         return self._state.latest_step()
 
-    def save_state(self, step: int, state: Any, meta: dict) -> None:
+    def save_state(self, step: int, state: Any, meta: dict, data_iterator) -> None:
         self._state.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(meta),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
             ),
             force=True,
         )
         self._state.wait_until_finished()
 
-    def restore_state(self, like_state: Any, shardings: Any) -> tuple[Any, dict]:
-        """Restores the latest state into the layout of `like_state`/`shardings`."""
+    def restore_state(self, like_state: Any, shardings: Any, data_iterator) -> tuple[Any, dict]:
+        """Restores the latest state into the layout of `like_state`/`shardings`.
+
+        `data_iterator` (a grain iterator) is moved to the saved position in place.
+        """
         step = self._state.latest_step()
         out = self._state.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_abstract(like_state, shardings)),
                 meta=ocp.args.JsonRestore(),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
             ),
         )
         return out.state, dict(out.meta)

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from distill_jax.data import loader
 from distill_jax.data.pipeline import TrainBatches
 from distill_jax.data.preprocess import LeaveOneOut
 from distill_jax.evaluation.evaluator import Evaluator, model_scorer
@@ -133,8 +134,11 @@ def train_stage(
         "finished": False,
         "stopped_early": False,
     }
+    # A grain iterator over the step-indexed batches: batches are prepared on
+    # a background thread while the step runs; its position is checkpointed.
+    data_iter = iter(loader.iter_dataset(batches, mcfg.num_steps))
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore_state(state, shardings)
+        state, meta = ckpt.restore_state(state, shardings, data_iter)
         log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
     writer = _Writer(os.path.join(workdir, "tb"))
     teacher_params = teacher.params if teacher else None
@@ -152,12 +156,11 @@ def train_stage(
 
     def save(step):
         meta["train_seconds"] = seconds_before + time.time() - t_start
-        meta["data_iterator"] = {"step": step}
         meta["config"] = json.loads(config.to_json_best_effort())
-        ckpt.save_state(step, state, meta)
+        ckpt.save_state(step, state, meta, data_iter)
 
     while step < num_steps and not meta["finished"]:
-        batch = sharding_lib.put_batch(batches.batch(step), mesh)
+        batch = sharding_lib.put_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, teacher_params, batch, step_rng)
         step += 1
         window_steps += 1

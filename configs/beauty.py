@@ -1,0 +1,52 @@
+"""Amazon Beauty (S3-Rec sequence file): SASRec teacher, 1/8-size student.
+
+The data path is not in the repo; pass it:
+  python -m distill_jax.main --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt --workdir=/tmp/beauty
+  python -m distill_jax.main --config=configs/beauty.py:tiny \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt --workdir=/tmp/beauty_tiny
+
+Variants (comma-separated): `tiny` shrinks the models and the number of steps,
+never the data (a tiny run's dataset counts are the real ones); `bert4rec`
+makes teacher and students BERT4Rec.
+"""
+
+import ml_collections
+
+from configs import base
+
+VARIANTS = ("tiny", "bert4rec")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the Beauty config with the comma-separated variants of `arg`."""
+    variants = base.parse_variants("configs/beauty.py", arg, VARIANTS)
+    config = base.get_base_config()
+    config.data.source = "s3rec"
+    # Teacher: d=128; student: d=16 (<= 1/8 of the teacher's parameters, the
+    # item table dominating both).
+    config.teacher.update(embed_dim=128, num_blocks=2, num_heads=2, mlp_dim=512, dropout=0.3)
+    config.student.update(embed_dim=16, num_blocks=2, num_heads=1, mlp_dim=64, dropout=0.3)
+    for m in (config.teacher, config.student):
+        m.update(
+            max_len=50,
+            learning_rate=1e-3,
+            weight_decay=0.0,
+            batch_size=256,
+            num_steps=6000,
+            warmup_steps=200,
+        )
+    config.eval.every_steps = 500
+    config.eval.patience = 4
+    config.checkpoint.every_steps = 500
+    if "bert4rec" in variants:
+        config.teacher.name = config.student.name = "bert4rec"
+    if "tiny" in variants:
+        for m in (config.teacher, config.student):
+            m.update(num_steps=40, warmup_steps=5, batch_size=64)
+        config.teacher.update(embed_dim=32, mlp_dim=64)
+        config.student.update(embed_dim=8, num_blocks=1, mlp_dim=16)
+        config.eval.every_steps = config.checkpoint.every_steps = 20
+        config.eval.latency_repeats = 3
+        config.log_every_steps = 10
+    return config
