@@ -49,7 +49,7 @@ def _write_json(path: str, obj: Any) -> None:
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2)  # insertion order: steps stay in run order
     os.replace(tmp, path)
 
 
