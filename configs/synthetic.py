@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base.get_base_config()
     for m in (config.teacher, config.student):
         m.max_len = 30
-        m.num_steps = 800
+        m.num_steps = 600
         m.warmup_steps = 50
         m.learning_rate = 2e-3
     if "bert4rec" in variants:
