@@ -1,0 +1,101 @@
+"""Quality table: the main job for several seeds, mean ± std per model.
+
+  python benchmarks/quality.py --config=configs/beauty.py \
+      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt \
+      --seeds=0,1,2 --workdir=/tmp/quality_beauty
+  python benchmarks/quality.py --config=configs/synthetic.py:tiny --seeds=0,1 --workdir=/tmp/q
+
+Each seed runs in WORKDIR/seed_N (resumable: finished stages are skipped), then
+one JSON line per model and a markdown table of params, HR@10, NDCG@10,
+coverage@10, tail NDCG@10 and top-10 latency (batch 256) on the test split.
+"""
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+from distill_jax import pipeline
+
+COLUMNS = ("hr@10", "ndcg@10", "coverage@10", "tail_ndcg@10")
+
+
+def load_config(spec: str, overrides: list[str]):
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("quality_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"--config={spec}: no config file at {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--override={item!r}: expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"--override={item!r}: config has no key {key!r}")
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
+    return config
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", required=True, help="FILE[:variant]")
+    p.add_argument("--override", action="append", default=[], help="KEY=VALUE, repeatable")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--workdir", required=True)
+    args = p.parse_args()
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
+    logging.getLogger("distill_jax").setLevel(logging.INFO)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    reports = []
+    for seed in seeds:
+        config = load_config(args.config, args.override)
+        config.seed = seed
+        reports.append(pipeline.run(config, os.path.join(args.workdir, f"seed_{seed}")))
+    names = list(reports[0]["models"])
+    rows = []
+    for name in names:
+        runs = [r["models"][name] for r in reports]
+        row = {"model": name, "seeds": seeds, "params": runs[0]["params"]}
+        for c in COLUMNS:
+            v = np.array([r["metrics"]["test"][c] for r in runs])
+            row[c] = {"mean": float(v.mean()), "std": float(v.std(ddof=1) if len(v) > 1 else 0)}
+        lat = np.array([r["cost"]["latency_top10"]["batch_256"]["p50_ms"] for r in runs])
+        row["latency_b256_ms"] = {
+            "mean": float(lat.mean()),
+            "std": float(lat.std(ddof=1) if len(lat) > 1 else 0),
+        }
+        row["train_seconds"] = [r["train_seconds"] for r in runs]
+        rows.append(row)
+        print(json.dumps(row))
+    d = reports[0]["dataset"]
+    print(
+        f"\n{d['name']}: {d['users']} users, {d['items']} items, {d['interactions']} "
+        f"interactions; test split, full ranking; mean ± std over seeds {seeds}\n"
+    )
+    print("| model | params | " + " | ".join(COLUMNS) + " | top-10 ms (b=256) | train s |")
+    print("|---|---:|" + "---:|" * (len(COLUMNS) + 2))
+    for row in rows:
+        cells = [f"{row[c]['mean']:.4f} ± {row[c]['std']:.4f}" for c in COLUMNS]
+        lat = row["latency_b256_ms"]
+        print(
+            f"| {row['model']} | {row['params']:,} | "
+            + " | ".join(cells)
+            + f" | {lat['mean']:.2f} ± {lat['std']:.2f} | "
+            + f"{np.mean(row['train_seconds']):.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
