@@ -140,6 +140,14 @@ class TrainBatches:
                 where[b, : len(pos)] = True
                 target_pos[b, : len(pos)] = pos
                 inputs[b, pos] = self.num_items + 1
+        # Drop the all-padding columns on the left: positions count from the
+        # right end and padding is masked, so outputs are unchanged, and a batch
+        # of short sequences no longer pays the transformer for L columns.
+        longest = int(self._lengths[rows].max()) - (1 if self.causal else 0)
+        span = _bucket(longest, MIN_POSITIONS, L)
+        inputs = inputs[:, L - span :]
+        # (Masked rows pad target_pos with 0; keep those at 0, not negative.)
+        target_pos = np.maximum(target_pos - (L - span), 0).astype(np.int32)
         return {"inputs": inputs, "target_pos": target_pos, "targets": targets, "where": where}
 
 
@@ -152,11 +160,14 @@ def eval_batches(
     batch_size: int,
     causal: bool,
     users: np.ndarray | None = None,
+    trim: bool = True,
 ):
     """Yields fixed-size evaluation batches, users grouped by history length.
 
-    Each batch has `inputs [B, L]` (the newest items of the history; masked-item
-    models get the mask token in the last slot, where they predict),
+    Each batch has `inputs [B, S]` (the newest items of the history; masked-item
+    models get the mask token in the last slot, where they predict; S is the
+    batch's longest input rounded up to a power of two, at most L, or L itself
+    when `trim` is False),
     `history [B, H]` (the WHOLE history, for excluding seen items), `targets
     [B]` and `where [B]` (False on rows that only fill the last batch).
     """
@@ -170,6 +181,7 @@ def eval_batches(
         history = np.zeros((batch_size, h), np.int32)
         tgt = np.ones((batch_size,), np.int32)
         where = np.zeros((batch_size,), bool)
+        longest = 1
         for b, u in enumerate(rows):
             hist = histories[u]
             if causal:
@@ -177,7 +189,10 @@ def eval_batches(
             else:
                 recent = np.append(hist[-(L - 1) :] if L > 1 else hist[:0], num_items + 1)
             inputs[b, L - len(recent) :] = recent
+            longest = max(longest, len(recent))
             history[b, : len(hist)] = hist
             tgt[b] = targets[u]
             where[b] = True
+        if trim:
+            inputs = inputs[:, L - _bucket(longest, MIN_POSITIONS, L) :]
         yield {"inputs": inputs, "history": history, "targets": tgt, "where": where}

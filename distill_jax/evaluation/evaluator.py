@@ -255,6 +255,7 @@ class Evaluator:
                 max_len=scorer.max_len,
                 batch_size=batch_size,
                 causal=scorer.causal,
+                trim=False,  # the serving cost of a full window, whatever the users' lengths
             )
         )["inputs"]
         device = jax.local_devices()[0]
