@@ -1,0 +1,94 @@
+"""Teacher train-step time by batch shape: trimmed windows vs full windows.
+
+  python benchmarks/step_by_length.py --config=configs/beauty.py \
+      --data_path=../shared/datasets/amazon-beauty/Beauty.txt
+
+Batches hold users of similar length, and drop the all-padding columns on the
+left (`inputs [B, S]`, S <= L). For one batch of each target width K, this
+times the jitted teacher step on the trimmed batch and on the same batch padded
+back to the full window L (the baseline), in the same run, after a warm-up
+step. Prints JSON lines and a markdown table with the per-epoch estimate.
+"""
+
+import argparse
+import importlib.util
+import json
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from distill_jax import pipeline
+from distill_jax.data import dataset
+from distill_jax.data.pipeline import TrainBatches
+from distill_jax.train import sharding, state, steps
+
+
+def _time(fn, st, batch, repeats):
+    st, m = fn(st, None, batch, jax.random.key(0))
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        st, m = fn(st, None, batch, jax.random.key(0))
+    jax.block_until_ready(m)
+    return st, (time.perf_counter() - t0) / repeats * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--data_path", default="")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    path, _, arg = args.config.partition(":")
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(arg or None)
+    if args.data_path:
+        cfg.data.path = args.data_path
+    with tempfile.TemporaryDirectory() as work:
+        data = dataset.load(cfg, work)
+    mesh = sharding.make_mesh(cfg.mesh)
+    m = cfg.teacher
+    model = pipeline.build(cfg, "teacher", data.split.num_items)
+    st, shard = state.create_state(model, m, mesh, sharding.rules(cfg), jax.random.key(0))
+    fn = steps.make_train_step(model, task="train", mesh=mesh, state_shardings=shard)
+    tb = TrainBatches(data.split.train, num_items=data.split.num_items, max_len=m.max_len,
+                      batch_size=m.batch_size, causal=model.is_causal, mask_prob=m.mask_prob,
+                      seed=0)
+    first, counts = {}, {}
+    for i in range(tb.steps_per_epoch):
+        b = tb.batch(i)
+        k = b["targets"].shape[1]
+        first.setdefault(k, b)
+        counts[k] = counts.get(k, 0) + 1
+    rows = []
+    for k, b in sorted(first.items()):
+        cut = m.max_len - b["inputs"].shape[1]
+        full = dict(b, inputs=np.pad(b["inputs"], ((0, 0), (cut, 0))),
+                    target_pos=b["target_pos"] + cut)
+        st, t_trim = _time(fn, st, sharding.put_batch(b, mesh), args.repeats)
+        st, t_full = _time(fn, st, sharding.put_batch(full, mesh), args.repeats)
+        row = {"K": k, "S": b["inputs"].shape[1], "batches_per_epoch": counts[k],
+               "trimmed_ms": round(t_trim, 1), "full_ms": round(t_full, 1),
+               "speedup": round(t_full / t_trim, 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ep_trim = sum(r["trimmed_ms"] * r["batches_per_epoch"] for r in rows) / 1e3
+    ep_full = sum(r["full_ms"] * r["batches_per_epoch"] for r in rows) / 1e3
+    print(f"\n{data.info['name']}, teacher {m.name} d={m.embed_dim} blocks={m.num_blocks} "
+          f"B={m.batch_size} L={m.max_len}\n")
+    print("| K | S | batches/epoch | trimmed ms | full-window ms | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['K']} | {r['S']} | {r['batches_per_epoch']} | {r['trimmed_ms']} | "
+              f"{r['full_ms']} | {r['speedup']} |")
+    print(f"\nepoch estimate: trimmed {ep_trim:.1f} s, full windows {ep_full:.1f} s "
+          f"({ep_full / ep_trim:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
