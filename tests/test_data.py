@@ -1,5 +1,6 @@
 """Synthetic data, the leave-one-out split and the batches."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -88,6 +89,13 @@ def _train_batches(causal, seqs, **kw):
     return pipeline.TrainBatches(seqs, **args)
 
 
+def _slots(b):
+    """(row, position, target) of each valid packed slot."""
+    S = b["inputs"].shape[1]
+    idx = b["target_index"][b["where"]]
+    return idx // S, idx % S, b["targets"][b["where"]]
+
+
 def test_causal_batches_are_shifted_windows_and_cover_every_target():
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in (2, 3, 9, 14, 5, 7)]
@@ -95,21 +103,47 @@ def test_causal_batches_are_shifted_windows_and_cover_every_target():
     seen = []
     for step in range(tb.steps_per_epoch):
         b = tb.batch(step)
-        L, K = b["inputs"].shape[1], b["targets"].shape[1]
-        np.testing.assert_array_equal(b["target_pos"][0], np.arange(L - K, L))
+        N = b["targets"].shape[0]
+        chex.assert_shape([b["target_index"], b["where"]], (N,))
+        rows, pos, tgt = _slots(b)
         for row in range(4):
-            w = b["where"][row]
-            if not w.any():
+            sel = rows == row
+            if not sel.any():
                 continue
-            # Each target is the item after the input at its position.
-            inp, tgt = b["inputs"][row], b["targets"][row][w]
-            pos = b["target_pos"][row][w]
-            assert np.all(inp[pos] > 0)
-            seen.append((tuple(inp[pos]), tuple(tgt)))
+            # Each target is the item after the input at its position, and a
+            # row's targets sit at the right end of its window.
+            inp = b["inputs"][row]
+            S = len(inp)
+            np.testing.assert_array_equal(pos[sel], np.arange(S - sel.sum(), S))
+            assert np.all(inp[pos[sel]] > 0)
+            seen.append((tuple(inp[pos[sel]]), tuple(tgt[sel])))
     # Every (item -> next item) pair of every sequence appears exactly once.
     pairs = sorted(p for inp, tgt in seen for p in zip(inp, tgt, strict=True))
     expect = sorted((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:], strict=True))
     assert pairs == expect
+
+
+def test_packed_slots_stay_in_their_data_shard():
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in range(2, 40)]
+    for causal in (True, False):
+        tb = _train_batches(causal, seqs, batch_size=8, num_shards=4, max_len=10)
+        for step in range(tb.steps_per_epoch):
+            b = tb.batch(step)
+            S, N = b["inputs"].shape[1], b["targets"].shape[0]
+            assert N % 4 == 0
+            # Slot block s holds rows 2s, 2s+1 only (filler slots included).
+            shard_of_slot = np.repeat(np.arange(4), N // 4)
+            np.testing.assert_array_equal(b["target_index"] // S // 2, shard_of_slot)
+            # At most a third of each block's slots is filler (two sizes per octave).
+            per_shard = b["where"].reshape(4, -1).sum(1)
+            assert N // 4 <= max(pipeline.MIN_POSITIONS, 1.5 * per_shard.max())
+
+
+def test_pack_bucket_sizes():
+    sizes = [pipeline._pack_bucket(n, 8) for n in range(1, 200)]
+    assert sorted(set(sizes)) == [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert all(s >= n for n, s in zip(range(1, 200), sizes, strict=True))
 
 
 def test_batches_are_a_function_of_the_step():
@@ -130,12 +164,10 @@ def test_masked_batches_hide_their_targets():
     tb = _train_batches(False, seqs)
     for step in range(tb.steps_per_epoch):
         b = tb.batch(step)
-        for row in range(4):
-            w = b["where"][row]
-            if w.any():
-                pos = b["target_pos"][row][w]
-                assert np.all(b["inputs"][row][pos] == 21)  # the mask token V + 1
-                assert np.all((b["targets"][row][w] >= 1) & (b["targets"][row][w] <= 20))
+        rows, pos, tgt = _slots(b)
+        assert len(rows) > 0
+        assert np.all(b["inputs"][rows, pos] == 21)  # the mask token V + 1
+        assert np.all((tgt >= 1) & (tgt <= 20))
 
 
 def test_eval_batches_keep_the_whole_history():

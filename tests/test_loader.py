@@ -26,6 +26,7 @@ def _batches(data, causal: bool, seed: int = 3) -> TrainBatches:
         causal=causal,
         mask_prob=0.2,
         seed=seed,
+        num_shards=4,  # the most processes a test below splits the batch over
     )
 
 
@@ -125,10 +126,9 @@ def test_process_shards_concatenate_to_the_global_batch(data, form, causal):
         shards.append(list(getattr(loader, form)(_batches(data, causal), NUM_STEPS, options)))
     for step, want in enumerate(expected):
         parts = [shard[step] for shard in shards]
-        # Every process gets the same shapes (K included), B / count rows each.
-        assert {tuple(p["targets"].shape) for p in parts} == {
-            (32 // count, want["targets"].shape[1])
-        }
+        # Every process gets the same shapes: B / count rows, N / count slots.
+        assert {tuple(p["inputs"].shape) for p in parts} == {(32 // count, want["inputs"].shape[1])}
+        assert {tuple(p["targets"].shape) for p in parts} == {(want["targets"].shape[0] // count,)}
         glued = {k: np.concatenate([p[k] for p in parts]) for k in want}
         assert _equal(glued, want)
         # Process i holds rows [i * B/n, (i + 1) * B/n), as put_batch slices.

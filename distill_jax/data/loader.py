@@ -3,8 +3,9 @@
 A grain record here is one GLOBAL batch: record `i` is `TrainBatches.batch(i)`.
 Why whole batches rather than windows as records: a batch's shape and content
 depend on the whole batch (the epoch plan groups windows of similar length;
-K is bucketed over all its rows; masks are seeded by (seed, epoch, index)), so
-batching records inside grain could not reproduce it. With one record per
+the packed target slots N are bucketed over all its rows; masks are seeded
+by (seed, epoch, index)), so batching records inside grain could not
+reproduce it. With one record per
 step, random access by step is free (`MapDataset[step]`) and an iterator's
 whole state is the next step, which grain checkpoints as JSON.
 
@@ -12,7 +13,7 @@ Sharding is by ROWS, not by records. Grain's own sharding (ShardOptions given
 to a sampler or to `DataLoader`) would hand different steps to different
 processes; here every process computes the same global batch (cheap and
 deterministic) and keeps its contiguous block of rows, the block
-`train/sharding.py:put_batch` keeps, so every process agrees on K and the
+`train/sharding.py:put_batch` keeps, so every process agrees on S and N and the
 rows concatenate, in process order, to the global batch. Feed such a local
 batch to `jax.make_array_from_process_local_data`, not to `put_batch` (which
 slices a global batch itself).
@@ -69,7 +70,7 @@ class BatchSource:
             f"BatchSource(num_steps={self._num_steps}, num_windows={b.num_windows}, "
             f"num_items={b.num_items}, max_len={b.max_len}, batch_size={b.batch_size}, "
             f"causal={b.causal}, mask_prob={b.mask_prob}, seed={b.seed}, "
-            f"length_buckets={b.length_buckets})"
+            f"length_buckets={b.length_buckets}, num_shards={b.num_shards})"
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -103,8 +104,15 @@ def shard_rows(batch: Batch, shard_index: int, shard_count: int) -> Batch:
             f"Batch size {size} is not a multiple of the shard count {shard_count}; "
             "every process must get the same number of rows."
         )
-    rows = size // shard_count
-    return {k: v[shard_index * rows : (shard_index + 1) * rows] for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        if v.shape[0] % shard_count:
+            raise ValueError(
+                f"{k!r} has {v.shape[0]} rows, not a multiple of the shard count {shard_count}."
+            )
+        rows = v.shape[0] // shard_count
+        out[k] = v[shard_index * rows : (shard_index + 1) * rows]
+    return out
 
 
 class ShardRows(grain.transforms.Map):
@@ -122,6 +130,12 @@ class ShardRows(grain.transforms.Map):
 
 
 def _check_shards(batches: TrainBatches, shard_options: grain.sharding.ShardOptions) -> None:
+    if batches.num_shards % shard_options.shard_count:
+        raise ValueError(
+            f"TrainBatches.num_shards={batches.num_shards} (the mesh's data axis) is not a "
+            f"multiple of the shard count {shard_options.shard_count}; each process must "
+            "hold whole packing shards."
+        )
     if batches.batch_size % shard_options.shard_count:
         raise ValueError(
             f"batch_size={batches.batch_size} is not a multiple of the shard count "
@@ -143,7 +157,7 @@ def batch_dataset(
         (or explicit `ShardOptions`) for this process's rows of it.
 
     Returns:
-      A MapDataset of batch dicts (`inputs`, `target_pos`, `targets`, `where`).
+      A MapDataset of batch dicts (`inputs`, `target_index`, `targets`, `where`).
     """
     ds = grain.MapDataset.source(BatchSource(batches, num_steps))
     if shard_options is not None and shard_options.shard_count > 1:

@@ -4,11 +4,15 @@ Training batches are a pure function of (seed, step): the iterator's whole
 state is the step number, which the checkpoint stores, so a resumed run sees
 exactly the batches an uninterrupted one would.
 
-Only positions that hold a target get catalogue logits: a batch carries
-`target_pos [B, K]` (indices into the window), `targets [B, K]` and
-`where [B, K]`, with K rounded up to a power of two (at least
-`MIN_POSITIONS`, at most the window) so the step compiles for a handful of
-shapes only; histories for evaluation likewise (at least `MIN_HISTORY`).
+Only positions that hold a target get catalogue logits, and they are packed:
+a batch carries `inputs [B, S]` and, for the N target slots, `target_index
+[N]` (flat indices into the `B x S` window positions), `targets [N]` and
+`where [N]` (False on the few slots that only fill the bucket). Packing per
+data shard keeps every shard's slots next to its own rows; N is rounded up to
+a bucket (`_pack_bucket`: two sizes per octave) and S to a power of two, so the
+step compiles for a handful of shapes only; histories for evaluation likewise
+(at least `MIN_HISTORY`). The catalogue product is `[N, D] x [D, V]`: a 2-D
+matrix product with no padded rows beyond the bucket.
 """
 
 import dataclasses
@@ -26,6 +30,67 @@ def _bucket(n: int, minimum: int, cap: int | None = None) -> int:
     while size < n:
         size *= 2
     return min(size, cap) if cap is not None else size
+
+
+def _pack_bucket(n: int, minimum: int) -> int:
+    """The smallest of minimum * {1, 1.5, 2, 3, 4, 6, ...} that holds n.
+
+    Two sizes per octave: at most a third of the slots is padding, and the
+    number of distinct shapes (compilations) stays small.
+    """
+    size = minimum
+    while True:
+        if size >= n:
+            return size
+        if size * 3 // 2 >= n and (size * 3) % 2 == 0:
+            return size * 3 // 2
+        size *= 2
+
+
+def pack_positions(
+    target_pos: np.ndarray,
+    targets: np.ndarray,
+    where: np.ndarray,
+    width: int,
+    num_shards: int = 1,
+) -> dict[str, np.ndarray]:
+    """Packs the valid `[B, K]` target slots into flat `[N]` arrays.
+
+    Args:
+      target_pos: `[B, K]` window positions (columns of a `[B, width]` input).
+      targets: `[B, K]` item ids.
+      where: `[B, K]` True where a target sits.
+      width: the input width S; `target_index = row * S + position`.
+      num_shards: rows are split into this many contiguous blocks (the data
+        shards); each block's targets fill its own contiguous block of N.
+
+    Returns:
+      `target_index [N]`, `targets [N]`, `where [N]` with N a multiple of
+      `num_shards`.
+    """
+    B = where.shape[0]
+    if B % num_shards:
+        raise ValueError(f"batch of {B} rows does not split into {num_shards} shards.")
+    rows_per = B // num_shards
+    blocks = []
+    for s in range(num_shards):
+        r, c = np.nonzero(where[s * rows_per : (s + 1) * rows_per])
+        r = r + s * rows_per
+        blocks.append((r * width + target_pos[r, c], targets[r, c], s * rows_per * width))
+    n = _pack_bucket(max(len(b[0]) for b in blocks), MIN_POSITIONS)
+    index = np.zeros((num_shards, n), np.int32)
+    tgt = np.zeros((num_shards, n), np.int32)
+    valid = np.zeros((num_shards, n), bool)
+    for s, (idx, t, first) in enumerate(blocks):
+        index[s] = first  # filler slots point at the shard's own first position
+        index[s, : len(idx)] = idx
+        tgt[s, : len(t)] = t
+        valid[s, : len(idx)] = True
+    return {
+        "target_index": index.reshape(-1),
+        "targets": tgt.reshape(-1),
+        "where": valid.reshape(-1),
+    }
 
 
 def _windows(seq: np.ndarray, length: int, overlap: int) -> list[np.ndarray]:
@@ -55,6 +120,8 @@ class TrainBatches:
       mask_prob: masked-item models: share of the window's items masked.
       seed: fixes the epoch order and the masks.
       length_buckets: group windows of similar length into a batch.
+      num_shards: pack target slots per block of `batch_size / num_shards`
+        rows (the mesh's data axis), so each data shard's slots are its own.
     """
 
     sequences: Sequence[np.ndarray]
@@ -65,8 +132,14 @@ class TrainBatches:
     mask_prob: float
     seed: int
     length_buckets: bool = True
+    num_shards: int = 1
 
     def __post_init__(self):
+        if self.num_shards < 1 or self.batch_size % self.num_shards:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of num_shards="
+                f"{self.num_shards} (the mesh's data axis)."
+            )
         if self.causal:
             # input = window[:-1], target = window[1:]
             windows = [w for s in self.sequences for w in _windows(s, self.max_len + 1, 1)]
@@ -148,7 +221,8 @@ class TrainBatches:
         inputs = inputs[:, L - span :]
         # (Masked rows pad target_pos with 0; keep those at 0, not negative.)
         target_pos = np.maximum(target_pos - (L - span), 0).astype(np.int32)
-        return {"inputs": inputs, "target_pos": target_pos, "targets": targets, "where": where}
+        packed = pack_positions(target_pos, targets, where, span, self.num_shards)
+        return {"inputs": inputs, **packed}
 
 
 def eval_batches(

@@ -108,6 +108,7 @@ def train_stage(
         mask_prob=mcfg.mask_prob,
         seed=config.seed,
         length_buckets=config.data.length_buckets,
+        num_shards=mesh.shape["data"],
     )
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))

@@ -14,20 +14,25 @@ TASKS = ("train", "distill")
 
 
 def hidden_at_targets(
-    model: nn.Module, params, inputs, target_pos, *, train: bool, rngs=None
+    model: nn.Module, params, inputs, target_index, *, train: bool, rngs=None
 ) -> jax.Array:
-    """Hidden states `[B, K, D]` at the target positions only.
+    """Hidden states `[N, D]` at the packed target slots only.
 
-    Catalogue logits cost `K x V` per row, so they are computed only where a
-    target sits, not at every (mostly padded) window position.
+    Catalogue logits cost `V` per position, so they are computed only where a
+    target sits (`target_index` indexes the flattened `B x S` positions), not
+    at every padded window position. The result is 2-D so that the catalogue
+    product is one plain matrix product (a batched 3-D einsum runs about half
+    as fast on CPU).
     """
     hidden = model.apply({"params": params}, inputs, train=train, rngs=rngs)
-    return jnp.take_along_axis(hidden, target_pos[..., None], axis=1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return jnp.take(flat, target_index, axis=0)
 
 
 def logits_at_targets(model: nn.Module, params, batch, *, train: bool, rngs=None):
+    """Catalogue logits `[N, V + 1]` at the batch's packed target slots."""
     h = hidden_at_targets(
-        model, params, batch["inputs"], batch["target_pos"], train=train, rngs=rngs
+        model, params, batch["inputs"], batch["target_index"], train=train, rngs=rngs
     )
     return model.apply({"params": params}, h, method=model.logits)
 
