@@ -1,0 +1,233 @@
+"""Step throughput against the machine's own matmul rate, measured in one run.
+
+  python benchmarks/throughput.py --config=configs/beauty.py \
+      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt
+
+Times, after a warm-up pass that compiles every batch shape, over the same
+`--batches` training batches repeated `--repeats` times:
+
+* `teacher_train`: the teacher's train step (forward, backward, AdamW);
+* `teacher_forward`: the teacher's forward pass to catalogue logits at the
+  target slots (what distillation adds per step);
+* `student_train`: the student's plain train step;
+* `distill`: the distillation step (teacher forward + student step + KL);
+* `evaluate`: full-ranking evaluation of the teacher on the test split.
+
+Each line gives ms per step, valid target positions per second, achieved
+GFLOP/s and its share of the float32 matmul rate of a `--matmul_size`^3
+product timed in the same run. FLOPs are counted from the shapes (matmuls
+only; LayerNorm, softmax and the optimiser are not counted). For a model of
+width D, MLP width M, `nb` blocks, and a batch of B rows of S inputs with N
+target slots (filler slots included, they are computed):
+
+    encoder forward  = nb * (B*S*(8*D^2 + 4*D*M) + 4*B*S^2*D)
+    logits forward   = 2 * N * D * (V + 1)
+    train step       = 3 * (encoder forward + logits forward)
+    teacher forward  = encoder forward + logits forward        (teacher shapes)
+    distill step     = teacher forward + student train step
+    evaluate         = users * (nb * (8*S*D^2 + 4*S*D*M + 4*S^2*D) + 2*D*(V+1))
+
+(backward = 2 x forward: one product for the input gradient, one for the
+weight gradient.) Prints JSON lines, then a markdown table.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from quality import load_config  # benchmarks/quality.py, beside this script
+
+from distill_jax import pipeline
+from distill_jax.data import dataset
+from distill_jax.data.pipeline import TrainBatches
+from distill_jax.evaluation import evaluator as evaluator_lib
+from distill_jax.train import sharding, state, steps
+
+
+def encoder_flops(model, rows: int, width: int) -> float:
+    D, M, nb = model.embed_dim, model.mlp_dim, model.num_blocks
+    return float(nb * (rows * width * (8 * D * D + 4 * D * M) + 4 * rows * width * width * D))
+
+
+def logits_flops(model, slots: int) -> float:
+    return float(2 * slots * model.embed_dim * (model.num_items + 1))
+
+
+def matmul_rate(n: int, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n float32 matmul through jax (after warm-up)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a, b)
+    out.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def _time_steps(fn, carry, batches, repeats):
+    """Runs fn over every batch once (warm-up), then `repeats` timed passes."""
+    for b in batches:
+        carry = fn(carry, b)
+    jax.block_until_ready(carry)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for b in batches:
+            carry = fn(carry, b)
+    jax.block_until_ready(carry)
+    return (time.perf_counter() - t0) / (repeats * len(batches)), carry
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", required=True, help="FILE[:variant]")
+    p.add_argument("--override", action="append", default=[], help="KEY=VALUE, repeatable")
+    p.add_argument("--batches", type=int, default=24, help="distinct training batches timed")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--matmul_size", type=int, default=4096)
+    p.add_argument("--skip_eval", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    cfg = load_config(args.config, args.override)
+    with tempfile.TemporaryDirectory() as work:
+        data = dataset.load(cfg, work)
+    split = data.split
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules(cfg)
+    teacher = pipeline.build(cfg, "teacher", split.num_items)
+    student = pipeline.build(cfg, "student", split.num_items)
+    t_state, t_shard = state.create_state(teacher, cfg.teacher, mesh, rules, jax.random.key(0))
+    s_state, s_shard = state.create_state(student, cfg.student, mesh, rules, jax.random.key(1))
+    # A second student state for the distill step (train steps donate their state).
+    s_state2, s_shard2 = state.create_state(student, cfg.student, mesh, rules, jax.random.key(1))
+    m = cfg.student
+    tb = TrainBatches(
+        split.train,
+        num_items=split.num_items,
+        max_len=m.max_len,
+        batch_size=m.batch_size,
+        causal=student.is_causal,
+        mask_prob=m.mask_prob,
+        seed=cfg.seed,
+        length_buckets=cfg.data.length_buckets,
+        num_shards=mesh.shape["data"],
+    )
+    host = [tb.batch(i) for i in range(min(args.batches, tb.steps_per_epoch))]
+    batches = [sharding.put_batch(b, mesh) for b in host]
+    valid = sum(int(b["where"].sum()) for b in host) / len(host)
+    shapes = [(b["inputs"].shape[0], b["inputs"].shape[1], b["targets"].shape[0]) for b in host]
+
+    def per_step(fn):
+        return sum(fn(*s) for s in shapes) / len(shapes)
+
+    def train_flops(model):
+        return per_step(lambda B, S, N: 3 * (encoder_flops(model, B, S) + logits_flops(model, N)))
+
+    t_fwd_flops = per_step(lambda B, S, N: encoder_flops(teacher, B, S) + logits_flops(teacher, N))
+    rng = jax.random.key(0)
+    t_step = steps.make_train_step(teacher, task="train", mesh=mesh, state_shardings=t_shard)
+    s_step = steps.make_train_step(student, task="train", mesh=mesh, state_shardings=s_shard)
+    d_step = steps.make_train_step(
+        student,
+        task="distill",
+        mesh=mesh,
+        state_shardings=s_shard2,
+        teacher=teacher,
+        teacher_shardings=t_shard.params,
+        distill_cfg=cfg.distill,
+    )
+    t_params = t_state.params
+    fwd = jax.jit(lambda params, b: steps.logits_at_targets(teacher, params, b, train=False))
+
+    def run_fwd(carry, b):
+        with jax.set_mesh(mesh):
+            return fwd(t_params, b)
+
+    rate = matmul_rate(args.matmul_size)
+    results = {}
+    # Students first: the teacher's train step donates (consumes) t_state.
+    results["student_train"] = (
+        _time_steps(lambda s, b: s_step(s, None, b, rng)[0], s_state, batches, args.repeats)[0],
+        train_flops(student),
+    )
+    results["teacher_forward"] = (
+        _time_steps(run_fwd, None, batches, args.repeats)[0],
+        t_fwd_flops,
+    )
+    results["distill"] = (
+        _time_steps(lambda s, b: d_step(s, t_params, b, rng)[0], s_state2, batches, args.repeats)[
+            0
+        ],
+        t_fwd_flops + train_flops(student),
+    )
+    t_copy = jax.tree.map(jnp.copy, t_state)
+    results["teacher_train"] = (
+        _time_steps(lambda s, b: t_step(s, None, b, rng)[0], t_copy, batches, args.repeats)[0],
+        train_flops(teacher),
+    )
+    rows = []
+    for name, (seconds, flops) in results.items():
+        rows.append(
+            {
+                "name": name,
+                "ms_per_step": seconds * 1e3,
+                "valid_positions_per_s": valid / seconds,
+                "gflops": flops / seconds / 1e9,
+                "share_of_matmul": flops / seconds / 1e9 / rate,
+            }
+        )
+    if not args.skip_eval:
+        ev = evaluator_lib.Evaluator(split, cfg, mesh)
+        scorer = evaluator_lib.model_scorer(teacher, t_params, t_shard.params)
+        ev.evaluate(scorer, "test")  # warm-up: compiles every history bucket
+        t0 = time.perf_counter()
+        ev.evaluate(scorer, "test")
+        seconds = time.perf_counter() - t0
+        users = len(split.test_targets)
+        flops = users * scorer.flops_per_sequence
+        rows.append(
+            {
+                "name": "evaluate (teacher, test split)",
+                "ms_per_step": seconds * 1e3,
+                "valid_positions_per_s": users / seconds,
+                "gflops": flops / seconds / 1e9,
+                "share_of_matmul": flops / seconds / 1e9 / rate,
+            }
+        )
+    ratio = results["distill"][0] / (results["teacher_forward"][0] + results["student_train"][0])
+    for r in rows:
+        print(json.dumps(r))
+    print(json.dumps({"matmul_gflops": rate, "distill_over_parts": ratio}))
+    t, s = cfg.teacher, cfg.student
+    print(
+        f"\n{data.info['name']}; teacher d={t.embed_dim} blocks={t.num_blocks} mlp={t.mlp_dim}, "
+        f"student d={s.embed_dim} blocks={s.num_blocks} mlp={s.mlp_dim}; B={s.batch_size}, "
+        f"{len(host)} batches x {args.repeats} (mean valid targets per batch {valid:.0f}); "
+        f"backend {jax.default_backend()}, {jax.device_count()} device(s)\n"
+    )
+    print("| step | ms/step | valid positions/s | GFLOP/s | share of matmul rate |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['ms_per_step']:.1f} | {r['valid_positions_per_s']:,.0f} | "
+            f"{r['gflops']:.1f} | {r['share_of_matmul']:.0%} |"
+        )
+    print(
+        f"\nfloat32 matmul {args.matmul_size}^3: {rate:.1f} GFLOP/s; distill step / "
+        f"(teacher forward + student train step) = {ratio:.2f}"
+    )
+    print("(evaluate row: ms for the whole split; positions/s = users/s.)")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
