@@ -130,6 +130,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = DEFAULT_RULES
 
+    # Several processes (hosts, or one process per GPU). Unset values (''/-1)
+    # come from the environment instead; see distill_jax/distributed.py for the
+    # order: these keys, then DISTILL_JAX_COORDINATOR / DISTILL_JAX_NUM_PROCESSES
+    # / DISTILL_JAX_PROCESS_ID, then SLURM_NTASKS / SLURM_PROCID under srun,
+    # then jax's own detection (Cloud TPU VMs, Open MPI). Nothing set and no
+    # cluster found: one process, and jax.distributed is never initialised.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""  # 'host:port' of process 0; '' = from env.
+    config.distributed.num_processes = -1  # -1 = from env / auto; 1 = never initialise.
+    config.distributed.process_id = -1  # -1 = from env / auto; else in [0, num_processes).
+    config.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives: 'gloo' or 'mpi'.
+    config.distributed.initialization_timeout = 300  # Seconds to wait for every process.
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 200
     config.log_every_steps = 100

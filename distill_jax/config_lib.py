@@ -205,6 +205,54 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _expect(v == -1 or v >= 1, f"mesh.{axis}", v, "-1 (fill) or a positive axis size")
     _positive_int(config.checkpoint, "checkpoint", "every_steps")
     _expect(config.log_every_steps > 0, "log_every_steps", config.log_every_steps, "> 0")
+    validate_distributed(config)
+
+
+CPU_COLLECTIVES = ("gloo", "mpi")
+
+
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+    """Checks `config.distributed` alone.
+
+    Separate from `validate` because `distributed.initialize` runs it before
+    anything touches jax, ahead of the full check in the pipeline.
+    """
+    c = config.distributed
+    address = c.coordinator_address
+    host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    _expect(
+        isinstance(address, str) and (address == "" or (bool(sep and host) and port.isdigit())),
+        "distributed.coordinator_address",
+        address,
+        "'' (from the environment) or 'host:port' of process 0, e.g. '10.0.0.1:1234'",
+    )
+    n = c.num_processes
+    _expect(
+        isinstance(n, int) and (n == -1 or n >= 1),
+        "distributed.num_processes",
+        n,
+        "-1 (from the environment) or a process count >= 1",
+    )
+    pid = c.process_id
+    _expect(
+        isinstance(pid, int) and (pid == -1 or (pid >= 0 and (n == -1 or pid < n))),
+        "distributed.process_id",
+        pid,
+        "-1 (from the environment) or an id in [0, distributed.num_processes"
+        + (f"={n})" if n >= 1 else ")"),
+    )
+    _expect(
+        c.cpu_collectives in CPU_COLLECTIVES,
+        "distributed.cpu_collectives",
+        c.cpu_collectives,
+        f"one of {CPU_COLLECTIVES}",
+    )
+    _expect(
+        isinstance(c.initialization_timeout, int) and c.initialization_timeout > 0,
+        "distributed.initialization_timeout",
+        c.initialization_timeout,
+        "a number of seconds > 0",
+    )
 
 
 def stages(config: ml_collections.ConfigDict) -> list[str]:

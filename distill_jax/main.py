@@ -2,6 +2,10 @@
 
 python -m distill_jax.main --workdir=/tmp/run [--config=configs/synthetic.py:tiny]
     [--config.student.embed_dim=32 ...]
+
+Several processes: the same command on each, with the settings of
+`distill_jax/distributed.py` (launch/local.sh, launch/tpu_vm.sh and
+launch/slurm_gpu.sbatch set them).
 """
 
 import logging
@@ -11,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from distill_jax import pipeline
+from distill_jax import distributed, pipeline
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file[:variant].")
@@ -29,7 +33,14 @@ def main(argv):
         format="%(asctime)s %(levelname)s %(message)s",
         force=True,
     )
-    logging.getLogger("distill_jax").setLevel(logging.INFO)
+    ours = logging.getLogger("distill_jax")
+    ours.setLevel(logging.INFO)
+    # First jax call of the job: jax.distributed must start before the backends.
+    distributed.initialize(_CONFIG.value)
+    if not distributed.is_main_process():
+        # Every process runs the same steps; one copy of the progress is enough,
+        # but each process's warnings and errors still show.
+        ours.setLevel(logging.WARNING)
     pipeline.run(_CONFIG.value, _WORKDIR.value)
 
 

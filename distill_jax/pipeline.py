@@ -11,10 +11,9 @@ import os
 import time
 from typing import Any
 
-import jax
 import ml_collections
 
-from distill_jax import config_lib, models
+from distill_jax import config_lib, distributed, models
 from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation.evaluator import Evaluator
@@ -44,13 +43,18 @@ def _check_catalogue(config: ml_collections.ConfigDict, num_items: int) -> None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    """Writes atomically (temp file + rename): readers never see half a file."""
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)  # insertion order: steps stay in run order
-    os.replace(tmp, path)
+    """Process 0 writes atomically (temp file + rename): readers never see half a file.
+
+    Every process calls this: the others wait until the file exists, because
+    they read it next (a later stage's `_finished` check) and would otherwise
+    take a different branch from process 0 and hang in a collective.
+    """
+    if distributed.is_main_process():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)  # insertion order: steps stay in run order
+        os.replace(tmp, path)
+    distributed.barrier(f"distill_jax_wrote_{path}")
 
 
 def build(config: ml_collections.ConfigDict, key: str, num_items: int):
@@ -272,7 +276,7 @@ def run(
                 "models": results,
             }
             _write_json(os.path.join(workdir, "report.json"), report)
-            if jax.process_index() == 0:
+            if distributed.is_main_process():
                 with open(os.path.join(workdir, "report.md"), "w") as f:
                     f.write(_report_md(report))
             log.info("report written to %s", os.path.join(workdir, "report.md"))
