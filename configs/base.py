@@ -11,7 +11,7 @@ import ml_collections
 # worth splitting over 'model' on large catalogues; everything else is small.
 DEFAULT_RULES = (
     ("batch", "data"),
-    ("vocab", None),
+    ("vocab", "model"),
     ("embed", None),
     ("pos", None),
     ("mlp", None),
@@ -109,6 +109,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distill.temperature = 1.0
     config.distill.alpha = 0.0
     config.distill.hard_k = 1
+
+    # How the catalogue losses are computed (distill_jax/train/steps.py):
+    # 'plain' materialises [positions, V+1] logits; 'vocab_parallel' keeps them
+    # sharded along mesh axis 'model' and reduces across shards (for item
+    # tables sharded by the 'vocab' rule); 'chunked' scans item chunks of
+    # chunk_size with an online logsumexp (catalogues too large to materialise).
+    config.loss = ml_collections.ConfigDict()
+    config.loss.impl = "plain"
+    config.loss.chunk_size = 8192
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 200

@@ -165,6 +165,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k, "an integer >= 1"
     )
 
+    impls = ("plain", "vocab_parallel", "chunked")
+    _expect(config.loss.impl in impls, "loss.impl", config.loss.impl, f"one of {impls}")
+    _positive_int(config.loss, "loss", "chunk_size")
+    _expect(
+        config.loss.impl == "plain" or d.mode == "soft",
+        "loss.impl",
+        config.loss.impl,
+        "'plain' when distill.mode='hard' (only soft distillation has other forms)",
+    )
+
     _positive_int(config.eval, "eval", "every_steps", "batch_size")
     _expect(config.eval.patience >= 0, "eval.patience", config.eval.patience, ">= 0")
     _expect(

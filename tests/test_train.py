@@ -28,7 +28,7 @@ def split():
     return preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
 
 
-def _run_steps(config, split, mesh, task, n_steps=2, num_shards=8):
+def _run_steps(config, split, mesh, task, n_steps=2, num_shards=8, loss_cfg=None):
     """Runs n_steps of `task` on `mesh`; returns (losses, params) on the host."""
     rules = sharding_lib.rules(config)
     student = models.build_model(
@@ -52,6 +52,7 @@ def _run_steps(config, split, mesh, task, n_steps=2, num_shards=8):
         teacher=teacher,
         teacher_shardings=t_shard,
         distill_cfg=config.distill,
+        loss_cfg=loss_cfg,
     )
     batches = TrainBatches(
         split.train,
@@ -100,6 +101,32 @@ def test_sharded_step_matches_single_device(split, task, mesh_shape, vocab_axis)
     if vocab_axis:
         expected_rows //= multi.shape["model"]
     assert emb.addressable_shards[0].data.shape[0] == expected_rows
+
+
+@pytest.mark.parametrize("task", ["train", "distill"])
+@pytest.mark.parametrize(
+    "impl,mesh_shape", [("chunked", (1, 1)), ("vocab_parallel", (2, 4)), ("vocab_parallel", (4, 2))]
+)
+def test_loss_impls_match_the_plain_single_device_step(split, task, impl, mesh_shape):
+    config = _config()
+    config.distill.update(temperature=2.0, alpha=0.3)
+    config.sharding.rules = tuple(
+        (name, "model" if name == "vocab" else axis) for name, axis in config.sharding.rules
+    )
+    single = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+    config.mesh.data, config.mesh.model = mesh_shape
+    mesh = sharding_lib.make_mesh(
+        config.mesh, devices=jax.devices()[: mesh_shape[0] * mesh_shape[1]]
+    )
+    loss_cfg = config.loss.copy_and_resolve_references()
+    loss_cfg.impl = impl
+    loss_cfg.chunk_size = 24  # 64 catalogue columns: chunks of 24, 24 and a padded 16
+    want_loss, want_params, _ = _run_steps(config, split, single, task)
+    got_loss, got_params, _ = _run_steps(config, split, mesh, task, loss_cfg=loss_cfg)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got_params, want_params
+    )
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(split, tmp_path):
@@ -171,3 +198,34 @@ def test_trimmed_batches_give_the_same_logits_as_full_windows(split, name):
         want = steps.logits_at_targets(model, params, full, train=False)
         w = b["where"]
         np.testing.assert_allclose(np.asarray(got)[w], np.asarray(want)[w], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_losses(split):
+    # Mixed precision: parameters and optimiser state in float32, matmuls in
+    # bfloat16, logits/logsumexp/losses in float32.
+    config = _config()
+    mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+    loss32, params32, _ = _run_steps(config, split, mesh, "distill", num_shards=1)
+    config.student.dtype = config.teacher.dtype = "bfloat16"
+    loss16, params16, state16 = _run_steps(config, split, mesh, "distill", num_shards=1)
+    for leaf in jax.tree.leaves(state16.params) + jax.tree.leaves(state16.opt_state):
+        if hasattr(leaf, "dtype") and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+            assert leaf.dtype == jax.numpy.float32
+    student = models.build_model(
+        config.student, num_items=split.num_items, max_len=config.student.max_len
+    )
+    batch = TrainBatches(
+        split.train,
+        num_items=split.num_items,
+        max_len=student.max_len,
+        batch_size=config.student.batch_size,
+        causal=True,
+        mask_prob=0.2,
+        seed=0,
+    ).batch(0)
+    logits = steps.logits_at_targets(student, params16, batch, train=False)
+    assert logits.dtype == jax.numpy.float32
+    assert np.all(np.isfinite(loss16))
+    # bfloat16 has 8 bits of mantissa: close to, not equal to, float32.
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+    assert loss16 != loss32

@@ -121,6 +121,7 @@ def train_stage(
         teacher=teacher.model if teacher else None,
         teacher_shardings=teacher.shardings if teacher else None,
         distill_cfg=config.distill,
+        loss_cfg=config.loss,
     )
     evaluator = Evaluator(split, config, mesh)
     # One scorer for the whole stage, so validation compiles once.

@@ -7,10 +7,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from distill_jax import losses
+from distill_jax import catalogue_losses, losses, vocab_parallel
 from distill_jax.train import sharding as sharding_lib
 
 TASKS = ("train", "distill")
+# How the catalogue loss is computed (config.loss.impl):
+#   'plain': full [N, V+1] logits, then losses.py (one device, or XLA's own
+#     partitioning of vocab-sharded logits);
+#   'vocab_parallel': logits stay sharded along 'model'; max, logsumexp and KL
+#     terms are reduced across shards with shard_map (never gathered);
+#   'chunked': logits never exist for the whole catalogue; a scan over item
+#     chunks with an online logsumexp (memory grows with the chunk, not V).
+LOSS_IMPLS = ("plain", "vocab_parallel", "chunked")
 
 
 def hidden_at_targets(
@@ -37,17 +45,38 @@ def logits_at_targets(model: nn.Module, params, batch, *, train: bool, rngs=None
     return model.apply({"params": params}, h, method=model.logits)
 
 
+def _table(params):
+    return params["item_embedding"], params["output_bias"]
+
+
 def make_loss_fn(
     model: nn.Module,
     task: str,
     teacher: nn.Module | None,
     distill_cfg: ml_collections.ConfigDict | None,
+    loss_cfg: ml_collections.ConfigDict | None = None,
 ):
-    """loss(params, teacher_params, batch, dropout_rng) -> scalar loss."""
+    """loss(params, teacher_params, batch, dropout_rng) -> scalar loss.
+
+    `loss_cfg` is `config.loss` (`impl` in LOSS_IMPLS, `chunk_size`); None
+    means 'plain'.
+    """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
     if task == "distill" and teacher is None:
         raise ValueError("task='distill' needs a teacher model.")
+    impl = "plain" if loss_cfg is None else loss_cfg.impl
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"config.loss.impl={impl!r} is invalid; expected one of {LOSS_IMPLS}.")
+    if impl != "plain" and task == "distill" and distill_cfg.mode != "soft":
+        raise ValueError(
+            f"config.loss.impl={impl!r} supports config.distill.mode='soft' only, "
+            f"got {distill_cfg.mode!r}; use config.loss.impl='plain'."
+        )
+    if impl == "chunked":
+        return _chunked_loss_fn(model, task, teacher, distill_cfg, loss_cfg.chunk_size)
+    if impl == "vocab_parallel":
+        return _vocab_parallel_loss_fn(model, task, teacher, distill_cfg)
 
     def loss_fn(params, teacher_params, batch, dropout_rng):
         logits = logits_at_targets(model, params, batch, train=True, rngs={"dropout": dropout_rng})
@@ -72,6 +101,80 @@ def make_loss_fn(
     return loss_fn
 
 
+def _teacher_hidden(teacher, teacher_params, batch):
+    # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
+    return jax.lax.stop_gradient(
+        hidden_at_targets(
+            teacher, teacher_params, batch["inputs"], batch["target_index"], train=False
+        )
+    )
+
+
+def _chunked_loss_fn(model, task, teacher, distill_cfg, chunk_size):
+    def loss_fn(params, teacher_params, batch, dropout_rng):
+        h = hidden_at_targets(
+            model,
+            params,
+            batch["inputs"],
+            batch["target_index"],
+            train=True,
+            rngs={"dropout": dropout_rng},
+        )
+        table, bias = _table(params)
+        if task == "train":
+            return catalogue_losses.chunked_cross_entropy(
+                h, table, bias, batch["targets"], batch["where"], chunk_size=chunk_size
+            )
+        t_table, t_bias = jax.tree.map(jax.lax.stop_gradient, _table(teacher_params))
+        return catalogue_losses.chunked_distill_loss(
+            h,
+            table,
+            bias,
+            _teacher_hidden(teacher, teacher_params, batch),
+            t_table,
+            t_bias,
+            batch["targets"],
+            batch["where"],
+            temperature=distill_cfg.temperature,
+            alpha=distill_cfg.alpha,
+            chunk_size=chunk_size,
+        )
+
+    return loss_fn
+
+
+def _vocab_parallel_loss_fn(model, task, teacher, distill_cfg):
+    def loss_fn(params, teacher_params, batch, dropout_rng):
+        h = hidden_at_targets(
+            model,
+            params,
+            batch["inputs"],
+            batch["target_index"],
+            train=True,
+            rngs={"dropout": dropout_rng},
+        )
+        logits = vocab_parallel.vocab_parallel_logits(h, *_table(params))
+        if task == "train":
+            return vocab_parallel.vocab_parallel_cross_entropy(
+                logits, batch["targets"], where=batch["where"]
+            )
+        t_logits = jax.lax.stop_gradient(
+            vocab_parallel.vocab_parallel_logits(
+                _teacher_hidden(teacher, teacher_params, batch), *_table(teacher_params)
+            )
+        )
+        return vocab_parallel.vocab_parallel_distill_loss(
+            logits,
+            t_logits,
+            batch["targets"],
+            temperature=distill_cfg.temperature,
+            alpha=distill_cfg.alpha,
+            where=batch["where"],
+        )
+
+    return loss_fn
+
+
 def make_train_step(
     model: nn.Module,
     *,
@@ -81,6 +184,7 @@ def make_train_step(
     teacher: nn.Module | None = None,
     teacher_shardings: Any = None,
     distill_cfg: ml_collections.ConfigDict | None = None,
+    loss_cfg: ml_collections.ConfigDict | None = None,
 ):
     """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
 
@@ -88,7 +192,7 @@ def make_train_step(
     their own sharding and receive no gradient. `teacher_params` is ignored
     (pass None) for task='train'.
     """
-    loss_fn = make_loss_fn(model, task, teacher, distill_cfg)
+    loss_fn = make_loss_fn(model, task, teacher, distill_cfg, loss_cfg)
 
     def step(state, teacher_params, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
