@@ -16,7 +16,9 @@ sets them, so the scratch baseline is not out-searched.
 
 The teacher is trained once: `--teacher_workdir` is a workdir whose `teacher`
 stage finished (e.g. a main-job run); each trial links to it. Trials live in
-WORKDIR/STAGE/POINT and are resumable (finished trials are read back).
+WORKDIR/STAGE/POINT and are resumable (finished trials are read back); points
+run in grid order, each for every stage, so a search cut short still compares
+the students on the same points.
 """
 
 import argparse
@@ -77,8 +79,11 @@ def main() -> None:
         for values in itertools.product(*[v for _, v in grid])
     ]
     rows = []
-    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        for point in points:
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    # Points outer, stages inner: a search cut short still compares the
+    # students on the same points.
+    for point in points:
+        for stage in stages:
             config = load_config(
                 args.config, args.override + [f"{k}={v}" for k, v in point.items()]
             )
