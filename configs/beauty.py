@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             learning_rate=1e-3,
             weight_decay=0.0,
             batch_size=256,
-            num_steps=6000,
+            num_steps=3000,
             warmup_steps=200,
         )
     config.eval.every_steps = 500
