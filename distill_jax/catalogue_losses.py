@@ -322,7 +322,14 @@ def _run(
     num_rows = tab_s.shape[0]
     valid = _prepare_where(where, positions).reshape(-1)
     dtype = functools.reduce(jnp.promote_types, [h_s.dtype, tab_s.dtype, jnp.float32])
-    padded_rows = -(-num_rows // chunk_size) * chunk_size
+    # chunk_size is an upper bound: the rows are split into as many chunks as
+    # it needs, of equal size (rounded up to 8), so that the padding stays
+    # small (10,001 rows with chunk_size 8192: 2 chunks of 5,008, not 16,384
+    # rows, which made the scan 2.4x slower than the plain loss).
+    num_chunks = -(-num_rows // chunk_size)
+    balanced = -(-num_rows // num_chunks)
+    chunk_size = min(chunk_size, -(-balanced // 8) * 8)
+    padded_rows = num_chunks * chunk_size
 
     def prepare(h, table, bias):
         # Zero masked positions' hidden states (O(N·D)) so garbage there, even
