@@ -9,6 +9,7 @@ import zlib
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -138,7 +139,14 @@ def train_stage(
     }
     # A grain iterator over the step-indexed batches: batches are prepared on
     # a background thread while the step runs; its position is checkpointed.
-    data_iter = iter(loader.iter_dataset(batches, mcfg.num_steps))
+    # Each process keeps only its own rows (and their packed target slots):
+    # grain shards every global batch by jax process, and the local arrays
+    # become global ones without another copy of the rest.
+    data_iter = iter(
+        loader.iter_dataset(
+            batches, mcfg.num_steps, shard_options=grain.sharding.ShardByJaxProcess()
+        )
+    )
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore_state(state, shardings, data_iter)
         log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
@@ -162,7 +170,7 @@ def train_stage(
         ckpt.save_state(step, state, meta, data_iter)
 
     while step < num_steps and not meta["finished"]:
-        batch = sharding_lib.put_batch(next(data_iter), mesh)
+        batch = sharding_lib.put_local_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, teacher_params, batch, step_rng)
         step += 1
         window_steps += 1

@@ -88,3 +88,19 @@ def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str
         local = value[pid * rows : (pid + 1) * rows]
         out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
     return out
+
+
+def put_local_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Places THIS process's block of a batch on the mesh (see `loader.ShardRows`).
+
+    Every process passes its own contiguous block (process i holds block i),
+    so the global arrays have `process_count` times the local rows.
+    """
+    sharding = batch_sharding(mesh)
+    procs = jax.process_count()
+    return {
+        key: jax.make_array_from_process_local_data(
+            sharding, value, (value.shape[0] * procs,) + value.shape[1:]
+        )
+        for key, value in batch.items()
+    }
