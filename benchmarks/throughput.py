@@ -34,6 +34,7 @@ weight gradient.) Prints JSON lines, then a markdown table.
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -83,6 +84,15 @@ def _time_steps(fn, carry, batches, repeats):
             carry = fn(carry, b)
     jax.block_until_ready(carry)
     return (time.perf_counter() - t0) / (repeats * len(batches)), carry
+
+
+def _allocator() -> str:
+    """What serves malloc: a preloaded tcmalloc/jemalloc, or the C library's."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc"):
+        if name in preload:
+            return f"{name} (LD_PRELOAD)"
+    return "system malloc"
 
 
 def main() -> None:
@@ -206,13 +216,16 @@ def main() -> None:
     ratio = results["distill"][0] / (results["teacher_forward"][0] + results["student_train"][0])
     for r in rows:
         print(json.dumps(r))
-    print(json.dumps({"matmul_gflops": rate, "distill_over_parts": ratio}))
+    print(
+        json.dumps({"matmul_gflops": rate, "distill_over_parts": ratio, "allocator": _allocator()})
+    )
     t, s = cfg.teacher, cfg.student
     print(
         f"\n{data.info['name']}; teacher d={t.embed_dim} blocks={t.num_blocks} mlp={t.mlp_dim}, "
         f"student d={s.embed_dim} blocks={s.num_blocks} mlp={s.mlp_dim}; B={s.batch_size}, "
         f"{len(host)} batches x {args.repeats} (mean valid targets per batch {valid:.0f}); "
-        f"backend {jax.default_backend()}, {jax.device_count()} device(s)\n"
+        f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
+        f"allocator {_allocator()}\n"
     )
     print("| step | ms/step | valid positions/s | GFLOP/s | share of matmul rate |")
     print("|---|---:|---:|---:|---:|")
