@@ -25,7 +25,8 @@ target slots (filler slots included, they are computed):
     train step       = 3 * (encoder forward + logits forward)
     teacher forward  = encoder forward + logits forward        (teacher shapes)
     distill step     = teacher forward + student train step
-    evaluate         = users * (nb * (8*S*D^2 + 4*S*D*M + 4*S^2*D) + 2*D*(V+1))
+    evaluate         = sum over eval batches [B, S] of
+                       encoder forward + 2 * B * D * (V + 1)   (one scored position per row)
 
 (backward = 2 x forward: one product for the input gradient, one for the
 weight gradient.) Prints JSON lines, then a markdown table.
@@ -202,8 +203,13 @@ def main() -> None:
         t0 = time.perf_counter()
         ev.evaluate(scorer, "test")
         seconds = time.perf_counter() - t0
-        users = len(split.test_targets)
-        flops = users * scorer.flops_per_sequence
+        # FLOPs of the batches evaluate() actually scores: each is trimmed to its
+        # own history length (padding rows included, they are computed).
+        eval_batches, users = ev.batches(scorer, "test")
+        flops = 0.0
+        for b in eval_batches:
+            B, S = b["inputs"].shape
+            flops += encoder_flops(teacher, B, S) + logits_flops(teacher, B)
         rows.append(
             {
                 "name": "evaluate (teacher, test split)",

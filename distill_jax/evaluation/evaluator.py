@@ -117,7 +117,8 @@ class Evaluator:
             self._valid_users = np.sort(rng.choice(n_valid_all, n_valid, replace=False))
         self._compiled: dict[int, Callable] = {}
 
-    def _batches(self, scorer: Scorer, split: str):
+    def batches(self, scorer: Scorer, split: str):
+        """The (host) batches `evaluate` scores for `split`, and the number of users."""
         histories, targets = self.split.eval_examples(split)
         users = self._valid_users if split == "valid" else None
         n_users = int(len(targets) if users is None else len(users))
@@ -165,7 +166,7 @@ class Evaluator:
           `gini@K` for each K of `config.eval.ks`, and `users`, `tail_users`.
         """
         fn = self._batch_fn(scorer)
-        batches, n_users = self._batches(scorer, split)
+        batches, n_users = self.batches(scorer, split)
         total, exposure = None, np.zeros((len(self.ks), self.split.num_items + 1), np.int64)
         with jax.set_mesh(self.mesh):
             for batch in batches:
@@ -226,7 +227,7 @@ class Evaluator:
             ),
             out_shardings=sharding_lib.replicated(self.mesh),
         )
-        batches, _ = self._batches(teacher, split)
+        batches, _ = self.batches(teacher, split)
         total = None
         with jax.set_mesh(self.mesh):
             for batch in batches:
