@@ -46,7 +46,7 @@ def main(argv):
     if jax.default_backend() == "cpu" and "tcmalloc" not in os.environ.get("LD_PRELOAD", ""):
         ours.info(
             "CPU backend with the system allocator: preloading tcmalloc "
-            "(LD_PRELOAD=.../libtcmalloc_minimal.so.4) makes train steps 1.4-1.9x faster "
+            "(LD_PRELOAD=.../libtcmalloc_minimal.so.4) makes train steps 1.4-1.8x faster "
             "here; see README.md, 'Speed on CPU'."
         )
     pipeline.run(_CONFIG.value, _WORKDIR.value)
