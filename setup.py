@@ -24,7 +24,7 @@ setup(
         "pyarrow>=15",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
         "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],

@@ -74,22 +74,41 @@ def _run_steps(config, split, mesh, task, n_steps=2, num_shards=8, loss_cfg=None
     return losses, jax.device_get(state.params), state
 
 
+def _distill_config():
+    config = _config()
+    config.distill.update(temperature=2.0, alpha=0.3)
+    return config
+
+
+@pytest.fixture(scope="module")
+def reference(split):
+    """`reference(task)`: (losses, params) of the plain loss on one device, computed
+    once per task for all the sharded and loss-impl tests that compare against it."""
+    cache = {}
+
+    def get(task):
+        if task not in cache:
+            config = _distill_config()
+            single = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+            cache[task] = _run_steps(config, split, single, task)[:2]
+        return cache[task]
+
+    return get
+
+
 @pytest.mark.parametrize("task", ["train", "distill"])
 @pytest.mark.parametrize(
     "mesh_shape,vocab_axis", [((8, 1), None), ((2, 4), "model"), ((4, 2), "model")]
 )
-def test_sharded_step_matches_single_device(split, task, mesh_shape, vocab_axis):
+def test_sharded_step_matches_single_device(split, reference, task, mesh_shape, vocab_axis):
     assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
-    config = _config()
-    config.distill.alpha = 0.5
-    config.distill.temperature = 2.0
+    config = _distill_config()
     config.sharding.rules = tuple(
         (name, vocab_axis if name == "vocab" else axis) for name, axis in config.sharding.rules
     )
-    single = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
     config.mesh.data, config.mesh.model = mesh_shape
     multi = sharding_lib.make_mesh(config.mesh)
-    loss1, params1, _ = _run_steps(config, split, single, task)
+    loss1, params1 = reference(task)
     loss8, params8, state8 = _run_steps(config, split, multi, task)
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5, atol=1e-6)
     jax.tree.map(
@@ -107,13 +126,13 @@ def test_sharded_step_matches_single_device(split, task, mesh_shape, vocab_axis)
 @pytest.mark.parametrize(
     "impl,mesh_shape", [("chunked", (1, 1)), ("vocab_parallel", (2, 4)), ("vocab_parallel", (4, 2))]
 )
-def test_loss_impls_match_the_plain_single_device_step(split, task, impl, mesh_shape):
-    config = _config()
-    config.distill.update(temperature=2.0, alpha=0.3)
+def test_loss_impls_match_the_plain_single_device_step(
+    split, reference, task, impl, mesh_shape
+):
+    config = _distill_config()
     config.sharding.rules = tuple(
         (name, "model" if name == "vocab" else axis) for name, axis in config.sharding.rules
     )
-    single = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
     config.mesh.data, config.mesh.model = mesh_shape
     mesh = sharding_lib.make_mesh(
         config.mesh, devices=jax.devices()[: mesh_shape[0] * mesh_shape[1]]
@@ -121,7 +140,7 @@ def test_loss_impls_match_the_plain_single_device_step(split, task, impl, mesh_s
     loss_cfg = config.loss.copy_and_resolve_references()
     loss_cfg.impl = impl
     loss_cfg.chunk_size = 24  # 64 catalogue columns: chunks of 24, 24 and a padded 16
-    want_loss, want_params, _ = _run_steps(config, split, single, task)
+    want_loss, want_params = reference(task)
     got_loss, got_params, _ = _run_steps(config, split, mesh, task, loss_cfg=loss_cfg)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     jax.tree.map(
