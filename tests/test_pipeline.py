@@ -30,9 +30,7 @@ def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
         # device compiles each train step about 1.4x faster than 8 virtual ones.
         env=dict(
             os.environ,
-            XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-                "device_count=8", "device_count=1"
-            ),
+            XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=1"),
         ),
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )

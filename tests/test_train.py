@@ -126,9 +126,7 @@ def test_sharded_step_matches_single_device(split, reference, task, mesh_shape, 
 @pytest.mark.parametrize(
     "impl,mesh_shape", [("chunked", (1, 1)), ("vocab_parallel", (2, 4)), ("vocab_parallel", (4, 2))]
 )
-def test_loss_impls_match_the_plain_single_device_step(
-    split, reference, task, impl, mesh_shape
-):
+def test_loss_impls_match_the_plain_single_device_step(split, reference, task, impl, mesh_shape):
     config = _distill_config()
     config.sharding.rules = tuple(
         (name, "model" if name == "vocab" else axis) for name, axis in config.sharding.rules
