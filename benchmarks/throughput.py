@@ -130,6 +130,7 @@ def main() -> None:
         mask_prob=m.mask_prob,
         seed=cfg.seed,
         length_buckets=cfg.data.length_buckets,
+        fixed_shapes=cfg.data.fixed_shapes,
         num_shards=mesh.shape["data"],
     )
     host = [tb.batch(i) for i in range(min(args.batches, tb.steps_per_epoch))]

@@ -20,6 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the synthetic config with the comma-separated variants of `arg`."""
     variants = base.parse_variants("configs/synthetic.py", arg, VARIANTS)
     config = base.get_base_config()
+    # 600 steps of 30-item windows: compiling one train step per batch shape
+    # (11 shapes per stage with buckets) would cost more than the training.
+    config.data.fixed_shapes = True
     for m in (config.teacher, config.student):
         m.max_len = 30
         m.num_steps = 600

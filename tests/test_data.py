@@ -192,3 +192,48 @@ def test_eval_batches_keep_the_whole_history():
         )
     )
     np.testing.assert_array_equal(masked["inputs"][1], [37, 38, 39, 40, 51])
+
+
+def _triples(batch):
+    """The (row, position from the right end, target) of every valid slot."""
+    S = batch["inputs"].shape[1]
+    row, pos = np.divmod(batch["target_index"][batch["where"]], S)
+    tgt = batch["targets"][batch["where"]]
+    inp = batch["inputs"][row, pos]
+    return sorted(zip(row.tolist(), (S - pos).tolist(), tgt.tolist(), inp.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fixed_shapes_give_one_shape_and_the_same_targets(data, causal):
+    split = preprocess.leave_one_out(data)
+    args = dict(
+        num_items=data.num_items,
+        max_len=12,
+        batch_size=16,
+        causal=causal,
+        mask_prob=0.3,
+        seed=0,
+        num_shards=2,
+    )
+    bucketed = pipeline.TrainBatches(split.train, **args)
+    fixed = pipeline.TrainBatches(split.train, fixed_shapes=True, **args)
+    shapes = set()
+    for step in range(bucketed.steps_per_epoch):
+        a, b = bucketed.batch(step), fixed.batch(step)
+        shapes.add(tuple(v.shape for v in b.values()))
+        chex.assert_shape(b["inputs"], (16, 12))
+        chex.assert_shape([b["target_index"], b["targets"], b["where"]], [(16 * 12,)] * 3)
+        # Same rows, same targets at the same distance from the right end.
+        assert _triples(a) == _triples(b)
+        # Each shard's slots point into its own rows.
+        rows = b["target_index"].reshape(2, -1) // 12
+        assert rows[0].max() < 8 <= rows[1].min()
+    assert len(shapes) == 1
+    assert len({bucketed.batch(s)["target_index"].shape for s in range(10)}) > 1
+
+
+def test_pack_positions_refuses_a_size_too_small():
+    where = np.ones((2, 3), bool)
+    pos = np.tile(np.arange(3), (2, 1))
+    with pytest.raises(ValueError, match="size=4 slots cannot hold a shard's 6 targets"):
+        pipeline.pack_positions(pos, pos, where, width=3, num_shards=1, size=4)

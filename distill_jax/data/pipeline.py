@@ -53,6 +53,7 @@ def pack_positions(
     where: np.ndarray,
     width: int,
     num_shards: int = 1,
+    size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Packs the valid `[B, K]` target slots into flat `[N]` arrays.
 
@@ -63,6 +64,8 @@ def pack_positions(
       width: the input width S; `target_index = row * S + position`.
       num_shards: rows are split into this many contiguous blocks (the data
         shards); each block's targets fill its own contiguous block of N.
+      size: slots per shard; None rounds the most targets of any shard up to
+        a bucket (`_pack_bucket`).
 
     Returns:
       `target_index [N]`, `targets [N]`, `where [N]` with N a multiple of
@@ -77,7 +80,10 @@ def pack_positions(
         r, c = np.nonzero(where[s * rows_per : (s + 1) * rows_per])
         r = r + s * rows_per
         blocks.append((r * width + target_pos[r, c], targets[r, c], s * rows_per * width))
-    n = _pack_bucket(max(len(b[0]) for b in blocks), MIN_POSITIONS)
+    most = max(len(b[0]) for b in blocks)
+    n = _pack_bucket(most, MIN_POSITIONS) if size is None else size
+    if n < most:
+        raise ValueError(f"pack_positions: size={size} slots cannot hold a shard's {most} targets.")
     index = np.zeros((num_shards, n), np.int32)
     tgt = np.zeros((num_shards, n), np.int32)
     valid = np.zeros((num_shards, n), bool)
@@ -120,6 +126,10 @@ class TrainBatches:
       mask_prob: masked-item models: share of the window's items masked.
       seed: fixes the epoch order and the masks.
       length_buckets: group windows of similar length into a batch.
+      fixed_shapes: every batch has the same shapes (full `[B, L]` inputs and
+        `B * L / num_shards` target slots per shard), so the train step
+        compiles once. For short runs, where each extra batch shape costs a
+        compilation (seconds on a CPU) that the padding never costs back.
       num_shards: pack target slots per block of `batch_size / num_shards`
         rows (the mesh's data axis), so each data shard's slots are its own.
     """
@@ -133,6 +143,7 @@ class TrainBatches:
     seed: int
     length_buckets: bool = True
     num_shards: int = 1
+    fixed_shapes: bool = False
 
     def __post_init__(self):
         if self.num_shards < 1 or self.batch_size % self.num_shards:
@@ -184,7 +195,11 @@ class TrainBatches:
         B, L = self.batch_size, self.max_len
         inputs = np.zeros((B, L), np.int32)
         if self.causal:
-            k = _bucket(int(self._lengths[rows].max()) - 1, MIN_POSITIONS, L)
+            k = (
+                L
+                if self.fixed_shapes
+                else _bucket(int(self._lengths[rows].max()) - 1, MIN_POSITIONS, L)
+            )
             targets = np.zeros((B, k), np.int32)
             where = np.zeros((B, k), bool)
             for b, r in enumerate(rows):
@@ -204,7 +219,7 @@ class TrainBatches:
                 if pick.size == 0:
                     pick = np.array([rng.integers(len(w))])
                 masked.append(L - len(w) + pick)
-            k = _bucket(max(len(m) for m in masked), MIN_POSITIONS, L)
+            k = L if self.fixed_shapes else _bucket(max(len(m) for m in masked), MIN_POSITIONS, L)
             targets = np.zeros((B, k), np.int32)
             where = np.zeros((B, k), bool)
             target_pos = np.zeros((B, k), np.int32)
@@ -217,11 +232,12 @@ class TrainBatches:
         # right end and padding is masked, so outputs are unchanged, and a batch
         # of short sequences no longer pays the transformer for L columns.
         longest = int(self._lengths[rows].max()) - (1 if self.causal else 0)
-        span = _bucket(longest, MIN_POSITIONS, L)
+        span = L if self.fixed_shapes else _bucket(longest, MIN_POSITIONS, L)
         inputs = inputs[:, L - span :]
         # (Masked rows pad target_pos with 0; keep those at 0, not negative.)
         target_pos = np.maximum(target_pos - (L - span), 0).astype(np.int32)
-        packed = pack_positions(target_pos, targets, where, span, self.num_shards)
+        size = B // self.num_shards * L if self.fixed_shapes else None
+        packed = pack_positions(target_pos, targets, where, span, self.num_shards, size)
         return {"inputs": inputs, **packed}
 
 

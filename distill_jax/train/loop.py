@@ -109,6 +109,7 @@ def train_stage(
         mask_prob=mcfg.mask_prob,
         seed=config.seed,
         length_buckets=config.data.length_buckets,
+        fixed_shapes=config.data.fixed_shapes,
         num_shards=mesh.shape["data"],
     )
     rng = jax.random.key(config.seed)
