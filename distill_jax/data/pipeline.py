@@ -188,6 +188,10 @@ class TrainBatches:
             self._plan_epoch = epoch
         return self._plan
 
+    def _width(self, n: int) -> int:
+        """Columns for n positions: a power-of-two bucket, or L with fixed shapes."""
+        return self.max_len if self.fixed_shapes else _bucket(n, MIN_POSITIONS, self.max_len)
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The global batch of training step `step` (0-based)."""
         epoch, index = divmod(step, self.steps_per_epoch)
@@ -195,11 +199,7 @@ class TrainBatches:
         B, L = self.batch_size, self.max_len
         inputs = np.zeros((B, L), np.int32)
         if self.causal:
-            k = (
-                L
-                if self.fixed_shapes
-                else _bucket(int(self._lengths[rows].max()) - 1, MIN_POSITIONS, L)
-            )
+            k = self._width(int(self._lengths[rows].max()) - 1)
             targets = np.zeros((B, k), np.int32)
             where = np.zeros((B, k), bool)
             for b, r in enumerate(rows):
@@ -219,7 +219,7 @@ class TrainBatches:
                 if pick.size == 0:
                     pick = np.array([rng.integers(len(w))])
                 masked.append(L - len(w) + pick)
-            k = L if self.fixed_shapes else _bucket(max(len(m) for m in masked), MIN_POSITIONS, L)
+            k = self._width(max(len(m) for m in masked))
             targets = np.zeros((B, k), np.int32)
             where = np.zeros((B, k), bool)
             target_pos = np.zeros((B, k), np.int32)
@@ -232,7 +232,7 @@ class TrainBatches:
         # right end and padding is masked, so outputs are unchanged, and a batch
         # of short sequences no longer pays the transformer for L columns.
         longest = int(self._lengths[rows].max()) - (1 if self.causal else 0)
-        span = L if self.fixed_shapes else _bucket(longest, MIN_POSITIONS, L)
+        span = self._width(longest)
         inputs = inputs[:, L - span :]
         # (Masked rows pad target_pos with 0; keep those at 0, not negative.)
         target_pos = np.maximum(target_pos - (L - span), 0).astype(np.int32)
