@@ -111,6 +111,8 @@ def test_agreement_and_latency(setup):
     assert diff["top10_overlap"] < 1.0 and diff["kl"] > 1e-3
     lat = evaluator.latency(a, 4, repeats=3)
     assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+    samples = evaluator.latency_samples(a, 4, repeats=5)
+    assert len(samples) == 5 and min(samples) > 0
     assert a.flops_per_sequence == pytest.approx(ev.model_flops_per_sequence(model))
 
 

@@ -246,6 +246,16 @@ class Evaluator:
         Runs on one device (serving does not shard a batch of 1), after a
         warm-up call; reports the median and the 99th percentile.
         """
+        times = self.latency_samples(scorer, batch_size, repeats, k)
+        return {
+            "p50_ms": float(np.percentile(times, 50)),
+            "p99_ms": float(np.percentile(times, 99)),
+        }
+
+    def latency_samples(
+        self, scorer: Scorer, batch_size: int, repeats: int, k: int = 10
+    ) -> list[float]:
+        """The `repeats` timings (ms) behind :meth:`latency`, after one warm-up call."""
         histories, _ = self.split.eval_examples("test")
         rows = np.resize(np.arange(len(histories)), batch_size)
         inputs = next(
@@ -269,7 +279,4 @@ class Evaluator:
             t0 = time.perf_counter()
             jax.block_until_ready(recommend(params, inputs))
             times.append((time.perf_counter() - t0) * 1e3)
-        return {
-            "p50_ms": float(np.percentile(times, 50)),
-            "p99_ms": float(np.percentile(times, 99)),
-        }
+        return times
