@@ -93,3 +93,29 @@ def test_invalid_override_fails_at_start_up(tmp_path):
     assert out.returncode != 0
     assert "config.distill.temperature" in out.stderr
     assert not (tmp_path / "teacher").exists()
+
+
+@pytest.mark.parametrize(
+    "module,num_items",
+    [("beauty", 12101), ("ml100k", 1682), ("synthetic", 1000)],
+)
+@pytest.mark.parametrize("variant", [None, "bert4rec"])
+def test_dataset_configs_student_is_at_most_an_eighth_of_the_teacher(module, num_items, variant):
+    """The dataset configs' students keep <= 1/8 of their teacher's parameters.
+
+    `num_items` is each dataset's catalogue after our cleaning (the figures
+    the main job logs), so the count is the one the report shows.
+    """
+    import importlib
+
+    from distill_jax import models
+    from distill_jax.train import state as state_lib
+
+    config = importlib.import_module(f"configs.{module}").get_config(variant)
+    counts = {}
+    for key in ("teacher", "student"):
+        model = models.build_model(
+            config[key], num_items=num_items, max_len=config[key].max_len, key_prefix=key
+        )
+        counts[key] = models.count_params(state_lib.abstract_params(model))
+    assert counts["student"] * 8 <= counts["teacher"], counts
