@@ -14,7 +14,7 @@ Times, after a warm-up pass that compiles every batch shape, over the same
 * `evaluate`: full-ranking evaluation of the teacher on the test split.
 
 Each line gives ms per step, valid target positions per second, achieved
-GFLOP/s and its share of the float32 matmul rate of a `--matmul_size`^3
+GFLOP/s and its share of the matmul rate of a `--matmul_size`^3
 product timed in the same run. FLOPs are counted from the shapes (matmuls
 only; LayerNorm, softmax and the optimiser are not counted). For a model of
 width D, MLP width M, `nb` blocks, and a batch of B rows of S inputs with N
@@ -61,10 +61,10 @@ def logits_flops(model, slots: int) -> float:
     return float(2 * slots * model.embed_dim * (model.num_items + 1))
 
 
-def matmul_rate(n: int, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n x n float32 matmul through jax (after warm-up)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_rate(n: int, repeats: int = 5, dtype: str = "float32") -> float:
+    """GFLOP/s of an n x n x n `dtype` matmul through jax (after warm-up)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     t0 = time.perf_counter()
@@ -105,6 +105,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=24, help="distinct training batches timed")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--matmul_size", type=int, default=4096)
+    p.add_argument(
+        "--matmul_dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of the reference matmul: bfloat16 for a bf16-compute run on GPU/TPU",
+    )
     p.add_argument("--skip_eval", action="store_true")
     args = p.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
@@ -164,7 +170,7 @@ def main() -> None:
         with jax.set_mesh(mesh):
             return fwd(t_params, b)
 
-    rate = matmul_rate(args.matmul_size)
+    rate = matmul_rate(args.matmul_size, dtype=args.matmul_dtype)
     results = {}
     # Students first: the teacher's train step donates (consumes) t_state.
     results["student_train"] = (
@@ -224,7 +230,14 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r))
     print(
-        json.dumps({"matmul_gflops": rate, "distill_over_parts": ratio, "allocator": _allocator()})
+        json.dumps(
+            {
+                "matmul_gflops": rate,
+                "matmul_dtype": args.matmul_dtype,
+                "distill_over_parts": ratio,
+                "allocator": _allocator(),
+            }
+        )
     )
     t, s = cfg.teacher, cfg.student
     print(
@@ -242,7 +255,7 @@ def main() -> None:
             f"{r['gflops']:.1f} | {r['share_of_matmul']:.0%} |"
         )
     print(
-        f"\nfloat32 matmul {args.matmul_size}^3: {rate:.1f} GFLOP/s; distill step / "
+        f"\n{args.matmul_dtype} matmul {args.matmul_size}^3: {rate:.1f} GFLOP/s; distill step / "
         f"(teacher forward + student train step) = {ratio:.2f}"
     )
     print("(evaluate row: ms for the whole split; positions/s = users/s.)")
