@@ -37,7 +37,7 @@ def _stage_dirs(workdir: str, extra: list[str]) -> dict[str, str]:
     dirs = {s: os.path.join(workdir, s) for s in STAGES}
     for item in extra:
         name, sep, path = item.partition("=")
-        if not sep or name not in pipeline.STAGES or name == "popularity":
+        if not sep or name not in STAGES:
             raise ValueError(f"--stage={item!r}: expected NAME=DIR with NAME one of {list(STAGES)}")
         dirs[name] = path
     return {s: d for s, d in dirs.items() if os.path.exists(os.path.join(d, "result.json"))}
