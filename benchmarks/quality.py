@@ -7,7 +7,9 @@
 
 Each seed runs in WORKDIR/seed_N (resumable: finished stages are skipped), then
 one JSON line per model and a markdown table of params, HR@10, NDCG@10,
-coverage@10, tail NDCG@10 and top-10 latency (batch 256) on the test split.
+coverage@10, tail NDCG@10 and top-10 latency (batch 256) on the test split,
+then the ratios the distillation result is judged by (student_kd against the
+teacher and against student_scratch), seed by seed and mean ± std.
 """
 
 import argparse
@@ -22,6 +24,42 @@ import numpy as np
 from distill_jax import pipeline
 
 COLUMNS = ("hr@10", "ndcg@10", "coverage@10", "tail_ndcg@10")
+# (numerator, denominator, quantity): the comparisons the distillation result
+# is judged by, computed seed by seed and then averaged.
+RATIOS = (
+    ("student_kd", "teacher", "ndcg@10"),
+    ("student_kd", "student_scratch", "ndcg@10"),
+    ("student_kd", "teacher", "latency_b256"),
+)
+
+
+def _quantity(model_report: dict, quantity: str) -> float:
+    if quantity == "latency_b256":
+        return model_report["cost"]["latency_top10"]["batch_256"]["p50_ms"]
+    return model_report["metrics"]["test"][quantity]
+
+
+def ratios(reports: list[dict]) -> list[dict]:
+    """Per-seed ratios of RATIOS over the reports that hold both models."""
+    out = []
+    for num, den, quantity in RATIOS:
+        values = [
+            _quantity(r["models"][num], quantity) / _quantity(r["models"][den], quantity)
+            for r in reports
+            if num in r["models"] and den in r["models"]
+        ]
+        if values:
+            v = np.array(values)
+            std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+            out.append(
+                {
+                    "ratio": f"{num} / {den} {quantity}",
+                    "per_seed": [float(x) for x in v],
+                    "mean": float(v.mean()),
+                    "std": std,
+                }
+            )
+    return out
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -95,6 +133,11 @@ def main() -> None:
             + f" | {lat['mean']:.2f} ± {lat['std']:.2f} | "
             + f"{np.mean(row['train_seconds']):.0f} |"
         )
+    print()
+    for r in ratios(reports):
+        print(json.dumps(r))
+        seeds_text = ", ".join(f"{x:.3f}" for x in r["per_seed"])
+        print(f"- {r['ratio']}: {r['mean']:.3f} ± {r['std']:.3f} (per seed: {seeds_text})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""benchmarks/quality.py: the ratios the distillation result is judged by."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def quality():
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _model(ndcg: float, latency_ms: float) -> dict:
+    return {
+        "metrics": {"test": {"ndcg@10": ndcg}},
+        "cost": {"latency_top10": {"batch_256": {"p50_ms": latency_ms}}},
+    }
+
+
+def test_ratios_are_per_seed_then_averaged(quality):
+    reports = [
+        {
+            "models": {
+                "teacher": _model(0.050, 200.0),
+                "student_kd": _model(0.045, 30.0),
+                "student_scratch": _model(0.040, 31.0),
+            }
+        },
+        {
+            "models": {
+                "teacher": _model(0.060, 100.0),
+                "student_kd": _model(0.048, 30.0),
+                "student_scratch": _model(0.032, 29.0),
+            }
+        },
+    ]
+    out = {r["ratio"]: r for r in quality.ratios(reports)}
+    kd_teacher = np.array([0.045 / 0.050, 0.048 / 0.060])
+    kd_scratch = np.array([0.045 / 0.040, 0.048 / 0.032])
+    latency = np.array([30.0 / 200.0, 30.0 / 100.0])
+    for key, ref in [
+        ("student_kd / teacher ndcg@10", kd_teacher),
+        ("student_kd / student_scratch ndcg@10", kd_scratch),
+        ("student_kd / teacher latency_b256", latency),
+    ]:
+        np.testing.assert_allclose(out[key]["per_seed"], ref, rtol=1e-12)
+        np.testing.assert_allclose(out[key]["mean"], ref.mean(), rtol=1e-12)
+        np.testing.assert_allclose(out[key]["std"], ref.std(ddof=1), rtol=1e-12)
+
+
+def test_ratios_skip_models_a_run_did_not_train(quality):
+    reports = [{"models": {"teacher": _model(0.05, 1.0), "student_kd": _model(0.04, 1.0)}}]
+    names = [r["ratio"] for r in quality.ratios(reports)]
+    assert names == ["student_kd / teacher ndcg@10", "student_kd / teacher latency_b256"]
+    single = quality.ratios(reports)[0]
+    assert single["std"] == 0.0 and single["per_seed"] == pytest.approx([0.8])
