@@ -30,12 +30,25 @@ target slots (filler slots included, they are computed):
 
 (backward = 2 x forward: one product for the input gradient, one for the
 weight gradient.) Prints JSON lines, then a markdown table.
+
+`--profile=STEP` (student_train, distill or teacher_train) then runs that step
+once more over the same batches under `jax.profiler.trace` (trace files in
+`--profile_dir`) and prints where its time goes: the compiled program's ops
+(XLA fusions, matmuls) by total milliseconds per step, each with the jax
+operation it came from (the HLO `op_name`). The runtime may run independent
+ops at the same time, so the column can add up to more than the step's wall
+time; with several batch shapes an op's name is read from the first compiled
+program that has it.
 """
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -87,6 +100,62 @@ def _time_steps(fn, carry, batches, repeats):
     return (time.perf_counter() - t0) / (repeats * len(batches)), carry
 
 
+_HLO_OP = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
+
+
+def profile_step(step, args, carry, batches, mesh, profile_dir: str, top: int = 20) -> list[dict]:
+    """Traces one pass of `step(carry, batch)` over `batches`; its top ops per step.
+
+    `step` is a train step from `steps.make_train_step` (its `jitted` attribute
+    gives the compiled program, whose op names the trace uses) and `args(carry,
+    batch)` the arguments of that program.
+    """
+    names = {}
+    for b in {tuple(x.shape for x in jax.tree.leaves(b)): b for b in batches}.values():
+        with jax.set_mesh(mesh):
+            text = step.jitted.lower(*args(carry, b)).compile().as_text()
+        for line in text.splitlines():
+            m = _HLO_OP.match(line)
+            if m:
+                names.setdefault(m.group(1), m.group(2))
+    for b in batches:  # Warm-up, outside the trace.
+        carry = step(*args(carry, b))[0]
+    jax.block_until_ready(carry)
+    t0 = time.perf_counter()
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for b in batches:
+            carry = step(*args(carry, b))[0]
+        jax.block_until_ready(carry)
+    wall = (time.perf_counter() - t0) / len(batches)
+    files = sorted(
+        glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
+    if not files:
+        raise FileNotFoundError(f"--profile: no perfetto_trace.json.gz under {profile_dir}")
+    with gzip.open(files[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total = collections.Counter()
+    calls = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in names:
+            total[e["name"]] += e.get("dur", 0) / 1e3
+            calls[e["name"]] += 1
+    rows = [{"step_wall_ms": wall * 1e3, "trace": files[-1]}]
+    for name, ms in total.most_common(top):
+        rows.append(
+            {
+                "op": name,
+                "ms_per_step": ms / len(batches),
+                "calls_per_step": calls[name] / len(batches),
+                "share_of_wall": ms / len(batches) / (wall * 1e3),
+                "from": names[name],
+            }
+        )
+    return rows
+
+
 def _allocator() -> str:
     """What serves malloc: a preloaded tcmalloc/jemalloc, or the C library's."""
     preload = os.environ.get("LD_PRELOAD", "")
@@ -112,6 +181,12 @@ def main() -> None:
         help="dtype of the reference matmul: bfloat16 for a bf16-compute run on GPU/TPU",
     )
     p.add_argument("--skip_eval", action="store_true")
+    p.add_argument(
+        "--profile",
+        choices=("student_train", "distill", "teacher_train"),
+        help="trace this step once more and print its top ops",
+    )
+    p.add_argument("--profile_dir", default="/tmp/throughput_profile")
     args = p.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     cfg = load_config(args.config, args.override)
@@ -173,21 +248,33 @@ def main() -> None:
     rate = matmul_rate(args.matmul_size, dtype=args.matmul_dtype)
     results = {}
     # Students first: the teacher's train step donates (consumes) t_state.
-    results["student_train"] = (
-        _time_steps(lambda s, b: s_step(s, None, b, rng)[0], s_state, batches, args.repeats)[0],
-        train_flops(student),
+    seconds, s_state = _time_steps(
+        lambda s, b: s_step(s, None, b, rng)[0], s_state, batches, args.repeats
     )
+    results["student_train"] = (seconds, train_flops(student))
     results["teacher_forward"] = (
         _time_steps(run_fwd, None, batches, args.repeats)[0],
         t_fwd_flops,
     )
-    results["distill"] = (
-        _time_steps(lambda s, b: d_step(s, t_params, b, rng)[0], s_state2, batches, args.repeats)[
-            0
-        ],
-        t_fwd_flops + train_flops(student),
+    seconds, s_state2 = _time_steps(
+        lambda s, b: d_step(s, t_params, b, rng)[0], s_state2, batches, args.repeats
     )
+    results["distill"] = (seconds, t_fwd_flops + train_flops(student))
+    profiles = None
+    if args.profile == "student_train":
+        profiles = profile_step(
+            s_step, lambda s, b: (s, None, b, rng), s_state, batches, mesh, args.profile_dir
+        )
+    elif args.profile == "distill":
+        profiles = profile_step(
+            d_step, lambda s, b: (s, t_params, b, rng), s_state2, batches, mesh, args.profile_dir
+        )
     t_copy = jax.tree.map(jnp.copy, t_state)
+    if args.profile == "teacher_train":
+        t_copy2 = jax.tree.map(jnp.copy, t_state)
+        profiles = profile_step(
+            t_step, lambda s, b: (s, None, b, rng), t_copy2, batches, mesh, args.profile_dir
+        )
     results["teacher_train"] = (
         _time_steps(lambda s, b: t_step(s, None, b, rng)[0], t_copy, batches, args.repeats)[0],
         train_flops(teacher),
@@ -259,6 +346,21 @@ def main() -> None:
         f"(teacher forward + student train step) = {ratio:.2f}"
     )
     print("(evaluate row: ms for the whole split; positions/s = users/s.)")
+    if profiles:
+        head, *ops = profiles
+        for r in profiles:
+            print(json.dumps(r))
+        print(
+            f"\nProfile of {args.profile}: {head['step_wall_ms']:.1f} ms per step (wall); "
+            f"top ops by time per step (trace: {head['trace']})\n"
+        )
+        print("| op | ms/step | share of wall | calls/step | from |")
+        print("|---|---:|---:|---:|---|")
+        for r in ops:
+            print(
+                f"| {r['op']} | {r['ms_per_step']:.1f} | {r['share_of_wall']:.0%} | "
+                f"{r['calls_per_step']:g} | {r['from']} |"
+            )
 
 
 if __name__ == "__main__":

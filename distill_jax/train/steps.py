@@ -217,4 +217,5 @@ def make_train_step(
         with jax.set_mesh(mesh):
             return jitted(state, teacher_params, batch, rng)
 
+    run.jitted = jitted  # For lowering/inspection (benchmarks/throughput.py --profile).
     return run
