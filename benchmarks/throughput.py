@@ -33,12 +33,11 @@ weight gradient.) Prints JSON lines, then a markdown table.
 
 `--profile=STEP` (student_train, distill or teacher_train) then runs that step
 once more over the same batches under `jax.profiler.trace` (trace files in
-`--profile_dir`) and prints where its time goes: the compiled program's ops
-(XLA fusions, matmuls) by total milliseconds per step, each with the jax
-operation it came from (the HLO `op_name`). The runtime may run independent
+`--profile_dir`) and prints where its time goes: the compiled programs' ops
+(XLA fusions, matmuls), summed by the jax operation each came from (the HLO
+`op_name`), in milliseconds per step. The runtime may run independent
 ops at the same time, so the column can add up to more than the step's wall
-time; with several batch shapes an op's name is read from the first compiled
-program that has it.
+time.
 """
 
 import argparse
@@ -107,50 +106,71 @@ def profile_step(step, args, carry, batches, mesh, profile_dir: str, top: int = 
     """Traces one pass of `step(carry, batch)` over `batches`; its top ops per step.
 
     `step` is a train step from `steps.make_train_step` (its `jitted` attribute
-    gives the compiled program, whose op names the trace uses) and `args(carry,
-    batch)` the arguments of that program.
+    gives the compiled programs, whose op names the trace uses) and `args(carry,
+    batch)` the arguments of that program. Each batch shape has its own
+    program with its own op names, so the trace's ops are read step by step
+    (inside that step's execution window) against that step's program, and
+    summed by the jax operation they came from.
     """
+
+    def shape_key(b):
+        return tuple(x.shape for x in jax.tree.leaves(b))
+
     names = {}
-    for b in {tuple(x.shape for x in jax.tree.leaves(b)): b for b in batches}.values():
+    for b in batches:
+        key = shape_key(b)
+        if key in names:
+            continue
         with jax.set_mesh(mesh):
             text = step.jitted.lower(*args(carry, b)).compile().as_text()
-        for line in text.splitlines():
-            m = _HLO_OP.match(line)
-            if m:
-                names.setdefault(m.group(1), m.group(2))
+        names[key] = dict(m.groups() for m in map(_HLO_OP.match, text.splitlines()) if m)
     for b in batches:  # Warm-up, outside the trace.
         carry = step(*args(carry, b))[0]
     jax.block_until_ready(carry)
-    t0 = time.perf_counter()
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        t0 = time.perf_counter()
         for b in batches:
             carry = step(*args(carry, b))[0]
         jax.block_until_ready(carry)
-    wall = (time.perf_counter() - t0) / len(batches)
-    files = sorted(
-        glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-        key=os.path.getmtime,
-    )
+        wall = (time.perf_counter() - t0) / len(batches)
+    files = glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
         raise FileNotFoundError(f"--profile: no perfetto_trace.json.gz under {profile_dir}")
-    with gzip.open(files[-1]) as f:
+    trace_file = max(files, key=os.path.getmtime)
+    with gzip.open(trace_file) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = [e for e in events if e.get("ph") == "X"]
+    # One "wait for completion" window per step, in dispatch order.
+    windows = sorted(
+        (e["ts"], e["ts"] + e.get("dur", 0))
+        for e in events
+        if e["name"] == "ThunkExecutor::Execute (wait for completion)"
+    )
+    if len(windows) != len(batches):
+        raise RuntimeError(
+            f"--profile: found {len(windows)} step executions in {trace_file}, "
+            f"expected {len(batches)} (one per batch)"
+        )
     total = collections.Counter()
     calls = collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and e.get("name") in names:
-            total[e["name"]] += e.get("dur", 0) / 1e3
-            calls[e["name"]] += 1
-    rows = [{"step_wall_ms": wall * 1e3, "trace": files[-1]}]
-    for name, ms in total.most_common(top):
+        for i, (lo, hi) in enumerate(windows):
+            if lo <= e["ts"] <= hi:
+                source = names[shape_key(batches[i])].get(e["name"])
+                if source is not None:
+                    total[source] += e.get("dur", 0) / 1e3
+                    calls[source] += 1
+                break
+    executed = sum(hi - lo for lo, hi in windows) / 1e3 / len(batches)
+    rows = [{"step_wall_ms": wall * 1e3, "step_executing_ms": executed, "trace": trace_file}]
+    for source, ms in total.most_common(top):
         rows.append(
             {
-                "op": name,
+                "from": source,
                 "ms_per_step": ms / len(batches),
-                "calls_per_step": calls[name] / len(batches),
                 "share_of_wall": ms / len(batches) / (wall * 1e3),
-                "from": names[name],
+                "calls_per_step": calls[source] / len(batches),
             }
         )
     return rows
@@ -351,15 +371,16 @@ def main() -> None:
         for r in profiles:
             print(json.dumps(r))
         print(
-            f"\nProfile of {args.profile}: {head['step_wall_ms']:.1f} ms per step (wall); "
-            f"top ops by time per step (trace: {head['trace']})\n"
+            f"\nProfile of {args.profile}: {head['step_wall_ms']:.1f} ms per step (wall, "
+            f"traced), {head['step_executing_ms']:.1f} ms executing; top jax operations "
+            f"by time per step (trace: {head['trace']})\n"
         )
-        print("| op | ms/step | share of wall | calls/step | from |")
-        print("|---|---:|---:|---:|---|")
+        print("| jax operation | ms/step | share of wall | ops run/step |")
+        print("|---|---:|---:|---:|")
         for r in ops:
             print(
-                f"| {r['op']} | {r['ms_per_step']:.1f} | {r['share_of_wall']:.0%} | "
-                f"{r['calls_per_step']:g} | {r['from']} |"
+                f"| {r['from']} | {r['ms_per_step']:.1f} | {r['share_of_wall']:.0%} | "
+                f"{r['calls_per_step']:g} |"
             )
 
 
