@@ -37,7 +37,8 @@ once more over the same batches under `jax.profiler.trace` (trace files in
 (XLA fusions, matmuls), summed by the jax operation each came from (the HLO
 `op_name`), in milliseconds per step. The runtime may run independent
 ops at the same time, so the column can add up to more than the step's wall
-time.
+time. CPU backend only: the steps are found by the XLA CPU runtime's trace
+events; elsewhere the script stops with an error naming the trace file.
 """
 
 import argparse
@@ -150,7 +151,8 @@ def profile_step(step, args, carry, batches, mesh, profile_dir: str, top: int = 
     if len(windows) != len(batches):
         raise RuntimeError(
             f"--profile: found {len(windows)} step executions in {trace_file}, "
-            f"expected {len(batches)} (one per batch)"
+            f"expected {len(batches)} (one per batch); --profile reads the XLA CPU "
+            f"runtime's events, so it needs the CPU backend (got {jax.default_backend()})"
         )
     total = collections.Counter()
     calls = collections.Counter()
