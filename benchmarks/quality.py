@@ -109,7 +109,7 @@ def main() -> None:
         for c in COLUMNS:
             v = np.array([r["metrics"]["test"][c] for r in runs])
             row[c] = {"mean": float(v.mean()), "std": float(v.std(ddof=1) if len(v) > 1 else 0)}
-        lat = np.array([r["cost"]["latency_top10"]["batch_256"]["p50_ms"] for r in runs])
+        lat = np.array([_quantity(r, "latency_b256") for r in runs])
         row["latency_b256_ms"] = {
             "mean": float(lat.mean()),
             "std": float(lat.std(ddof=1) if len(lat) > 1 else 0),
