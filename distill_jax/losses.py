@@ -340,9 +340,7 @@ def _masked_total(values, valid):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_distill_total(
-    unit_temperature, ignore_column, s, t, labels, valid, temperature, alpha
-):
+def _fused_distill_total(unit_temperature, ignore_column, s, t, labels, valid, temperature, alpha):
     total, _ = _fused_distill_fwd(
         unit_temperature, ignore_column, s, t, labels, valid, temperature, alpha
     )
