@@ -60,3 +60,25 @@ def test_ratios_skip_models_a_run_did_not_train(quality):
     assert names == ["student_kd / teacher ndcg@10", "student_kd / teacher latency_b256"]
     single = quality.ratios(reports)[0]
     assert single["std"] == 0.0 and single["per_seed"] == pytest.approx([0.8])
+
+
+def test_distill_kernel_variants_agree_and_are_timed():
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "distill_kernel.py"
+    spec = importlib.util.spec_from_file_location("distill_kernel_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Args:
+        rows, items, d_teacher, d_student, row_block = 16, 33, 8, 4, 8
+        variants = ["select", "fused", "row_blocks"]
+        rounds, calls = 1, 1
+
+    # run() compiles every variant and checks its value and gradients
+    # against the first before timing any of them.
+    rows = module.run(Args)
+    assert [r["variant"] for r in rows] == Args.variants
+    assert rows[0]["ratio"] == 1.0
+    assert all(r["median_ms"] > 0 and r["matmul_gflops"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="must divide"):
+        Args.row_block = 5
+        module.run(Args)

@@ -1,0 +1,192 @@
+"""The catalogue part of a distill step, in variants timed side by side.
+
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
+      python benchmarks/distill_kernel.py --rows 1600 --items 12102 --rounds 8
+
+Times value-and-gradient of `T²·KL(teacher ‖ student)` (T=1, alpha=0, the
+Beauty settings) computed from hidden states: the teacher's `[N, D_t] x
+[D_t, V]` product, the student's `[N, D_s] x [D_s, V]` product, the fused loss
+and the student's two backward products. Defaults are the Beauty shapes
+(~1,600 valid target slots per batch of 256, V = 12,101 items + padding,
+D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
+
+* `select`: each product's column 0 set to -inf by a `jnp.where`, as
+  `Model.logits(mask_padding=True)` does (the trainer's way before
+  ignore_column);
+* `fused`: raw products, column 0 dropped inside the fused loss's own passes
+  (`losses.distill_loss(..., ignore_column=0)`, what the trainer uses);
+* `row_blocks`: a `lax.scan` over blocks of `--row_block` rows, each block's
+  logits, loss and gradients computed together so they could stay in cache
+  (a hand-fused alternative; not used by the trainer).
+
+Variants are compiled once, then run in interleaved rounds (`--rounds` x
+`--calls` calls each) in one process, so a slow spell of the machine hits
+them alike; the table gives each variant's median ms per call and its ratio
+to `select`, and the rate of its counted product FLOPs
+(2·N·V·(D_t + 3·D_s)) against a float32 matmul measured in the same run.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import losses
+
+
+def make_inputs(rows: int, items: int, d_teacher: int, d_student: int, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    return dict(
+        hs=jax.random.normal(keys[0], (rows, d_student)),
+        ws=0.1 * jax.random.normal(keys[1], (items, d_student)),
+        ht=jax.random.normal(keys[2], (rows, d_teacher)),
+        wt=0.1 * jax.random.normal(keys[3], (items, d_teacher)),
+        labels=jax.random.randint(keys[4], (rows,), 1, items),
+    )
+
+
+def make_variant(name: str, labels: jax.Array, row_block: int):
+    """jit(value_and_grad) of the mean KL w.r.t. the student's (hidden, table)."""
+    rows = labels.shape[0]
+    where = jnp.ones((rows,), bool)
+
+    def loss(hs, ws, ht, wt, mask_padding):
+        s, t = hs @ ws.T, jax.lax.stop_gradient(ht @ wt.T)
+        if mask_padding:
+            padding = jnp.arange(s.shape[-1]) == 0
+            s, t = jnp.where(padding, -jnp.inf, s), jnp.where(padding, -jnp.inf, t)
+        return losses.distill_loss(
+            s,
+            t,
+            labels,
+            temperature=1.0,
+            alpha=0.0,
+            where=where,
+            ignore_column=None if mask_padding else 0,
+        )
+
+    if name == "select":
+        return jax.jit(jax.value_and_grad(lambda *a: loss(*a, True), argnums=(0, 1)))
+    if name == "fused":
+        return jax.jit(jax.value_and_grad(lambda *a: loss(*a, False), argnums=(0, 1)))
+    if name != "row_blocks":
+        raise ValueError(f"unknown variant {name!r}")
+    if rows % row_block:
+        raise ValueError(f"--row_block={row_block} must divide --rows={rows}")
+
+    @jax.jit
+    def blocked(hs, ws, ht, wt):
+        items = ws.shape[0]
+        col = jax.lax.broadcasted_iota(jnp.int32, (row_block, items), 1)
+
+        def body(d_ws, block):
+            h, h_t = block
+            s = jnp.where(col == 0, -jnp.inf, h @ ws.T)
+            t = jnp.where(col == 0, -jnp.inf, h_t @ wt.T)
+            a, b = t - t.max(-1, keepdims=True), s - s.max(-1, keepdims=True)
+            e_a, e_b = jnp.exp(a), jnp.exp(b)
+            sum_a, sum_b = e_a.sum(-1, keepdims=True), e_b.sum(-1, keepdims=True)
+            cross = jnp.sum(jnp.where(e_a > 0, e_a * (a - b), 0), -1, keepdims=True)
+            kl = cross / sum_a - jnp.log(sum_a) + jnp.log(sum_b)
+            g = e_b / sum_b - e_a / sum_a  # d KL / d s, per row
+            return d_ws + g.T @ h, (kl.sum(), g @ ws)
+
+        blocks = (hs.reshape(-1, row_block, hs.shape[1]), ht.reshape(-1, row_block, ht.shape[1]))
+        d_ws, (kl, d_hs) = jax.lax.scan(body, jnp.zeros_like(ws), blocks)
+        return kl.sum() / rows, (d_hs.reshape(hs.shape) / rows, d_ws / rows)
+
+    return blocked
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(jnp.matmul)
+    f(a, a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a, a)
+    out.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def run(args) -> list[dict]:
+    x = make_inputs(args.rows, args.items, args.d_teacher, args.d_student)
+    operands = (x["hs"], x["ws"], x["ht"], x["wt"])
+    fns = {v: make_variant(v, x["labels"], args.row_block) for v in args.variants}
+    reference = None
+    for name, fn in fns.items():  # Compile, and check every variant agrees.
+        value, grads = jax.block_until_ready(fn(*operands))
+        if reference is None:
+            reference = (value, grads)
+        else:
+            np.testing.assert_allclose(value, reference[0], rtol=1e-4, err_msg=name)
+            for g, r in zip(grads, reference[1], strict=True):
+                np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-9, err_msg=name)
+    times = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                out = fn(*operands)
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - t0) / args.calls * 1e3)
+    rate = matmul_rate()
+    flops = 2 * args.rows * args.items * (args.d_teacher + 3 * args.d_student)
+    base = float(np.median(times[args.variants[0]]))
+    rows = []
+    for name, ms in times.items():
+        median = float(np.median(ms))
+        rows.append(
+            dict(
+                variant=name,
+                median_ms=median,
+                min_ms=float(np.min(ms)),
+                max_ms=float(np.max(ms)),
+                ratio=median / base,
+                product_gflops=flops / median / 1e6,
+                share_of_matmul=flops / median / 1e6 / rate,
+                matmul_gflops=rate,
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rows", type=int, default=1600, help="valid target slots N")
+    p.add_argument("--items", type=int, default=12102, help="catalogue columns V (with padding)")
+    p.add_argument("--d_teacher", type=int, default=128)
+    p.add_argument("--d_student", type=int, default=16)
+    p.add_argument("--row_block", type=int, default=64)
+    p.add_argument(
+        "--variants",
+        type=lambda s: s.split(","),
+        default=["select", "fused", "row_blocks"],
+        help="comma-separated; the first is the baseline of the ratios",
+    )
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--calls", type=int, default=5)
+    args = p.parse_args()
+    rows = run(args)
+    print(
+        f"N={args.rows} V={args.items} D_t={args.d_teacher} D_s={args.d_student}, "
+        f"{args.rounds} rounds x {args.calls} calls, backend {jax.default_backend()}; "
+        f"float32 matmul 2048^3: {rows[0]['matmul_gflops']:.1f} GFLOP/s\n"
+    )
+    print(
+        f"| variant | median ms | min–max ms | / {args.variants[0]} | GFLOP/s | share of matmul |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.0f}–{r['max_ms']:.0f} "
+            f"| {r['ratio']:.3f} | {r['product_gflops']:.1f} | {r['share_of_matmul']:.0%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
