@@ -10,11 +10,9 @@ and the student's two backward products. Defaults are the Beauty shapes
 (~1,600 valid target slots per batch of 256, V = 12,101 items + padding,
 D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
 
-* `select`: each product's column 0 set to -inf by a `jnp.where`, as
-  `Model.logits(mask_padding=True)` does (the trainer's way before
-  ignore_column);
-* `fused`: raw products, column 0 dropped inside the fused loss's own passes
-  (`losses.distill_loss(..., ignore_column=0)`, what the trainer uses);
+* `plain`: what the trainer does: each product's column 0 set to -inf by a
+  `jnp.where` (as `Model.logits` does), then `losses.distill_loss` (fused
+  closed-form backward) under autodiff;
 * `row_blocks`: a `lax.scan` over blocks of `--row_block` rows, each block's
   logits, loss and gradients computed together so they could stay in cache
   (a hand-fused alternative; not used by the trainer).
@@ -22,7 +20,7 @@ D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
 Variants are compiled once, then run in interleaved rounds (`--rounds` x
 `--calls` calls each) in one process, so a slow spell of the machine hits
 them alike; the table gives each variant's median ms per call and its ratio
-to `select`, and the rate of its counted product FLOPs
+to `plain`, and the rate of its counted product FLOPs
 (2·N·V·(D_t + 3·D_s)) against a float32 matmul measured in the same run.
 """
 
@@ -52,25 +50,14 @@ def make_variant(name: str, labels: jax.Array, row_block: int):
     rows = labels.shape[0]
     where = jnp.ones((rows,), bool)
 
-    def loss(hs, ws, ht, wt, mask_padding):
+    def loss(hs, ws, ht, wt):
         s, t = hs @ ws.T, jax.lax.stop_gradient(ht @ wt.T)
-        if mask_padding:
-            padding = jnp.arange(s.shape[-1]) == 0
-            s, t = jnp.where(padding, -jnp.inf, s), jnp.where(padding, -jnp.inf, t)
-        return losses.distill_loss(
-            s,
-            t,
-            labels,
-            temperature=1.0,
-            alpha=0.0,
-            where=where,
-            ignore_column=None if mask_padding else 0,
-        )
+        padding = jnp.arange(s.shape[-1]) == 0
+        s, t = jnp.where(padding, -jnp.inf, s), jnp.where(padding, -jnp.inf, t)
+        return losses.distill_loss(s, t, labels, temperature=1.0, alpha=0.0, where=where)
 
-    if name == "select":
-        return jax.jit(jax.value_and_grad(lambda *a: loss(*a, True), argnums=(0, 1)))
-    if name == "fused":
-        return jax.jit(jax.value_and_grad(lambda *a: loss(*a, False), argnums=(0, 1)))
+    if name == "plain":
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     if name != "row_blocks":
         raise ValueError(f"unknown variant {name!r}")
     if rows % row_block:
@@ -165,7 +152,7 @@ def main() -> None:
     p.add_argument(
         "--variants",
         type=lambda s: s.split(","),
-        default=["select", "fused", "row_blocks"],
+        default=["plain", "row_blocks"],
         help="comma-separated; the first is the baseline of the ratios",
     )
     p.add_argument("--rounds", type=int, default=8)

@@ -292,23 +292,10 @@ def kl_distill(
 # --------------------------------------------------------------------------
 
 
-def _drop_column(x, column):
-    """``x`` with ``column`` (a static int or None) at -inf, as an iota select.
-
-    Written inline in each pass that reads the logits, it fuses into that
-    pass instead of costing an ``[N, V]`` select of its own.
-    """
-    if column is None:
-        return x
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.where(iota == column, -jnp.inf, x)
-
-
-def _distill_row_stats(s, t, labels, valid, temperature, unit_temperature, ignore_column):
+def _distill_row_stats(s, t, labels, valid, temperature, unit_temperature):
     """Per-row CE, KL and the statistics the backward pass needs."""
     dtype = _compute_dtype(s)
-    z = _drop_column(s.astype(dtype), ignore_column)
-    tt = _drop_column(t.astype(dtype), ignore_column)
+    z, tt = s.astype(dtype), t.astype(dtype)
     max_z = jnp.max(z, axis=-1, keepdims=True)
     max_t = jnp.max(tt, axis=-1, keepdims=True)
     # Shift before dividing by T so the largest entry is exactly 0 (no
@@ -339,18 +326,14 @@ def _masked_total(values, valid):
     return jnp.sum(values if valid is None else jnp.where(valid, values, 0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_distill_total(unit_temperature, ignore_column, s, t, labels, valid, temperature, alpha):
-    total, _ = _fused_distill_fwd(
-        unit_temperature, ignore_column, s, t, labels, valid, temperature, alpha
-    )
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_distill_total(unit_temperature, s, t, labels, valid, temperature, alpha):
+    total, _ = _fused_distill_fwd(unit_temperature, s, t, labels, valid, temperature, alpha)
     return total
 
 
-def _fused_distill_fwd(unit_temperature, ignore_column, s, t, labels, valid, temperature, alpha):
-    ce, kl, stats = _distill_row_stats(
-        s, t, labels, valid, temperature, unit_temperature, ignore_column
-    )
+def _fused_distill_fwd(unit_temperature, s, t, labels, valid, temperature, alpha):
+    ce, kl, stats = _distill_row_stats(s, t, labels, valid, temperature, unit_temperature)
     ce_total = _masked_total(ce, valid)
     kd_total = jnp.square(temperature) * _masked_total(kl, valid)
     # A term with weight 0 is dropped outright, so that e.g. pure KD (alpha=0)
@@ -362,14 +345,13 @@ def _fused_distill_fwd(unit_temperature, ignore_column, s, t, labels, valid, tem
     return total, residuals
 
 
-def _fused_distill_bwd(unit_temperature, ignore_column, residuals, g):
+def _fused_distill_bwd(unit_temperature, residuals, g):
     s, t, labels, valid, temperature, alpha, stats, dtotal_dalpha = residuals
     max_z, max_t, log_sum_z, log_sum_b, log_sum_a = stats
     dtype = _compute_dtype(s)
-    zs = _drop_column(s.astype(dtype), ignore_column) - max_z
+    zs = s.astype(dtype) - max_z
     softmax_z = jnp.exp(zs - log_sum_z)
-    tt = _drop_column(t.astype(dtype), ignore_column)
-    softmax_tt = jnp.exp((tt - max_t) / temperature - log_sum_a)
+    softmax_tt = jnp.exp((t.astype(dtype) - max_t) / temperature - log_sum_a)
     # The one-hot is an iota comparison fused into this pass, never stored.
     onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, zs.shape, zs.ndim - 1)
     if unit_temperature:
@@ -397,7 +379,6 @@ def distill_loss_sum(
     temperature: float | ArrayLike,
     alpha: float | ArrayLike,
     where: ArrayLike | None = None,
-    ignore_column: int | None = None,
 ) -> SumAndCount:
     """Fused ``alpha·CE + (1 − alpha)·T²·KL`` summed over valid positions.
 
@@ -414,11 +395,6 @@ def distill_loss_sum(
       temperature: softening temperature ``T > 0``; receives no gradient.
       alpha: weight of the hard-label term, in ``[0, 1]``.
       where: optional ``[...]`` boolean mask of valid positions.
-      ignore_column: a catalogue column (a Python int, e.g. 0 for the padding
-        item) treated as -inf in both logits, as if masked by the caller;
-        the mask is applied inside the loss's own passes, so unmasked logits
-        (``Model.logits(..., mask_padding=False)``) need no select pass of
-        their own. Labels must not point at it unless alpha is 0.
 
     Returns:
       ``(sum, count)`` scalars.
@@ -432,22 +408,11 @@ def distill_loss_sum(
     _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_labels(labels, student_logits.shape[:-1])
     valid = _prepare_where(where, labels.shape)
-    num_columns = student_logits.shape[-1]
-    if ignore_column is not None and (
-        isinstance(ignore_column, bool)
-        or not isinstance(ignore_column, numbers.Integral)
-        or not 0 <= ignore_column < num_columns
-    ):
-        raise ValueError(
-            f"ignore_column must be None or a Python int in [0, V={num_columns}), "
-            f"got {ignore_column!r}."
-        )
     dtype = _compute_dtype(student_logits)
     # T = 1 is the common setting: specialise it statically (one exp fewer).
     unit_temperature = isinstance(temperature, numbers.Real) and temperature == 1
     total = _fused_distill_total(
         unit_temperature,
-        None if ignore_column is None else int(ignore_column),
         student_logits,
         jax.lax.stop_gradient(teacher_logits),
         labels,
@@ -467,7 +432,6 @@ def distill_loss(
     temperature: float | ArrayLike,
     alpha: float | ArrayLike,
     where: ArrayLike | None = None,
-    ignore_column: int | None = None,
 ) -> jax.Array:
     """Fused mean of ``alpha·CE + (1 − alpha)·T²·KL`` over valid positions.
 
@@ -482,7 +446,6 @@ def distill_loss(
             temperature=temperature,
             alpha=alpha,
             where=where,
-            ignore_column=ignore_column,
         )
     )
 

@@ -371,44 +371,6 @@ def test_fused_distill_equals_composition(temperature, alpha, masked):
     chex.assert_tree_all_finite(g_fused)
 
 
-@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.0), (1.0, 0.5), (2.0, 0.3)])
-def test_ignore_column_equals_masking_the_column(temperature, alpha):
-    # The trainer passes raw logits (column 0 finite, even the largest) and
-    # ignore_column=0; that must equal masking column 0 to -inf beforehand.
-    rng = np.random.default_rng(23)
-    student, teacher, labels, where = make_batch(23)
-    raw_s, raw_t = student.copy(), teacher.copy()
-    raw_s[..., 0] = rng.normal(size=raw_s.shape[:-1]) + 5.0
-    raw_t[..., 0] = rng.normal(size=raw_t.shape[:-1]) + 5.0
-    masked_s, masked_t = raw_s.copy(), raw_t.copy()
-    masked_s[..., 0] = masked_t[..., 0] = -np.inf
-    labels = np.where(labels == 0, 1 + max(NEG_INF_COLUMNS), labels).astype(np.int32)
-
-    def loss(s, t, ignore_column):
-        return losses.distill_loss(
-            s,
-            t,
-            labels,
-            temperature=temperature,
-            alpha=alpha,
-            where=where,
-            ignore_column=ignore_column,
-        )
-
-    v_raw, g_raw = jax.value_and_grad(loss)(jnp.asarray(raw_s), raw_t, 0)
-    v_masked, g_masked = jax.value_and_grad(loss)(jnp.asarray(masked_s), masked_t, None)
-    expected = np_distill_loss(masked_s, masked_t, labels, temperature, alpha, where)
-    np.testing.assert_allclose(v_raw, expected, rtol=1e-5)
-    np.testing.assert_allclose(v_raw, v_masked, rtol=1e-6)
-    np.testing.assert_allclose(
-        g_raw, np_distill_grad(masked_s, masked_t, labels, temperature, alpha, where), atol=1e-6
-    )
-    np.testing.assert_allclose(g_raw, g_masked, atol=1e-7)
-    assert np.all(np.asarray(g_raw)[..., 0] == 0)
-    with pytest.raises(ValueError, match="ignore_column"):
-        loss(raw_s, raw_t, V)
-
-
 def test_fused_distill_under_jit_with_traced_hyperparameters():
     student, teacher, labels, where = make_batch(12)
 

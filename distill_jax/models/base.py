@@ -148,21 +148,16 @@ class SequenceRecommender(nn.Module):
             x = block(x, mask, train=train)
         return self.final_norm(x)
 
-    def logits(self, hidden: jax.Array, mask_padding: bool = True) -> jax.Array:
+    def logits(self, hidden: jax.Array) -> jax.Array:
         """Scores every catalog column with the tied item embeddings.
 
         Args:
           hidden: ``[..., D]`` hidden states, any leading shape (the trainer
             passes only valid positions, so the big product is not wasted on
             padding).
-          mask_padding: set column 0 (padding) to -inf. False returns the raw
-            product, for a consumer that masks column 0 inside its own fused
-            passes (the distillation loss's ``ignore_column=0``), which saves
-            a whole ``[..., V+1]`` select pass on CPU.
 
         Returns:
-          ``[..., V+1]`` float32 logits; column 0 (padding) is -inf unless
-          ``mask_padding`` is False.
+          ``[..., V+1]`` float32 logits; column 0 (padding) is -inf.
         """
         table = self.item_embedding.astype(self.dtype)
         # Accumulate in float32 even for bfloat16 compute: logits feed softmaxes
@@ -174,8 +169,6 @@ class SequenceRecommender(nn.Module):
             preferred_element_type=jnp.float32,
         )
         scores = scores + self.output_bias
-        if not mask_padding:
-            return scores
         # jnp.where rather than .at[..., 0].set: a scatter into a vocab-sharded
         # array is ambiguous under explicit sharding; the where fuses anyway.
         return jnp.where(jnp.arange(self.num_items + 1) == 0, -jnp.inf, scores)

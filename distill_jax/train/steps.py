@@ -37,17 +37,12 @@ def hidden_at_targets(
     return jnp.take(flat, target_index, axis=0)
 
 
-def logits_at_targets(
-    model: nn.Module, params, batch, *, train: bool, rngs=None, mask_padding: bool = True
-):
-    """Catalogue logits `[N, V + 1]` at the batch's packed target slots.
-
-    `mask_padding=False` leaves column 0 unmasked (see `Model.logits`).
-    """
+def logits_at_targets(model: nn.Module, params, batch, *, train: bool, rngs=None):
+    """Catalogue logits `[N, V + 1]` at the batch's packed target slots."""
     h = hidden_at_targets(
         model, params, batch["inputs"], batch["target_index"], train=train, rngs=rngs
     )
-    return model.apply({"params": params}, h, mask_padding=mask_padding, method=model.logits)
+    return model.apply({"params": params}, h, method=model.logits)
 
 
 def _table(params):
@@ -83,25 +78,14 @@ def make_loss_fn(
     if impl == "vocab_parallel":
         return _vocab_parallel_loss_fn(model, task, teacher, distill_cfg)
 
-    # The fused soft loss masks the padding column inside its own passes
-    # (ignore_column=0), so its logits skip the separate [N, V] select.
-    fused = task == "distill" and distill_cfg.mode == "soft"
-
     def loss_fn(params, teacher_params, batch, dropout_rng):
-        logits = logits_at_targets(
-            model,
-            params,
-            batch,
-            train=True,
-            rngs={"dropout": dropout_rng},
-            mask_padding=not fused,
-        )
+        logits = logits_at_targets(model, params, batch, train=True, rngs={"dropout": dropout_rng})
         where = batch["where"]
         if task == "train":
             return losses.cross_entropy(logits, batch["targets"], where=where)
         # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
         t_logits = jax.lax.stop_gradient(
-            logits_at_targets(teacher, teacher_params, batch, train=False, mask_padding=not fused)
+            logits_at_targets(teacher, teacher_params, batch, train=False)
         )
         if distill_cfg.mode == "hard":
             return losses.hard_label_distill(logits, t_logits, k=distill_cfg.hard_k, where=where)
@@ -112,7 +96,6 @@ def make_loss_fn(
             temperature=distill_cfg.temperature,
             alpha=distill_cfg.alpha,
             where=where,
-            ignore_column=0,
         )
 
     return loss_fn
