@@ -30,6 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from throughput import matmul_rate  # benchmarks/throughput.py, beside this script
 
 from distill_jax import losses
 
@@ -87,17 +88,6 @@ def make_variant(name: str, labels: jax.Array, row_block: int):
     return blocked
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    f = jax.jit(jnp.matmul)
-    f(a, a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a, a)
-    out.block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
-
-
 def run(args) -> list[dict]:
     x = make_inputs(args.rows, args.items, args.d_teacher, args.d_student)
     operands = (x["hs"], x["ws"], x["ht"], x["wt"])
@@ -119,7 +109,7 @@ def run(args) -> list[dict]:
                 out = fn(*operands)
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - t0) / args.calls * 1e3)
-    rate = matmul_rate()
+    rate = matmul_rate(2048)
     flops = 2 * args.rows * args.items * (args.d_teacher + 3 * args.d_student)
     base = float(np.median(times[args.variants[0]]))
     rows = []

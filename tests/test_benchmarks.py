@@ -62,8 +62,9 @@ def test_ratios_skip_models_a_run_did_not_train(quality):
     assert single["std"] == 0.0 and single["per_seed"] == pytest.approx([0.8])
 
 
-def test_distill_kernel_variants_agree_and_are_timed():
+def test_distill_kernel_variants_agree_and_are_timed(monkeypatch):
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "distill_kernel.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # it imports throughput.py beside it
     spec = importlib.util.spec_from_file_location("distill_kernel_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
