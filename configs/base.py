@@ -114,6 +114,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distill.temperature = 1.0
     config.distill.alpha = 0.0
     config.distill.hard_k = 1
+    # How the distilled student starts: 'none' (random, like the scratch
+    # student) or 'pca' (item/position tables = the teacher's projected on its
+    # top principal directions, output bias copied; distill_jax/train/teacher_init.py).
+    config.distill.init_from_teacher = "none"
 
     # How the catalogue losses are computed (distill_jax/train/steps.py):
     # 'plain' materialises [positions, V+1] logits; 'vocab_parallel' keeps them

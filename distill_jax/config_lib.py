@@ -165,6 +165,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k, "an integer >= 1"
     )
 
+    inits = ("none", "pca")
+    _expect(
+        d.init_from_teacher in inits,
+        "distill.init_from_teacher",
+        d.init_from_teacher,
+        f"one of {inits}",
+    )
+    _expect(
+        d.init_from_teacher != "pca" or config.student.embed_dim <= config.teacher.embed_dim,
+        "distill.init_from_teacher",
+        d.init_from_teacher,
+        f"'none' when student.embed_dim={config.student.embed_dim} > "
+        f"teacher.embed_dim={config.teacher.embed_dim} ('pca' projects onto fewer directions)",
+    )
+
     impls = ("plain", "vocab_parallel", "chunked")
     _expect(config.loss.impl in impls, "loss.impl", config.loss.impl, f"one of {impls}")
     _positive_int(config.loss, "loss", "chunk_size")

@@ -71,6 +71,9 @@ def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
 def test_bert4rec_distillation_and_student_checkpoint_holds_no_teacher(tmp_path):
     config = synthetic.get_config("tiny,bert4rec")
     config.stages = "teacher,student_kd,report"
+    # The distilled student starts from the teacher's projected tables (the
+    # mask embedding included): the whole path of teacher_init runs here.
+    config.distill.init_from_teacher = "pca"
     # Few steps (the tiny config already fixes one batch shape per stage): this
     # test is about what runs and what is saved, not about what is learnt.
     config.teacher.num_steps = config.student.num_steps = 6

@@ -21,6 +21,7 @@ from distill_jax.evaluation.evaluator import Evaluator, model_scorer
 from distill_jax.train import sharding as sharding_lib
 from distill_jax.train import state as state_lib
 from distill_jax.train import steps as steps_lib
+from distill_jax.train import teacher_init
 from distill_jax.train.checkpoint import StageCheckpointer
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,19 @@ def train_stage(
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))
     state, shardings = state_lib.create_state(model, mcfg, mesh, rule_pairs, init_rng)
+    if teacher is not None and config.distill.init_from_teacher != "none":
+        state = state.replace(
+            params=teacher_init.initial_params(
+                config.distill.init_from_teacher,
+                state.params,
+                teacher.params,
+                shardings.params,
+                mesh,
+            )
+        )
+        log.info(
+            "[%s] tables initialised from the teacher (%s)", name, config.distill.init_from_teacher
+        )
     step_fn = steps_lib.make_train_step(
         model,
         task="distill" if teacher else "train",
