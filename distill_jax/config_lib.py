@@ -165,12 +165,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k, "an integer >= 1"
     )
 
-    inits = ("none", "pca")
+    from distill_jax.train.teacher_init import METHODS
+
     _expect(
-        d.init_from_teacher in inits,
+        d.init_from_teacher in METHODS,
         "distill.init_from_teacher",
         d.init_from_teacher,
-        f"one of {inits}",
+        f"one of {METHODS}",
     )
     _expect(
         d.init_from_teacher != "pca" or config.student.embed_dim <= config.teacher.embed_dim,
