@@ -118,6 +118,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # student) or 'pca' (item/position tables = the teacher's projected on its
     # top principal directions, output bias copied; distill_jax/train/teacher_init.py).
     config.distill.init_from_teacher = "none"
+    # Causal students: also distill at each user's last training item, whose
+    # next item is held out, so only the teacher supervises it there (one
+    # teacher-only slot per user and epoch; distill_jax/data/pipeline.py).
+    config.distill.last_item_slot = False
 
     # How the catalogue losses are computed (distill_jax/train/steps.py):
     # 'plain' materialises [positions, V+1] logits; 'vocab_parallel' keeps them

@@ -181,6 +181,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"teacher.embed_dim={config.teacher.embed_dim} ('pca' projects onto fewer directions)",
     )
 
+    _expect(
+        isinstance(d.last_item_slot, bool), "distill.last_item_slot", d.last_item_slot, "a bool"
+    )
+    if d.last_item_slot:
+        _expect(
+            MODELS[config.student.name].is_causal,
+            "distill.last_item_slot",
+            d.last_item_slot,
+            f"False for student.name={config.student.name!r} (a teacher-only slot after the "
+            "last item needs a causal next-item student)",
+        )
+        _expect(
+            config.loss.impl == "plain",
+            "distill.last_item_slot",
+            d.last_item_slot,
+            f"False with loss.impl={config.loss.impl!r} (teacher-only slots are in the "
+            "'plain' loss only)",
+        )
+
     impls = ("plain", "vocab_parallel", "chunked")
     _expect(config.loss.impl in impls, "loss.impl", config.loss.impl, f"one of {impls}")
     _positive_int(config.loss, "loss", "chunk_size")

@@ -292,7 +292,7 @@ def kl_distill(
 # --------------------------------------------------------------------------
 
 
-def _distill_row_stats(s, t, labels, valid, temperature, unit_temperature):
+def _distill_row_stats(s, t, labels, labelled, temperature, unit_temperature):
     """Per-row CE, KL and the statistics the backward pass needs."""
     dtype = _compute_dtype(s)
     z, tt = s.astype(dtype), t.astype(dtype)
@@ -313,9 +313,9 @@ def _distill_row_stats(s, t, labels, valid, temperature, unit_temperature):
     cross = jnp.sum(_xlogy_guarded(exp_a, a - b), axis=-1, keepdims=True)
     log_sum_a = jnp.log(sum_a)
     kl = (cross / sum_a - log_sum_a + log_sum_b)[..., 0]
-    if valid is not None:
+    if labelled is not None:
         # Masked labels may be out of range (e.g. -1 padding).
-        labels = jnp.where(valid, labels, 0)
+        labels = jnp.where(labelled, labels, 0)
     # An O(N) gather from the raw input, so no [N, V] intermediate is needed.
     z_y = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
     ce = log_sum_z[..., 0] + max_z[..., 0] - z_y
@@ -327,26 +327,31 @@ def _masked_total(values, valid):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_distill_total(unit_temperature, s, t, labels, valid, temperature, alpha):
-    total, _ = _fused_distill_fwd(unit_temperature, s, t, labels, valid, temperature, alpha)
+def _fused_distill_total(unit_temperature, s, t, labels, valid, label_valid, temperature, alpha):
+    total, _ = _fused_distill_fwd(
+        unit_temperature, s, t, labels, valid, label_valid, temperature, alpha
+    )
     return total
 
 
-def _fused_distill_fwd(unit_temperature, s, t, labels, valid, temperature, alpha):
-    ce, kl, stats = _distill_row_stats(s, t, labels, valid, temperature, unit_temperature)
-    ce_total = _masked_total(ce, valid)
+def _fused_distill_fwd(unit_temperature, s, t, labels, valid, label_valid, temperature, alpha):
+    # `label_valid` (a subset of `valid`): rows whose CE term counts; the
+    # other valid rows are teacher-only (KL alone). None: every valid row.
+    labelled = valid if label_valid is None else label_valid
+    ce, kl, stats = _distill_row_stats(s, t, labels, labelled, temperature, unit_temperature)
+    ce_total = _masked_total(ce, labelled)
     kd_total = jnp.square(temperature) * _masked_total(kl, valid)
     # A term with weight 0 is dropped outright, so that e.g. pure KD (alpha=0)
     # is not turned into NaN by 0·inf from a label on a -inf column.
     total = jnp.where(alpha == 0, 0, alpha * ce_total) + jnp.where(
         alpha == 1, 0, (1 - alpha) * kd_total
     )
-    residuals = (s, t, labels, valid, temperature, alpha, stats, ce_total - kd_total)
+    residuals = (s, t, labels, valid, label_valid, temperature, alpha, stats, ce_total - kd_total)
     return total, residuals
 
 
 def _fused_distill_bwd(unit_temperature, residuals, g):
-    s, t, labels, valid, temperature, alpha, stats, dtotal_dalpha = residuals
+    s, t, labels, valid, label_valid, temperature, alpha, stats, dtotal_dalpha = residuals
     max_z, max_t, log_sum_z, log_sum_b, log_sum_a = stats
     dtype = _compute_dtype(s)
     zs = s.astype(dtype) - max_z
@@ -354,18 +359,23 @@ def _fused_distill_bwd(unit_temperature, residuals, g):
     softmax_tt = jnp.exp((t.astype(dtype) - max_t) / temperature - log_sum_a)
     # The one-hot is an iota comparison fused into this pass, never stored.
     onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, zs.shape, zs.ndim - 1)
-    if unit_temperature:
+    # The CE weight per row: alpha, or 0 on teacher-only rows.
+    a = alpha if label_valid is None else jnp.where(label_valid, alpha, 0)[..., None]
+    if unit_temperature and label_valid is None:
         grad = softmax_z - alpha * onehot - (1 - alpha) * softmax_tt
+    elif unit_temperature:
+        # a·(q − y) + (1 − alpha)·(q − p), with the two q terms merged.
+        grad = (a + (1 - alpha)) * softmax_z - a * onehot - (1 - alpha) * softmax_tt
     else:
         softmax_zt = jnp.exp(zs / temperature - log_sum_b)
-        grad = alpha * (softmax_z - onehot) + (1 - alpha) * temperature * (softmax_zt - softmax_tt)
+        grad = a * (softmax_z - onehot) + (1 - alpha) * temperature * (softmax_zt - softmax_tt)
     if valid is not None:
         grad = jnp.where(valid[..., None], grad, 0)
     grad = (g * grad).astype(s.dtype)
     # Teacher, labels and mask get no cotangent (None = zero). Temperature is a
     # hyper-parameter, stop_gradient'ed by the caller; alpha's exact
     # derivative (CE − T²·KL) is free, so give it.
-    return grad, None, None, None, None, (g * dtotal_dalpha).astype(alpha.dtype)
+    return grad, None, None, None, None, None, (g * dtotal_dalpha).astype(alpha.dtype)
 
 
 _fused_distill_total.defvjp(_fused_distill_fwd, _fused_distill_bwd)
@@ -379,6 +389,7 @@ def distill_loss_sum(
     temperature: float | ArrayLike,
     alpha: float | ArrayLike,
     where: ArrayLike | None = None,
+    label_where: ArrayLike | None = None,
 ) -> SumAndCount:
     """Fused ``alpha·CE + (1 − alpha)·T²·KL`` summed over valid positions.
 
@@ -395,6 +406,10 @@ def distill_loss_sum(
       temperature: softening temperature ``T > 0``; receives no gradient.
       alpha: weight of the hard-label term, in ``[0, 1]``.
       where: optional ``[...]`` boolean mask of valid positions.
+      label_where: optional ``[...]`` boolean mask of the valid positions that
+        carry a label. The others are teacher-only: they add their
+        ``(1 − alpha)·T²·KL`` term alone (their ``labels`` are ignored). The
+        count is still that of ``where``. None: every valid position has one.
 
     Returns:
       ``(sum, count)`` scalars.
@@ -408,6 +423,9 @@ def distill_loss_sum(
     _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_labels(labels, student_logits.shape[:-1])
     valid = _prepare_where(where, labels.shape)
+    label_valid = _prepare_where(label_where, labels.shape)
+    if label_valid is not None and valid is not None:
+        label_valid = label_valid & valid
     dtype = _compute_dtype(student_logits)
     # T = 1 is the common setting: specialise it statically (one exp fewer).
     unit_temperature = isinstance(temperature, numbers.Real) and temperature == 1
@@ -417,6 +435,7 @@ def distill_loss_sum(
         jax.lax.stop_gradient(teacher_logits),
         labels,
         valid,
+        label_valid,
         jax.lax.stop_gradient(jnp.asarray(temperature, dtype)),
         jnp.asarray(alpha, dtype),
     )
@@ -432,6 +451,7 @@ def distill_loss(
     temperature: float | ArrayLike,
     alpha: float | ArrayLike,
     where: ArrayLike | None = None,
+    label_where: ArrayLike | None = None,
 ) -> jax.Array:
     """Fused mean of ``alpha·CE + (1 − alpha)·T²·KL`` over valid positions.
 
@@ -446,6 +466,7 @@ def distill_loss(
             temperature=temperature,
             alpha=alpha,
             where=where,
+            label_where=label_where,
         )
     )
 

@@ -41,6 +41,20 @@ def test_bad_value_names_key(key, value, match):
         config_lib.validate(config)
 
 
+def test_last_item_slot_needs_a_causal_student_and_the_plain_loss():
+    config = _cfg()
+    config.distill.last_item_slot = True
+    config_lib.validate(config)  # sasrec student, plain loss: fine
+    config.student.name = config.teacher.name = "bert4rec"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.distill\.last_item_slot.*causal"):
+        config_lib.validate(config)
+    config = _cfg()
+    config.distill.last_item_slot = True
+    config.loss.impl = "chunked"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.distill\.last_item_slot.*plain"):
+        config_lib.validate(config)
+
+
 def test_teacher_and_student_must_share_max_len_and_catalogue():
     config = _cfg()
     config.student.max_len = config.teacher.max_len + 1

@@ -123,6 +123,37 @@ def test_causal_batches_are_shifted_windows_and_cover_every_target():
     assert pairs == expect
 
 
+def test_last_item_slot_adds_one_teacher_only_slot_per_user():
+    rng = np.random.default_rng(5)
+    # max_len=6: lengths 1 (no labelled pair), up to 6 (one window), 7+ (an extra window).
+    seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in (1, 2, 3, 6, 7, 9, 14, 5)]
+    plain = _train_batches(True, seqs)
+    tb = _train_batches(True, seqs, last_item_slot=True)
+    pairs, last_slots = [], []
+    for step in range(tb.steps_per_epoch):
+        b = tb.batch(step)
+        N, S = b["targets"].shape[0], b["inputs"].shape[1]
+        chex.assert_shape([b["kd_where"], b["where"]], (N,))
+        assert not np.any(b["where"] & ~b["kd_where"])  # labelled slots are distilled too
+        rows, pos, tgt = _slots(b)
+        pairs += [(int(b["inputs"][r, p]), int(t)) for r, p, t in zip(rows, pos, tgt, strict=True)]
+        soft = b["kd_where"] & ~b["where"]
+        np.testing.assert_array_equal(b["targets"][soft], 0)
+        for i in np.flatnonzero(soft):
+            r, p = divmod(int(b["target_index"][i]), S)
+            assert p == S - 1  # the slot sits at the row's newest input
+            last_slots.append(tuple(int(x) for x in b["inputs"][r] if x))
+    # The labelled pairs are exactly those of the batches without the option.
+    expect = sorted((int(a), int(b)) for s in seqs for a, b in zip(s[:-1], s[1:], strict=True))
+    assert sorted(pairs) == expect
+    # One teacher-only slot per user, its input the user's newest max_len items.
+    assert sorted(last_slots) == sorted(tuple(int(x) for x in s[-6:]) for s in seqs)
+    assert tb.num_windows == plain.num_windows + 4  # lengths 1, 7, 9 and 14 need a window more
+    assert "kd_where" not in plain.batch(0)
+    with pytest.raises(ValueError, match="causal"):
+        _train_batches(False, seqs, last_item_slot=True)
+
+
 def test_packed_slots_stay_in_their_data_shard():
     rng = np.random.default_rng(2)
     seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in range(2, 40)]

@@ -182,6 +182,52 @@ def test_distill_loss_matches_numpy(huge, temperature, alpha):
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (1.0, 0.0), (2.5, 0.3), (1.0, 1.0)])
+def test_teacher_only_rows_add_their_kl_term_alone(temperature, alpha):
+    student, teacher, labels, where = make_batch(21)
+    rng = np.random.default_rng(22)
+    label_where = where & (rng.random(where.shape) < 0.5)
+    label_where.flat[0] = True
+    assert (where & ~label_where).any()  # some teacher-only rows
+    labels = np.where(label_where, labels, 0)  # column 0 is -inf: a label there would be inf
+    loss_fn = lambda s: losses.distill_loss(
+        s,
+        teacher,
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        where=where,
+        label_where=label_where,
+    )
+    value, grad = jax.value_and_grad(loss_fn)(jnp.asarray(student))
+    # float64 reference: CE on labelled rows, KL on every valid row, mean over `where`.
+    ce = np.where(label_where, np_cross_entropy_rows(student, np.where(label_where, labels, 1)), 0)
+    rows = alpha * ce + (1 - alpha) * np_kl_rows(student, teacher, temperature)
+    np.testing.assert_allclose(value, rows[where].sum() / where.sum(), rtol=1e-5, atol=1e-6)
+    onehot = np.eye(V)[labels]
+    q = np_softmax(np.asarray(student, np.float64) / temperature)
+    p = np_softmax(np.asarray(teacher, np.float64) / temperature)
+    a = alpha * label_where[..., None]
+    want = a * (np_softmax(student) - onehot) + (1 - alpha) * temperature * (q - p)
+    want = np.where(where[..., None], want, 0.0) / where.sum()
+    chex.assert_tree_all_finite(grad)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    # Every row labelled: the same as no label_where at all.
+    both = [
+        losses.distill_loss(
+            student,
+            teacher,
+            np.where(where, labels, 1),
+            temperature=temperature,
+            alpha=alpha,
+            where=where,
+            label_where=lw,
+        )
+        for lw in (where, None)
+    ]
+    np.testing.assert_allclose(both[0], both[1], rtol=1e-6)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("huge", [False, True])
 def test_hard_label_distill_matches_numpy(k, huge):

@@ -64,6 +64,7 @@ def _run_steps(config, split, mesh, task, n_steps=2, num_shards=8, loss_cfg=None
         seed=0,
         # The same packing for every mesh: identical batches, comparable losses.
         num_shards=num_shards,
+        last_item_slot=task == "distill" and config.distill.last_item_slot,
     )
     losses = []
     for i in range(n_steps):
@@ -144,6 +145,24 @@ def test_loss_impls_match_the_plain_single_device_step(split, reference, task, i
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got_params, want_params
     )
+
+
+def test_teacher_only_slots_sharded_step_matches_single_device(split, reference):
+    config = _distill_config()
+    config.distill.last_item_slot = True
+    single = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+    loss1, params1, _ = _run_steps(config, split, single, "distill")
+    config.sharding.rules = tuple(
+        (name, "model" if name == "vocab" else axis) for name, axis in config.sharding.rules
+    )
+    config.mesh.data, config.mesh.model = 2, 4
+    loss8, params8, _ = _run_steps(config, split, sharding_lib.make_mesh(config.mesh), "distill")
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5, atol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params8, params1
+    )
+    # The extra slots (and windows) change the loss against the labelled slots alone.
+    assert np.all(np.isfinite(loss1)) and not np.allclose(loss1, reference("distill")[0])
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(split, tmp_path):

@@ -22,6 +22,9 @@ import numpy as np
 
 MIN_POSITIONS = 8
 MIN_HISTORY = 32
+# Kinds of causal training window (TrainBatches): labelled next-item slots
+# only; those plus a teacher-only slot at the last item; that slot alone.
+_LABELS, _LABELS_AND_LAST, _LAST_ONLY = 0, 1, 2
 
 
 def _bucket(n: int, minimum: int, cap: int | None = None) -> int:
@@ -54,6 +57,7 @@ def pack_positions(
     width: int,
     num_shards: int = 1,
     size: int | None = None,
+    soft: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Packs the valid `[B, K]` target slots into flat `[N]` arrays.
 
@@ -66,37 +70,50 @@ def pack_positions(
         shards); each block's targets fill its own contiguous block of N.
       size: slots per shard; None rounds the most targets of any shard up to
         a bucket (`_pack_bucket`).
+      soft: optional `[B, K]`, True at slots with no label that only the
+        teacher supervises (disjoint from `where`); they are packed too.
 
     Returns:
-      `target_index [N]`, `targets [N]`, `where [N]` with N a multiple of
-      `num_shards`.
+      `target_index [N]`, `targets [N]`, `where [N]` (slots with a label) with
+      N a multiple of `num_shards`; with `soft`, also `kd_where [N]` (slots
+      with a label or a teacher-only slot; teacher-only slots have target 0).
     """
     B = where.shape[0]
     if B % num_shards:
         raise ValueError(f"batch of {B} rows does not split into {num_shards} shards.")
+    if soft is not None and np.any(soft & where):
+        raise ValueError("pack_positions: a slot is both labelled (where) and teacher-only (soft).")
+    slots = where if soft is None else where | soft
     rows_per = B // num_shards
     blocks = []
     for s in range(num_shards):
-        r, c = np.nonzero(where[s * rows_per : (s + 1) * rows_per])
+        r, c = np.nonzero(slots[s * rows_per : (s + 1) * rows_per])
         r = r + s * rows_per
-        blocks.append((r * width + target_pos[r, c], targets[r, c], s * rows_per * width))
+        blocks.append(
+            (r * width + target_pos[r, c], targets[r, c], where[r, c], s * rows_per * width)
+        )
     most = max(len(b[0]) for b in blocks)
     n = _pack_bucket(most, MIN_POSITIONS) if size is None else size
     if n < most:
         raise ValueError(f"pack_positions: size={size} slots cannot hold a shard's {most} targets.")
     index = np.zeros((num_shards, n), np.int32)
     tgt = np.zeros((num_shards, n), np.int32)
-    valid = np.zeros((num_shards, n), bool)
-    for s, (idx, t, first) in enumerate(blocks):
+    labelled = np.zeros((num_shards, n), bool)
+    packed = np.zeros((num_shards, n), bool)
+    for s, (idx, t, w, first) in enumerate(blocks):
         index[s] = first  # filler slots point at the shard's own first position
         index[s, : len(idx)] = idx
-        tgt[s, : len(t)] = t
-        valid[s, : len(idx)] = True
-    return {
+        tgt[s, : len(t)] = np.where(w, t, 0)
+        labelled[s, : len(idx)] = w
+        packed[s, : len(idx)] = True
+    out = {
         "target_index": index.reshape(-1),
         "targets": tgt.reshape(-1),
-        "where": valid.reshape(-1),
+        "where": labelled.reshape(-1),
     }
+    if soft is not None:
+        out["kd_where"] = packed.reshape(-1)
+    return out
 
 
 def _windows(seq: np.ndarray, length: int, overlap: int) -> list[np.ndarray]:
@@ -132,6 +149,13 @@ class TrainBatches:
         compilation (seconds on a CPU) that the padding never costs back.
       num_shards: pack target slots per block of `batch_size / num_shards`
         rows (the mesh's data axis), so each data shard's slots are its own.
+      last_item_slot: causal models, distillation only: every user also gets
+        a teacher-only slot at the position of its LAST training item, whose
+        next item is held out (no label: only the teacher's distribution
+        supervises it). A user whose whole sequence fits in one window (at
+        most `max_len` items) gets it in that window, whose input then holds
+        every item; a longer one gets one more window of its newest
+        `max_len` items with that slot alone. Batches then carry `kd_where`.
     """
 
     sequences: Sequence[np.ndarray]
@@ -144,6 +168,7 @@ class TrainBatches:
     length_buckets: bool = True
     num_shards: int = 1
     fixed_shapes: bool = False
+    last_item_slot: bool = False
 
     def __post_init__(self):
         if self.num_shards < 1 or self.batch_size % self.num_shards:
@@ -151,15 +176,35 @@ class TrainBatches:
                 f"batch_size={self.batch_size} must be a multiple of num_shards="
                 f"{self.num_shards} (the mesh's data axis)."
             )
-        if self.causal:
-            # input = window[:-1], target = window[1:]
-            windows = [w for s in self.sequences for w in _windows(s, self.max_len + 1, 1)]
-        else:
-            windows = [w for s in self.sequences for w in _windows(s, self.max_len, 0)]
+        if self.last_item_slot and not self.causal:
+            raise ValueError(
+                "last_item_slot=True needs a causal (next-item) model: a masked-item "
+                "model has no position after the last item."
+            )
+        # Window kinds: _LABELS (input = w[:-1], targets w[1:]), _LABELS_AND_LAST
+        # (input = w, targets w[1:] and a teacher-only slot at w[-1]) and
+        # _LAST_ONLY (input = w, the teacher-only slot alone).
+        windows, kinds = [], []
+        for s in self.sequences:
+            if self.causal:
+                ws = _windows(s, self.max_len + 1, 1)
+            else:
+                ws = _windows(s, self.max_len, 0)
+            k = [_LABELS] * len(ws)
+            if self.last_item_slot and len(s):
+                if ws and len(s) <= self.max_len:
+                    k[0] = _LABELS_AND_LAST  # ws[0] is the newest window: all of s
+                else:
+                    ws, k = ws + [s[-self.max_len :]], k + [_LAST_ONLY]
+            windows += ws
+            kinds += k
         if not windows:
             raise ValueError("No training windows: every training sequence is too short.")
         self._windows = windows
+        self._kinds = np.array(kinds, np.int8)
         self._lengths = np.array([len(w) for w in windows])
+        # Input items per window.
+        self._input_lengths = self._lengths - ((self._kinds == _LABELS) & self.causal)
         self.steps_per_epoch = -(-len(windows) // self.batch_size)
         self._plan_epoch, self._plan = -1, None
 
@@ -198,16 +243,25 @@ class TrainBatches:
         rows = self._epoch_plan(epoch)[index]
         B, L = self.batch_size, self.max_len
         inputs = np.zeros((B, L), np.int32)
+        soft = None
         if self.causal:
-            k = self._width(int(self._lengths[rows].max()) - 1)
+            k = self._width(int(self._input_lengths[rows].max()))
             targets = np.zeros((B, k), np.int32)
             where = np.zeros((B, k), bool)
+            soft = np.zeros((B, k), bool) if self.last_item_slot else None
             for b, r in enumerate(rows):
-                w = self._windows[r]
-                m = len(w) - 1
-                inputs[b, L - m :] = w[:-1]
-                targets[b, k - m :] = w[1:]
-                where[b, k - m :] = True
+                w, kind = self._windows[r], self._kinds[r]
+                m = len(w) - 1  # labelled slots
+                if kind == _LABELS:
+                    inputs[b, L - m :] = w[:-1]
+                    targets[b, k - m :] = w[1:]
+                    where[b, k - m :] = True
+                    continue
+                inputs[b, L - len(w) :] = w
+                soft[b, k - 1] = True
+                if kind == _LABELS_AND_LAST and m:
+                    targets[b, k - 1 - m : k - 1] = w[1:]
+                    where[b, k - 1 - m : k - 1] = True
             target_pos = np.broadcast_to(np.arange(L - k, L, dtype=np.int32), (B, k)).copy()
         else:
             rng = np.random.default_rng([self.seed, epoch, index, 1])
@@ -231,13 +285,12 @@ class TrainBatches:
         # Drop the all-padding columns on the left: positions count from the
         # right end and padding is masked, so outputs are unchanged, and a batch
         # of short sequences no longer pays the transformer for L columns.
-        longest = int(self._lengths[rows].max()) - (1 if self.causal else 0)
-        span = self._width(longest)
+        span = self._width(int(self._input_lengths[rows].max()))
         inputs = inputs[:, L - span :]
         # (Masked rows pad target_pos with 0; keep those at 0, not negative.)
         target_pos = np.maximum(target_pos - (L - span), 0).astype(np.int32)
         size = B // self.num_shards * L if self.fixed_shapes else None
-        packed = pack_positions(target_pos, targets, where, span, self.num_shards, size)
+        packed = pack_positions(target_pos, targets, where, span, self.num_shards, size, soft)
         return {"inputs": inputs, **packed}
 
 

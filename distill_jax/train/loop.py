@@ -112,6 +112,7 @@ def train_stage(
         length_buckets=config.data.length_buckets,
         fixed_shapes=config.data.fixed_shapes,
         num_shards=mesh.shape["data"],
+        last_item_slot=teacher is not None and config.distill.last_item_slot,
     )
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))

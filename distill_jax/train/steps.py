@@ -73,6 +73,11 @@ def make_loss_fn(
             f"config.loss.impl={impl!r} supports config.distill.mode='soft' only, "
             f"got {distill_cfg.mode!r}; use config.loss.impl='plain'."
         )
+    if impl != "plain" and task == "distill" and distill_cfg.get("last_item_slot", False):
+        raise ValueError(
+            f"config.loss.impl={impl!r} does not support config.distill.last_item_slot=True "
+            "(teacher-only slots); use config.loss.impl='plain'."
+        )
     if impl == "chunked":
         return _chunked_loss_fn(model, task, teacher, distill_cfg, loss_cfg.chunk_size)
     if impl == "vocab_parallel":
@@ -87,15 +92,19 @@ def make_loss_fn(
         t_logits = jax.lax.stop_gradient(
             logits_at_targets(teacher, teacher_params, batch, train=False)
         )
+        # Teacher-only slots (config.distill.last_item_slot) are in
+        # `kd_where` but not in `where`: they have no label.
+        kd_where = batch.get("kd_where", where)
         if distill_cfg.mode == "hard":
-            return losses.hard_label_distill(logits, t_logits, k=distill_cfg.hard_k, where=where)
+            return losses.hard_label_distill(logits, t_logits, k=distill_cfg.hard_k, where=kd_where)
         return losses.distill_loss(
             logits,
             t_logits,
             batch["targets"],
             temperature=distill_cfg.temperature,
             alpha=distill_cfg.alpha,
-            where=where,
+            where=kd_where,
+            label_where=where if "kd_where" in batch else None,
         )
 
     return loss_fn
