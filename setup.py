@@ -8,6 +8,8 @@ setup(
     description="Knowledge distillation for sequential recommenders in JAX/Flax.",
     python_requires=">=3.11",
     packages=find_packages(include=["distill_jax", "distill_jax.*", "configs"]),
+    # The CPU kernel's source, compiled on first use (distill_jax/kernels).
+    package_data={"distill_jax.kernels": ["*.cc"]},
     install_requires=[
         "absl-py",
         "jax>=0.7",

@@ -13,6 +13,9 @@ D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
 * `plain`: what the trainer does: each product's column 0 set to -inf by a
   `jnp.where` (as `Model.logits` does), then `losses.distill_loss` (fused
   closed-form backward) under autodiff;
+* `cpu_kernel`: the same, with `losses.distill_loss(..., impl='cpu_kernel')`
+  (the fused C++ kernel of `distill_jax/kernels`: one read of each row for
+  its maxima, the exponentials kept in cache, the gradient written once);
 * `row_blocks`: a `lax.scan` over blocks of `--row_block` rows, each block's
   logits, loss and gradients computed together so they could stay in cache
   (a hand-fused alternative; not used by the trainer).
@@ -57,8 +60,18 @@ def make_variant(name: str, labels: jax.Array, row_block: int):
         s, t = jnp.where(padding, -jnp.inf, s), jnp.where(padding, -jnp.inf, t)
         return losses.distill_loss(s, t, labels, temperature=1.0, alpha=0.0, where=where)
 
+    def kernel_loss(hs, ws, ht, wt):
+        s, t = hs @ ws.T, jax.lax.stop_gradient(ht @ wt.T)
+        padding = jnp.arange(s.shape[-1]) == 0
+        s, t = jnp.where(padding, -jnp.inf, s), jnp.where(padding, -jnp.inf, t)
+        return losses.distill_loss(
+            s, t, labels, temperature=1.0, alpha=0.0, where=where, impl="cpu_kernel"
+        )
+
     if name == "plain":
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    if name == "cpu_kernel":
+        return jax.jit(jax.value_and_grad(kernel_loss, argnums=(0, 1)))
     if name != "row_blocks":
         raise ValueError(f"unknown variant {name!r}")
     if rows % row_block:

@@ -249,8 +249,13 @@ def main() -> None:
 
     t_fwd_flops = per_step(lambda B, S, N: encoder_flops(teacher, B, S) + logits_flops(teacher, N))
     rng = jax.random.key(0)
-    t_step = steps.make_train_step(teacher, task="train", mesh=mesh, state_shardings=t_shard)
-    s_step = steps.make_train_step(student, task="train", mesh=mesh, state_shardings=s_shard)
+    # config.loss (impl, chunk_size) goes to every step, as in training.
+    t_step = steps.make_train_step(
+        teacher, task="train", mesh=mesh, state_shardings=t_shard, loss_cfg=cfg.loss
+    )
+    s_step = steps.make_train_step(
+        student, task="train", mesh=mesh, state_shardings=s_shard, loss_cfg=cfg.loss
+    )
     d_step = steps.make_train_step(
         student,
         task="distill",
@@ -259,6 +264,7 @@ def main() -> None:
         teacher=teacher,
         teacher_shardings=t_shard.params,
         distill_cfg=cfg.distill,
+        loss_cfg=cfg.loss,
     )
     t_params = t_state.params
     fwd = jax.jit(lambda params, b: steps.logits_at_targets(teacher, params, b, train=False))
@@ -345,6 +351,7 @@ def main() -> None:
                 "matmul_dtype": args.matmul_dtype,
                 "distill_over_parts": ratio,
                 "allocator": _allocator(),
+                "loss_impl": cfg.loss.impl,
             }
         )
     )
@@ -354,7 +361,7 @@ def main() -> None:
         f"student d={s.embed_dim} blocks={s.num_blocks} mlp={s.mlp_dim}; B={s.batch_size}, "
         f"{len(host)} batches x {args.repeats} (mean valid targets per batch {valid:.0f}); "
         f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"allocator {_allocator()}\n"
+        f"allocator {_allocator()}; loss.impl={cfg.loss.impl}\n"
     )
     print("| step | ms/step | valid positions/s | GFLOP/s | share of matmul rate |")
     print("|---|---:|---:|---:|---:|")

@@ -127,7 +127,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # 'plain' materialises [positions, V+1] logits; 'vocab_parallel' keeps them
     # sharded along mesh axis 'model' and reduces across shards (for item
     # tables sharded by the 'vocab' rule); 'chunked' scans item chunks of
-    # chunk_size with an online logsumexp (catalogues too large to materialise).
+    # chunk_size with an online logsumexp (catalogues too large to materialise);
+    # 'cpu_kernel' is 'plain' with the distillation loss in one fused C++ pass
+    # per row (distill_jax/kernels, built on first use; CPU backend only).
     config.loss = ml_collections.ConfigDict()
     config.loss.impl = "plain"
     config.loss.chunk_size = 8192

@@ -193,14 +193,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "last item needs a causal next-item student)",
         )
         _expect(
-            config.loss.impl == "plain",
+            config.loss.impl in ("plain", "cpu_kernel"),
             "distill.last_item_slot",
             d.last_item_slot,
             f"False with loss.impl={config.loss.impl!r} (teacher-only slots are in the "
-            "'plain' loss only)",
+            "'plain' and 'cpu_kernel' losses only)",
         )
 
-    impls = ("plain", "vocab_parallel", "chunked")
+    impls = ("plain", "vocab_parallel", "chunked", "cpu_kernel")
     _expect(config.loss.impl in impls, "loss.impl", config.loss.impl, f"one of {impls}")
     _positive_int(config.loss, "loss", "chunk_size")
     _expect(

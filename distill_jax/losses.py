@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from distill_jax import kernels  # builds its C++ library on first use only
+
 __all__ = [
     "binary_distill",
     "binary_distill_sum",
@@ -381,6 +383,46 @@ def _fused_distill_bwd(unit_temperature, residuals, g):
 _fused_distill_total.defvjp(_fused_distill_fwd, _fused_distill_bwd)
 
 
+# The same loss through the CPU kernel (distill_jax/kernels): its forward pass
+# also writes the gradient, which the backward pass only scales.
+
+
+def _kernel_total(ce, kl, valid, labelled, temperature, alpha):
+    ce_total = jnp.sum(jnp.where(labelled, ce, 0))
+    kd_total = jnp.square(temperature) * jnp.sum(jnp.where(valid, kl, 0))
+    total = jnp.where(alpha == 0, 0, alpha * ce_total) + jnp.where(
+        alpha == 1, 0, (1 - alpha) * kd_total
+    )
+    return total, ce_total - kd_total
+
+
+@jax.custom_vjp
+def _kernel_distill_total(s, t, labels, valid, labelled, temperature, alpha):
+    ce, kl = kernels.distill_rows(
+        s, t, labels, valid, labelled, temperature, alpha, with_grad=False
+    )
+    return _kernel_total(ce, kl, valid, labelled, temperature, alpha)[0]
+
+
+def _kernel_distill_fwd(s, t, labels, valid, labelled, temperature, alpha):
+    ce, kl, grad = kernels.distill_rows(
+        s, t, labels, valid, labelled, temperature, alpha, with_grad=True
+    )
+    total, dtotal_dalpha = _kernel_total(ce, kl, valid, labelled, temperature, alpha)
+    return total, (grad, dtotal_dalpha)
+
+
+def _kernel_distill_bwd(residuals, g):
+    # Every float operand is float32 here (the caller casts), so are these.
+    grad, dtotal_dalpha = residuals
+    return g * grad, None, None, None, None, None, g * dtotal_dalpha
+
+
+_kernel_distill_total.defvjp(_kernel_distill_fwd, _kernel_distill_bwd)
+
+DISTILL_IMPLS = ("xla", "cpu_kernel")
+
+
 def distill_loss_sum(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -390,6 +432,7 @@ def distill_loss_sum(
     alpha: float | ArrayLike,
     where: ArrayLike | None = None,
     label_where: ArrayLike | None = None,
+    impl: str = "xla",
 ) -> SumAndCount:
     """Fused ``alpha·CE + (1 − alpha)·T²·KL`` summed over valid positions.
 
@@ -410,10 +453,15 @@ def distill_loss_sum(
         carry a label. The others are teacher-only: they add their
         ``(1 − alpha)·T²·KL`` term alone (their ``labels`` are ignored). The
         count is still that of ``where``. None: every valid position has one.
+      impl: ``'xla'`` (jax.numpy, any backend) or ``'cpu_kernel'`` (the fused
+        C++ kernel of :mod:`distill_jax.kernels`, CPU only, float32
+        arithmetic; built on first use). Same values and gradients.
 
     Returns:
       ``(sum, count)`` scalars.
     """
+    if impl not in DISTILL_IMPLS:
+        raise ValueError(f"distill_loss impl={impl!r} is invalid; expected one of {DISTILL_IMPLS}.")
     _check_temperature(temperature)
     _check_alpha(alpha)
     student_logits = jnp.asarray(student_logits)
@@ -427,6 +475,21 @@ def distill_loss_sum(
     if label_valid is not None and valid is not None:
         label_valid = label_valid & valid
     dtype = _compute_dtype(student_logits)
+    count = jnp.asarray(labels.size, dtype) if valid is None else jnp.sum(valid, dtype=dtype)
+    if impl == "cpu_kernel":
+        items = student_logits.shape[-1]
+        rows = jnp.ones(labels.shape, bool) if valid is None else valid
+        # float32 in and out of the kernel; autodiff casts the gradient back.
+        total = _kernel_distill_total(
+            student_logits.reshape(-1, items).astype(jnp.float32),
+            jax.lax.stop_gradient(teacher_logits).reshape(-1, items).astype(jnp.float32),
+            labels.reshape(-1),
+            rows.reshape(-1),
+            (rows if label_valid is None else label_valid).reshape(-1),
+            jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32)),
+            jnp.asarray(alpha, jnp.float32),
+        )
+        return total.astype(dtype), count
     # T = 1 is the common setting: specialise it statically (one exp fewer).
     unit_temperature = isinstance(temperature, numbers.Real) and temperature == 1
     total = _fused_distill_total(
@@ -439,7 +502,6 @@ def distill_loss_sum(
         jax.lax.stop_gradient(jnp.asarray(temperature, dtype)),
         jnp.asarray(alpha, dtype),
     )
-    count = jnp.asarray(labels.size, dtype) if valid is None else jnp.sum(valid, dtype=dtype)
     return total, count
 
 
@@ -452,6 +514,7 @@ def distill_loss(
     alpha: float | ArrayLike,
     where: ArrayLike | None = None,
     label_where: ArrayLike | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """Fused mean of ``alpha·CE + (1 − alpha)·T²·KL`` over valid positions.
 
@@ -467,6 +530,7 @@ def distill_loss(
             alpha=alpha,
             where=where,
             label_where=label_where,
+            impl=impl,
         )
     )
 

@@ -17,8 +17,11 @@ TASKS = ("train", "distill")
 #   'vocab_parallel': logits stay sharded along 'model'; max, logsumexp and KL
 #     terms are reduced across shards with shard_map (never gathered);
 #   'chunked': logits never exist for the whole catalogue; a scan over item
-#     chunks with an online logsumexp (memory grows with the chunk, not V).
-LOSS_IMPLS = ("plain", "vocab_parallel", "chunked")
+#     chunks with an online logsumexp (memory grows with the chunk, not V);
+#   'cpu_kernel': 'plain', with the distillation loss (value and gradient) in
+#     the fused C++ kernel of distill_jax/kernels (CPU only); cross-entropy
+#     training (task 'train') is the same as 'plain'.
+LOSS_IMPLS = ("plain", "vocab_parallel", "chunked", "cpu_kernel")
 
 
 def hidden_at_targets(
@@ -73,10 +76,21 @@ def make_loss_fn(
             f"config.loss.impl={impl!r} supports config.distill.mode='soft' only, "
             f"got {distill_cfg.mode!r}; use config.loss.impl='plain'."
         )
-    if impl != "plain" and task == "distill" and distill_cfg.get("last_item_slot", False):
+    if (
+        impl not in ("plain", "cpu_kernel")
+        and task == "distill"
+        and distill_cfg.get("last_item_slot", False)
+    ):
         raise ValueError(
             f"config.loss.impl={impl!r} does not support config.distill.last_item_slot=True "
             "(teacher-only slots); use config.loss.impl='plain'."
+        )
+    if impl == "cpu_kernel" and task == "distill" and jax.default_backend() != "cpu":
+        # Checked here, not in config_lib: the backend must not be touched
+        # before jax.distributed is initialised.
+        raise ValueError(
+            f"config.loss.impl='cpu_kernel' runs on the CPU backend only, not "
+            f"{jax.default_backend()!r}; use config.loss.impl='plain'."
         )
     if impl == "chunked":
         return _chunked_loss_fn(model, task, teacher, distill_cfg, loss_cfg.chunk_size)
@@ -105,6 +119,7 @@ def make_loss_fn(
             alpha=distill_cfg.alpha,
             where=kd_where,
             label_where=where if "kd_where" in batch else None,
+            impl="cpu_kernel" if impl == "cpu_kernel" else "xla",
         )
 
     return loss_fn

@@ -1,0 +1,157 @@
+"""CPU kernels compiled on first use and called through XLA's FFI.
+
+`distill_rows` (source: `distill_rows.cc` beside this file) computes the
+per-row cross-entropy, the distillation KL and, optionally, the gradient of
+``alpha·CE + (1 − alpha)·T²·KL`` with respect to the student logits, in one
+pass over each row where XLA's CPU backend makes about ten (BENCHMARKS.md,
+"Where the CPU step time goes"). `losses.distill_loss(..., impl='cpu_kernel')`
+uses it; `config.loss.impl='cpu_kernel'` selects it in training.
+
+The shared library is built with the system C++ compiler (``$CXX``, else
+``c++``; C++20, ``-O3 -march=native``) against the XLA FFI headers that ship
+with jaxlib, and cached under ``$DISTILL_JAX_KERNEL_CACHE`` (default
+``~/.cache/distill_jax/kernels``), keyed by the source, the flags, the jaxlib
+version and the CPU's feature flags. No compiler means a clear error, never a
+silent fallback: the plain loss needs no kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+_SOURCE = pathlib.Path(__file__).with_name("distill_rows.cc")
+_FLAGS = ("-std=c++20", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden")
+_TARGETS = {
+    "distill_jax_distill_rows_stats": "DistillJaxDistillRowsStats",
+    "distill_jax_distill_rows_grad": "DistillJaxDistillRowsGrad",
+}
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernel could not be compiled or loaded."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("DISTILL_JAX_KERNEL_CACHE")
+    if root:
+        return pathlib.Path(root)
+    return pathlib.Path.home() / ".cache" / "distill_jax" / "kernels"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise KernelBuildError(
+            f"config.loss.impl='cpu_kernel' needs a C++20 compiler to build "
+            f"{_SOURCE}, and {cxx!r} (from $CXX, default 'c++') is not on PATH. "
+            "Install one (e.g. `apt-get install g++`) or set config.loss.impl='plain'."
+        )
+    return path
+
+
+def library_path() -> pathlib.Path:
+    """Builds the kernel library if needed; returns its path."""
+    source = _SOURCE.read_bytes()
+    cxx = _compiler()
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, " ".join(_FLAGS).encode(), jaxlib.__version__.encode(), _cpu_flags().encode()]
+        )
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"distill_rows_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a temporary name, then rename: concurrent processes (a
+    # multi-process run) never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = pathlib.Path(tmp) / out.name
+        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(tmp_out)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelBuildError(
+                f"building {_SOURCE} failed (exit {result.returncode}): {' '.join(cmd)}\n"
+                f"{result.stderr[-4000:]}"
+            )
+        os.replace(tmp_out, out)
+    return out
+
+
+@functools.cache
+def _register() -> None:
+    lib = ctypes.cdll.LoadLibrary(str(library_path()))
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+def available() -> bool:
+    """Whether the kernel can be built and loaded here (a compiler is present)."""
+    try:
+        _register()
+    except KernelBuildError:
+        return False
+    return True
+
+
+def distill_rows(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    labelled: jax.Array,
+    temperature: jax.Array,
+    alpha: jax.Array,
+    *,
+    with_grad: bool,
+) -> tuple[jax.Array, ...]:
+    """Per-row ``(ce, kl)``, and the ``[N, V]`` gradient when `with_grad`.
+
+    Args:
+      student_logits, teacher_logits: ``[N, V]`` float32.
+      labels: ``[N]`` int32 targets (read on `labelled` rows only).
+      valid: ``[N]`` bool; other rows get ce = kl = 0 and a zero gradient.
+      labelled: ``[N]`` bool, the valid rows whose CE counts.
+      temperature, alpha: float32 scalars.
+      with_grad: also return ``valid·(alpha·labelled·(softmax(s) − onehot) +
+        (1 − alpha)·T·(softmax(s/T) − softmax(t/T)))``.
+    """
+    _register()
+    rows, items = student_logits.shape
+    f32 = jnp.float32
+    outs = [jax.ShapeDtypeStruct((rows,), f32), jax.ShapeDtypeStruct((rows,), f32)]
+    if with_grad:
+        outs.append(jax.ShapeDtypeStruct((rows, items), f32))
+    target = "distill_jax_distill_rows_grad" if with_grad else "distill_jax_distill_rows_stats"
+    call = jax.ffi.ffi_call(target, tuple(outs), vmap_method="sequential")
+    return call(
+        student_logits.astype(f32),
+        teacher_logits.astype(f32),
+        labels.astype(jnp.int32),
+        valid.astype(f32),
+        labelled.astype(f32),
+        jnp.asarray(temperature, f32),
+        jnp.asarray(alpha, f32),
+    )

@@ -1,0 +1,214 @@
+"""Tests for the fused CPU kernel (distill_jax/kernels) against float64 NumPy.
+
+The kernel is built with the system C++ compiler on first use; without one
+these tests skip (the plain loss needs no compiler).
+"""
+
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from distill_jax import kernels, losses
+from distill_jax.models import sasrec
+from distill_jax.train import steps
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler to build distill_jax/kernels/distill_rows.cc",
+)
+
+
+def np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def np_reference(s, t, labels, valid, labelled, temperature, alpha):
+    """Per-row ce, kl and d(alpha·labelled·ce + (1-alpha)·T²·kl)/ds, float64."""
+    ls, lst, ltt = (
+        np_log_softmax(s),
+        np_log_softmax(s / temperature),
+        np_log_softmax(t / temperature),
+    )
+    p = np.exp(ltt)
+    with np.errstate(invalid="ignore"):
+        kl = np.where(p > 0, p * (ltt - lst), 0.0).sum(-1)
+    rows = np.arange(s.shape[0])
+    ce = -ls[rows, np.clip(labels, 0, s.shape[1] - 1)]
+    onehot = np.eye(s.shape[1])[np.clip(labels, 0, s.shape[1] - 1)]
+    grad = alpha * labelled[:, None] * (np.exp(ls) - onehot) + (1 - alpha) * temperature * (
+        np.exp(lst) - p
+    )
+    grad = np.where(valid[:, None], grad, 0.0)
+    return np.where(labelled, ce, 0.0), np.where(valid, kl, 0.0), grad
+
+
+def random_rows(rows, items, seed, scale=3.0):
+    rng = np.random.default_rng(seed)
+    s = (scale * rng.normal(size=(rows, items))).astype(np.float32)
+    t = (scale * rng.normal(size=(rows, items))).astype(np.float32)
+    s[:, 0] = t[:, 0] = -np.inf  # the padding column
+    t[:, 5] = -np.inf  # an item the teacher masks: p = 0 there
+    labels = rng.integers(1, items, rows).astype(np.int32)
+    valid = rng.random(rows) > 0.2
+    labelled = valid & (rng.random(rows) > 0.3)
+    # Masked rows may hold anything: NaN logits and a -1 label.
+    s[~valid] = np.nan
+    labels[~valid] = -1
+    return s, t, labels, valid, labelled
+
+
+# 37 rows run on one thread, 203 on several; 1,003 items leave a tail after
+# the 8-wide vector loops.
+@pytest.mark.parametrize("rows", [37, 203])
+@pytest.mark.parametrize(
+    "temperature,alpha", [(1.0, 0.0), (1.0, 0.5), (2.5, 0.3), (0.7, 1.0), (4.0, 0.0)]
+)
+def test_distill_rows_matches_float64_reference(rows, temperature, alpha):
+    s, t, labels, valid, labelled = random_rows(rows, 1003, seed=rows)
+    ce, kl, grad = jax.jit(lambda *a: kernels.distill_rows(*a, temperature, alpha, with_grad=True))(
+        s, t, labels, valid, labelled
+    )
+    chex.assert_shape((ce, kl), (rows,))
+    chex.assert_shape(grad, (rows, 1003))
+    ce_ref, kl_ref, grad_ref = np_reference(s, t, labels, valid, labelled, temperature, alpha)
+    np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kl, kl_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
+    # The stats-only target returns the same rows.
+    ce2, kl2 = kernels.distill_rows(
+        s, t, labels, valid, labelled, temperature, alpha, with_grad=False
+    )
+    np.testing.assert_array_equal(ce2, ce)
+    np.testing.assert_array_equal(kl2, kl)
+
+
+def test_distill_rows_extreme_logits():
+    """Rows far below the float range of exp, and one-hot teachers, stay exact."""
+    rows, items = 4, 300
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(rows, items)).astype(np.float32)
+    t = rng.normal(size=(rows, items)).astype(np.float32)
+    s[0] *= 500.0  # most entries underflow to 0 after the shift
+    t[1] = -np.inf
+    t[1, 7] = 2.0  # the teacher puts all its mass on item 7
+    s[2] += 1e4  # a large offset: the shift by the row maximum removes it
+    labels = np.array([3, 7, 9, 11], np.int32)
+    ones = np.ones(rows, bool)
+    ce, kl, grad = kernels.distill_rows(s, t, labels, ones, ones, 1.0, 0.5, with_grad=True)
+    ce_ref, kl_ref, grad_ref = np_reference(s, t, labels, ones, ones, 1.0, 0.5)
+    assert np.all(np.isfinite(kl)) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(kl, kl_ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.0), (2.0, 0.4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_distill_loss_cpu_kernel_equals_xla(temperature, alpha, dtype):
+    """Same loss, gradient (student logits and alpha) through either impl."""
+    rng = np.random.default_rng(2)
+    shape = (3, 11, 257)
+    s = jnp.asarray(rng.normal(size=shape), dtype)
+    t = jnp.asarray(rng.normal(size=shape), dtype)
+    s = s.at[..., 0].set(-jnp.inf)
+    t = t.at[..., 0].set(-jnp.inf)
+    labels = jnp.asarray(rng.integers(1, shape[-1], shape[:-1]))
+    where = jnp.asarray(rng.random(shape[:-1]) > 0.25)
+    label_where = where & jnp.asarray(rng.random(shape[:-1]) > 0.3)
+
+    def loss(s, a, impl):
+        return losses.distill_loss(
+            s,
+            t,
+            labels,
+            temperature=temperature,
+            alpha=a,
+            where=where,
+            label_where=label_where,
+            impl=impl,
+        )
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    (v_x, (g_x, ga_x)) = grad_fn(s, jnp.float32(alpha), "xla")
+    (v_k, (g_k, ga_k)) = grad_fn(s, jnp.float32(alpha), "cpu_kernel")
+    assert g_k.dtype == s.dtype and v_k.dtype == v_x.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(v_k, v_x, rtol=tol)
+    np.testing.assert_allclose(ga_k, ga_x, rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(g_k, np.float32), np.asarray(g_x, np.float32), rtol=tol, atol=tol * 1e-2
+    )
+
+
+def test_distill_loss_cpu_kernel_nothing_valid_is_zero():
+    s = jnp.full((2, 5, 30), jnp.nan)
+    labels = jnp.zeros((2, 5), jnp.int32)
+    where = jnp.zeros((2, 5), bool)
+    value, grad = jax.value_and_grad(
+        lambda s: losses.distill_loss(
+            s, s, labels, temperature=1.0, alpha=0.5, where=where, impl="cpu_kernel"
+        )
+    )(s)
+    assert float(value) == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="impl='fused'"):
+        losses.distill_loss(
+            jnp.zeros((2, 3)),
+            jnp.zeros((2, 3)),
+            jnp.zeros(2, int),
+            temperature=1.0,
+            alpha=0.5,
+            impl="fused",
+        )
+
+
+def test_missing_compiler_names_the_config_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-for-distill-jax")
+    monkeypatch.setenv("DISTILL_JAX_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(kernels.KernelBuildError, match=r"loss\.impl='cpu_kernel'.*\$CXX"):
+        kernels.library_path()
+
+
+def test_distill_step_loss_cpu_kernel_equals_plain():
+    """The train step's loss and gradients are those of loss.impl='plain'."""
+    model_cfg = dict(
+        num_items=40,
+        max_len=6,
+        embed_dim=8,
+        num_blocks=1,
+        num_heads=1,
+        mlp_dim=16,
+        dropout_rate=0.0,
+    )
+    student = sasrec.SASRec(**model_cfg)
+    teacher = sasrec.SASRec(**{**model_cfg, "embed_dim": 16})
+    inputs = jnp.asarray(np.random.default_rng(3).integers(0, 41, (4, 6)))
+    params = student.init(jax.random.key(0), inputs, train=False)["params"]
+    t_params = teacher.init(jax.random.key(1), inputs, train=False)["params"]
+    where = inputs > 0
+    batch = {
+        "inputs": inputs,
+        "target_index": jnp.arange(24),
+        "targets": jnp.roll(inputs, -1, axis=1).reshape(-1) % 40 + 1,
+        "where": where.reshape(-1),
+    }
+    distill = ml_collections.ConfigDict(
+        dict(mode="soft", temperature=2.0, alpha=0.5, last_item_slot=False)
+    )
+    out = {}
+    for impl in ("plain", "cpu_kernel"):
+        loss_cfg = ml_collections.ConfigDict(dict(impl=impl, chunk_size=16))
+        fn = steps.make_loss_fn(student, "distill", teacher, distill, loss_cfg)
+        out[impl] = jax.value_and_grad(fn)(params, t_params, batch, jax.random.key(2))
+    np.testing.assert_allclose(out["cpu_kernel"][0], out["plain"][0], rtol=1e-5)
+    chex.assert_trees_all_close(out["cpu_kernel"][1], out["plain"][1], rtol=1e-4, atol=1e-6)
