@@ -13,9 +13,11 @@ D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
 * `plain`: what the trainer does: each product's column 0 set to -inf by a
   `jnp.where` (as `Model.logits` does), then `losses.distill_loss` (fused
   closed-form backward) under autodiff;
-* `cpu_kernel`: the same, with `losses.distill_loss(..., impl='cpu_kernel')`
-  (the fused C++ kernel of `distill_jax/kernels`: one read of each row for
-  its maxima, the exponentials kept in cache, the gradient written once);
+* `cpu_kernel`: what the trainer does with `loss.impl='cpu_kernel'`:
+  `catalogue_losses.kernel_distill_loss` from the hidden states (the fused
+  C++ kernel of `distill_jax/kernels` between XLA's products: one read of
+  each row for its maxima, the exponentials kept in cache, the gradient
+  written once, the padding column masked inside);
 * `row_blocks`: a `lax.scan` over blocks of `--row_block` rows, each block's
   logits, loss and gradients computed together so they could stay in cache
   (a hand-fused alternative; not used by the trainer).
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from throughput import matmul_rate  # benchmarks/throughput.py, beside this script
 
-from distill_jax import losses
+from distill_jax import catalogue_losses, losses
 
 
 def make_inputs(rows: int, items: int, d_teacher: int, d_student: int, seed: int = 0):
@@ -61,11 +63,8 @@ def make_variant(name: str, labels: jax.Array, row_block: int):
         return losses.distill_loss(s, t, labels, temperature=1.0, alpha=0.0, where=where)
 
     def kernel_loss(hs, ws, ht, wt):
-        s, t = hs @ ws.T, jax.lax.stop_gradient(ht @ wt.T)
-        padding = jnp.arange(s.shape[-1]) == 0
-        s, t = jnp.where(padding, -jnp.inf, s), jnp.where(padding, -jnp.inf, t)
-        return losses.distill_loss(
-            s, t, labels, temperature=1.0, alpha=0.0, where=where, impl="cpu_kernel"
+        return catalogue_losses.kernel_distill_loss(
+            hs, ws, None, ht, wt, None, labels, where, temperature=1.0, alpha=0.0
         )
 
     if name == "plain":

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from distill_jax import losses
+from distill_jax import kernels, losses
 
 __all__ = [
     "chunked_cross_entropy",
@@ -47,6 +47,8 @@ __all__ = [
     "chunked_distill_loss_sum",
     "chunked_kl_distill",
     "chunked_kl_distill_sum",
+    "kernel_distill_loss",
+    "kernel_distill_loss_sum",
 ]
 
 SumAndCount = tuple[jax.Array, jax.Array]
@@ -609,5 +611,158 @@ def chunked_distill_loss(
             temperature=temperature,
             alpha=alpha,
             chunk_size=chunk_size,
+        )
+    )
+
+
+# --------------------------------------------------------------------------
+# The fused CPU kernel (distill_jax/kernels) from hidden states: the products
+# are XLA's, everything between them is the kernel's, and the backward pass
+# applies the loss's scale to the small results (dh, dE), not to [N, V].
+# --------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _kernel_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
+    s_logits = h @ table.T
+    ce, kl = kernels.distill_rows(
+        s_logits,
+        bias,
+        t_logits,
+        t_bias,
+        labels,
+        valid,
+        labelled,
+        temp,
+        alpha,
+        mask_first=True,
+        with_grad=False,
+    )
+    return losses.kernel_total(ce, kl, valid, labelled, temp, alpha)[0]
+
+
+def _kernel_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
+    s_logits = h @ table.T
+    ce, kl, grad, bias_grad = kernels.distill_rows(
+        s_logits,
+        bias,
+        t_logits,
+        t_bias,
+        labels,
+        valid,
+        labelled,
+        temp,
+        alpha,
+        mask_first=True,
+        with_grad=True,
+    )
+    total, dtotal_dalpha = losses.kernel_total(ce, kl, valid, labelled, temp, alpha)
+    return total, (h, table, grad, bias_grad, dtotal_dalpha)
+
+
+def _kernel_bwd(residuals, g):
+    h, table, grad, bias_grad, dtotal_dalpha = residuals
+    d_h = g * (grad @ table)
+    d_table = g * jax.lax.dot_general(grad, h, (((0,), (0,)), ((), ())))
+    return (d_h, d_table, g * bias_grad, None, None, None, None, None, None, g * dtotal_dalpha)
+
+
+_kernel_total.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def kernel_distill_loss_sum(
+    h_student: ArrayLike,
+    table_s: ArrayLike,
+    bias_s: ArrayLike | None,
+    h_teacher: ArrayLike,
+    table_t: ArrayLike,
+    bias_t: ArrayLike | None,
+    labels: ArrayLike,
+    where: ArrayLike | None = None,
+    label_where: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike,
+    alpha: float | ArrayLike,
+) -> SumAndCount:
+    """``alpha·CE + (1 − alpha)·T²·KL`` from hidden states through the CPU kernel.
+
+    Equal in value and gradient (``h_student``, ``table_s``, ``bias_s``,
+    ``alpha``) to ``losses.distill_loss_sum`` on the full logits (column 0 at
+    -inf), computed in float32. The two catalogue products are XLA matrix
+    multiplies; softmaxes, KL, the gradient with respect to the logits and
+    its column sums are the fused kernel of :mod:`distill_jax.kernels` (one
+    pass over each row, built on first use; CPU backend only).
+
+    Args: as :func:`chunked_distill_loss_sum`, and ``label_where``, an
+      optional ``[...]`` mask of the valid positions that carry a label (the
+      others add their KL term alone; see ``losses.distill_loss_sum``).
+
+    Returns:
+      ``(sum, count)`` scalars.
+    """
+    losses._check_temperature(temperature)
+    losses._check_alpha(alpha)
+    h_s, table_s = jnp.asarray(h_student), jnp.asarray(table_s)
+    h_t, table_t = jnp.asarray(h_teacher), jax.lax.stop_gradient(jnp.asarray(table_t, jnp.float32))
+    _check_tower("student ", h_s, table_s, None if bias_s is None else jnp.asarray(bias_s))
+    _check_tower("teacher ", h_t, table_t, None if bias_t is None else jnp.asarray(bias_t))
+    if table_s.shape[0] != table_t.shape[0] or h_s.shape[:-1] != h_t.shape[:-1]:
+        raise ValueError(
+            f"teacher and student must share positions and catalogue: hidden states "
+            f"{h_t.shape} and {h_s.shape}, tables {table_t.shape} and {table_s.shape}."
+        )
+    labels = jnp.asarray(labels)
+    _check_labels(labels, h_s.shape[:-1])
+    valid = _prepare_where(where, labels.shape)
+    labelled = valid if label_where is None else valid & _prepare_where(label_where, labels.shape)
+    f32 = jnp.float32
+    items = table_s.shape[0]
+    zeros = jnp.zeros((items,), f32)
+    # The teacher's product (no gradient); its bias is added inside the kernel.
+    t_logits = jax.lax.stop_gradient(h_t.reshape(-1, h_t.shape[-1]).astype(f32) @ table_t.T)
+    total = _kernel_total(
+        h_s.reshape(-1, h_s.shape[-1]).astype(f32),
+        table_s.astype(f32),
+        zeros if bias_s is None else jnp.asarray(bias_s, f32),
+        t_logits,
+        jax.lax.stop_gradient(zeros if bias_t is None else jnp.asarray(bias_t, f32)),
+        labels.reshape(-1),
+        valid.reshape(-1),
+        labelled.reshape(-1),
+        jax.lax.stop_gradient(jnp.asarray(temperature, f32)),
+        jnp.asarray(alpha, f32),
+    )
+    dtype = losses._compute_dtype(h_s)
+    return total.astype(dtype), jnp.sum(valid, dtype=dtype)
+
+
+def kernel_distill_loss(
+    h_student: ArrayLike,
+    table_s: ArrayLike,
+    bias_s: ArrayLike | None,
+    h_teacher: ArrayLike,
+    table_t: ArrayLike,
+    bias_t: ArrayLike | None,
+    labels: ArrayLike,
+    where: ArrayLike | None = None,
+    label_where: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike,
+    alpha: float | ArrayLike,
+) -> jax.Array:
+    """Mean of :func:`kernel_distill_loss_sum` over valid positions (0.0 if none)."""
+    return _mean(
+        kernel_distill_loss_sum(
+            h_student,
+            table_s,
+            bias_s,
+            h_teacher,
+            table_t,
+            bias_t,
+            labels,
+            where,
+            label_where,
+            temperature=temperature,
+            alpha=alpha,
         )
     )

@@ -387,28 +387,43 @@ _fused_distill_total.defvjp(_fused_distill_fwd, _fused_distill_bwd)
 # also writes the gradient, which the backward pass only scales.
 
 
-def _kernel_total(ce, kl, valid, labelled, temperature, alpha):
+def kernel_total(ce, kl, valid, labelled, temperature, alpha):
+    """(alpha·ΣCE + (1 − alpha)·T²·ΣKL, its derivative in alpha) from kernel rows."""
     ce_total = jnp.sum(jnp.where(labelled, ce, 0))
     kd_total = jnp.square(temperature) * jnp.sum(jnp.where(valid, kl, 0))
+    # As in the fused form: a term with weight 0 is dropped outright.
     total = jnp.where(alpha == 0, 0, alpha * ce_total) + jnp.where(
         alpha == 1, 0, (1 - alpha) * kd_total
     )
     return total, ce_total - kd_total
 
 
+def _kernel_rows(s, t, labels, valid, labelled, temperature, alpha, with_grad):
+    zeros = jnp.zeros(s.shape[-1], jnp.float32)
+    return kernels.distill_rows(
+        s,
+        zeros,
+        t,
+        zeros,
+        labels,
+        valid,
+        labelled,
+        temperature,
+        alpha,
+        mask_first=False,
+        with_grad=with_grad,
+    )
+
+
 @jax.custom_vjp
 def _kernel_distill_total(s, t, labels, valid, labelled, temperature, alpha):
-    ce, kl = kernels.distill_rows(
-        s, t, labels, valid, labelled, temperature, alpha, with_grad=False
-    )
-    return _kernel_total(ce, kl, valid, labelled, temperature, alpha)[0]
+    ce, kl = _kernel_rows(s, t, labels, valid, labelled, temperature, alpha, False)
+    return kernel_total(ce, kl, valid, labelled, temperature, alpha)[0]
 
 
 def _kernel_distill_fwd(s, t, labels, valid, labelled, temperature, alpha):
-    ce, kl, grad = kernels.distill_rows(
-        s, t, labels, valid, labelled, temperature, alpha, with_grad=True
-    )
-    total, dtotal_dalpha = _kernel_total(ce, kl, valid, labelled, temperature, alpha)
+    ce, kl, grad, _ = _kernel_rows(s, t, labels, valid, labelled, temperature, alpha, True)
+    total, dtotal_dalpha = kernel_total(ce, kl, valid, labelled, temperature, alpha)
     return total, (grad, dtotal_dalpha)
 
 

@@ -7,13 +7,14 @@ these tests skip (the plain loss needs no compiler).
 import shutil
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from distill_jax import kernels, losses
+from distill_jax import catalogue_losses, kernels, losses
 from distill_jax.models import sasrec
 from distill_jax.train import steps
 
@@ -72,19 +73,39 @@ def random_rows(rows, items, seed, scale=3.0):
 )
 def test_distill_rows_matches_float64_reference(rows, temperature, alpha):
     s, t, labels, valid, labelled = random_rows(rows, 1003, seed=rows)
-    ce, kl, grad = jax.jit(lambda *a: kernels.distill_rows(*a, temperature, alpha, with_grad=True))(
-        s, t, labels, valid, labelled
-    )
+    # Biases added inside the kernel, and column 0 masked by it: the raw
+    # products may hold anything there.
+    rng = np.random.default_rng(rows + 1)
+    b_s, b_t = rng.normal(size=(2, 1003)).astype(np.float32)
+    s_raw, t_raw = s - b_s, t - b_t
+    s_raw[valid, 0] = t_raw[:, 0] = 7.0
+
+    def rows_fn(s_raw, t_raw, with_grad):
+        return kernels.distill_rows(
+            s_raw,
+            b_s,
+            t_raw,
+            b_t,
+            labels,
+            valid,
+            labelled,
+            temperature,
+            alpha,
+            mask_first=True,
+            with_grad=with_grad,
+        )
+
+    ce, kl, grad, col = jax.jit(rows_fn, static_argnums=2)(s_raw, t_raw, True)
     chex.assert_shape((ce, kl), (rows,))
     chex.assert_shape(grad, (rows, 1003))
+    chex.assert_shape(col, (1003,))
     ce_ref, kl_ref, grad_ref = np_reference(s, t, labels, valid, labelled, temperature, alpha)
     np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kl, kl_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(col, grad_ref.sum(0), rtol=1e-4, atol=1e-5)
     # The stats-only target returns the same rows.
-    ce2, kl2 = kernels.distill_rows(
-        s, t, labels, valid, labelled, temperature, alpha, with_grad=False
-    )
+    ce2, kl2 = rows_fn(s_raw, t_raw, False)
     np.testing.assert_array_equal(ce2, ce)
     np.testing.assert_array_equal(kl2, kl)
 
@@ -101,7 +122,10 @@ def test_distill_rows_extreme_logits():
     s[2] += 1e4  # a large offset: the shift by the row maximum removes it
     labels = np.array([3, 7, 9, 11], np.int32)
     ones = np.ones(rows, bool)
-    ce, kl, grad = kernels.distill_rows(s, t, labels, ones, ones, 1.0, 0.5, with_grad=True)
+    zeros = np.zeros(items, np.float32)
+    ce, kl, grad, _ = kernels.distill_rows(
+        s, zeros, t, zeros, labels, ones, ones, 1.0, 0.5, mask_first=False, with_grad=True
+    )
     ce_ref, kl_ref, grad_ref = np_reference(s, t, labels, ones, ones, 1.0, 0.5)
     assert np.all(np.isfinite(kl)) and np.all(np.isfinite(grad))
     np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-4)
@@ -145,6 +169,60 @@ def test_distill_loss_cpu_kernel_equals_xla(temperature, alpha, dtype):
     np.testing.assert_allclose(
         np.asarray(g_k, np.float32), np.asarray(g_x, np.float32), rtol=tol, atol=tol * 1e-2
     )
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (3.0, 0.0)])
+def test_kernel_distill_loss_from_hidden_equals_plain(temperature, alpha):
+    """Value and gradients (h, table, bias, alpha) equal the plain loss on full logits."""
+    rng = np.random.default_rng(4)
+    items, d_s, d_t, shape = 301, 5, 12, (4, 9)
+    h_s = jnp.asarray(rng.normal(size=(*shape, d_s)), jnp.float32)
+    table_s = jnp.asarray(rng.normal(size=(items, d_s)), jnp.float32)
+    bias_s = jnp.asarray(rng.normal(size=(items,)), jnp.float32)
+    h_t = jnp.asarray(rng.normal(size=(*shape, d_t)), jnp.float32)
+    table_t = jnp.asarray(rng.normal(size=(items, d_t)), jnp.float32)
+    bias_t = jnp.asarray(rng.normal(size=(items,)), jnp.float32)
+    labels = jnp.asarray(rng.integers(1, items, shape))
+    where = jnp.asarray(rng.random(shape) > 0.2)
+    label_where = where & jnp.asarray(rng.random(shape) > 0.3)
+    padding = jnp.arange(items) == 0
+
+    def plain(h, table, bias, a):
+        s = jnp.where(padding, -jnp.inf, h @ table.T + bias)
+        t = jnp.where(padding, -jnp.inf, h_t @ table_t.T + bias_t)
+        return losses.distill_loss(
+            s, t, labels, temperature=temperature, alpha=a, where=where, label_where=label_where
+        )
+
+    def kernel(h, table, bias, a):
+        return catalogue_losses.kernel_distill_loss(
+            h,
+            table,
+            bias,
+            h_t,
+            table_t,
+            bias_t,
+            labels,
+            where,
+            label_where,
+            temperature=temperature,
+            alpha=a,
+        )
+
+    args = (h_s, table_s, bias_s, jnp.float32(alpha))
+    v_p, g_p = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2, 3)))(*args)
+    v_k, g_k = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1, 2, 3)))(*args)
+    np.testing.assert_allclose(v_k, v_p, rtol=1e-5)
+    chex.assert_trees_all_close(g_k, g_p, rtol=1e-4, atol=1e-6)
+    # The teacher's tower gets no gradient.
+    g_teacher = jax.grad(
+        lambda ht, tt, bt: catalogue_losses.kernel_distill_loss(
+            h_s, table_s, bias_s, ht, tt, bt, labels, where, temperature=temperature, alpha=alpha
+        ),
+        argnums=(0, 1, 2),
+    )(h_t, table_t, bias_t)
+    for g in g_teacher:
+        np.testing.assert_array_equal(g, 0.0)
 
 
 def test_distill_loss_cpu_kernel_nothing_valid_is_zero():
@@ -193,8 +271,8 @@ def test_distill_step_loss_cpu_kernel_equals_plain():
     student = sasrec.SASRec(**model_cfg)
     teacher = sasrec.SASRec(**{**model_cfg, "embed_dim": 16})
     inputs = jnp.asarray(np.random.default_rng(3).integers(0, 41, (4, 6)))
-    params = student.init(jax.random.key(0), inputs, train=False)["params"]
-    t_params = teacher.init(jax.random.key(1), inputs, train=False)["params"]
+    params = nn.meta.unbox(student.init(jax.random.key(0), inputs, train=False)["params"])
+    t_params = nn.meta.unbox(teacher.init(jax.random.key(1), inputs, train=False)["params"])
     where = inputs > 0
     batch = {
         "inputs": inputs,

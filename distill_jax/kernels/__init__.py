@@ -118,40 +118,54 @@ def available() -> bool:
 
 def distill_rows(
     student_logits: jax.Array,
+    student_bias: jax.Array,
     teacher_logits: jax.Array,
+    teacher_bias: jax.Array,
     labels: jax.Array,
     valid: jax.Array,
     labelled: jax.Array,
     temperature: jax.Array,
     alpha: jax.Array,
     *,
+    mask_first: bool,
     with_grad: bool,
 ) -> tuple[jax.Array, ...]:
-    """Per-row ``(ce, kl)``, and the ``[N, V]`` gradient when `with_grad`.
+    """Per-row ``(ce, kl)``; with `with_grad` also the gradient and its column sums.
+
+    The logits of a row are ``student_logits[r] + student_bias`` and
+    ``teacher_logits[r] + teacher_bias``.
 
     Args:
-      student_logits, teacher_logits: ``[N, V]`` float32.
+      student_logits, teacher_logits: ``[N, V]`` float32 (e.g. the bias-free
+        products ``h @ E.T``).
+      student_bias, teacher_bias: ``[V]`` float32 (zeros for logits that
+        already include it).
       labels: ``[N]`` int32 targets (read on `labelled` rows only).
       valid: ``[N]`` bool; other rows get ce = kl = 0 and a zero gradient.
-      labelled: ``[N]`` bool, the valid rows whose CE counts.
+      labelled: ``[N]`` bool, the valid rows whose CE counts (0 elsewhere).
       temperature, alpha: float32 scalars.
-      with_grad: also return ``valid·(alpha·labelled·(softmax(s) − onehot) +
-        (1 − alpha)·T·(softmax(s/T) − softmax(t/T)))``.
+      mask_first: treat column 0 (the padding item) as -inf for both.
+      with_grad: also return ``grad = valid·(alpha·labelled·(softmax(s) −
+        onehot) + (1 − alpha)·T·(softmax(s/T) − softmax(t/T)))`` ``[N, V]``
+        and its column sums ``[V]`` (the output bias's gradient).
     """
     _register()
     rows, items = student_logits.shape
     f32 = jnp.float32
     outs = [jax.ShapeDtypeStruct((rows,), f32), jax.ShapeDtypeStruct((rows,), f32)]
     if with_grad:
-        outs.append(jax.ShapeDtypeStruct((rows, items), f32))
+        outs += [jax.ShapeDtypeStruct((rows, items), f32), jax.ShapeDtypeStruct((items,), f32)]
     target = "distill_jax_distill_rows_grad" if with_grad else "distill_jax_distill_rows_stats"
     call = jax.ffi.ffi_call(target, tuple(outs), vmap_method="sequential")
     return call(
         student_logits.astype(f32),
+        student_bias.astype(f32),
         teacher_logits.astype(f32),
+        teacher_bias.astype(f32),
         labels.astype(jnp.int32),
         valid.astype(f32),
         labelled.astype(f32),
         jnp.asarray(temperature, f32),
         jnp.asarray(alpha, f32),
+        mask_first=mask_first,
     )

@@ -1,13 +1,17 @@
 // Fused per-row distillation loss on the CPU: an XLA FFI custom call.
 //
-// For each row r of the student logits s[N, V] and teacher logits t[N, V]:
+// For each row r of the student logits s[N, V] + bs[V] and teacher logits
+// t[N, V] + bt[V] (the output biases are added here, so the products can come
+// straight from the matrix multiply; with mask_first, column 0, the padding
+// item, is -inf for both):
 //   ce[r] = logsumexp(s_r) - s_r[y_r]
 //   kl[r] = KL(softmax(t_r / T) || softmax(s_r / T))
 // and, for the `_grad` target, the gradient of
 //   alpha * labelled_r * ce[r] + (1 - alpha) * T^2 * kl[r]
 // with respect to s_r, times valid_r:
 //   g = alpha * labelled * (softmax(s) - onehot(y)) + (1 - alpha) * T * (q - p)
-// with q = softmax(s / T), p = softmax(t / T).
+// with q = softmax(s / T), p = softmax(t / T), and its column sums (the
+// gradient of the student's output bias).
 //
 // XLA's CPU backend runs the same computation as about ten separate passes
 // over the [N, V] blocks (row maxima, exp, row sums, selects, the gradient).
@@ -98,7 +102,10 @@ inline float exp_nonpos(float x) {
 
 struct Params {
   const float* s;
+  const float* s_bias;
   const float* t;
+  const float* t_bias;
+  bool mask_first;
   const int32_t* labels;
   const float* valid;
   const float* labelled;
@@ -112,7 +119,7 @@ struct Params {
 };
 
 // Rows [begin, end) of `p`, with scratch rows of p.cols floats.
-void RunRows(const Params& p, int64_t begin, int64_t end) {
+void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
   const int64_t v = p.cols;
   const int64_t vec_end = v - v % kLanes;
   const bool unit = p.temperature == 1.0f;
@@ -122,6 +129,11 @@ void RunRows(const Params& p, int64_t begin, int64_t end) {
   float* eb = buf_b.data();
   float* ez = unit ? eb : buf_z.data();
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  // The biases, with the padding column masked (adding -inf to it).
+  std::vector<float> bias_s(p.s_bias, p.s_bias + v), bias_t(p.t_bias, p.t_bias + v);
+  if (p.mask_first && v > 0) bias_s[0] = bias_t[0] = neg_inf;
+  const float* bs = bias_s.data();
+  const float* bt = bias_t.data();
   for (int64_t r = begin; r < end; ++r) {
     const float* s = p.s + r * v;
     const float* t = p.t + r * v;
@@ -136,8 +148,8 @@ void RunRows(const Params& p, int64_t begin, int64_t end) {
     vf ms0 = splat(neg_inf), ms1 = ms0, mt0 = ms0, mt1 = ms0;
     int64_t j = 0;
     for (; j + 2 * kLanes <= vec_end; j += 2 * kLanes) {
-      vf a0 = load(s + j), a1 = load(s + j + kLanes);
-      vf b0 = load(t + j), b1 = load(t + j + kLanes);
+      vf a0 = load(s + j) + load(bs + j), a1 = load(s + j + kLanes) + load(bs + j + kLanes);
+      vf b0 = load(t + j) + load(bt + j), b1 = load(t + j + kLanes) + load(bt + j + kLanes);
       ms0 = a0 > ms0 ? a0 : ms0;
       ms1 = a1 > ms1 ? a1 : ms1;
       mt0 = b0 > mt0 ? b0 : mt0;
@@ -146,8 +158,9 @@ void RunRows(const Params& p, int64_t begin, int64_t end) {
     float max_s = std::max(hmax(ms0), hmax(ms1));
     float max_t = std::max(hmax(mt0), hmax(mt1));
     for (; j < v; ++j) {
-      max_s = s[j] > max_s ? s[j] : max_s;
-      max_t = t[j] > max_t ? t[j] : max_t;
+      const float sj = s[j] + bs[j], tj = t[j] + bt[j];
+      max_s = sj > max_s ? sj : max_s;
+      max_t = tj > max_t ? tj : max_t;
     }
     // Pass 2: exponentials into the row buffers, their sums, and the KL's
     // cross term sum_j e^a_j (a_j - b_j) with a = (t - max_t)/T and
@@ -155,8 +168,9 @@ void RunRows(const Params& p, int64_t begin, int64_t end) {
     vf sa = splat(0.0f), sb = sa, sz = sa, cross = sa;
     const vf vmax_s = splat(max_s), vmax_t = splat(max_t), vinv_t = splat(inv_t);
     for (j = 0; j < vec_end; j += kLanes) {
-      vf zs = load(s + j) - vmax_s;
-      vf a = unit ? load(t + j) - vmax_t : (load(t + j) - vmax_t) * vinv_t;
+      vf zs = load(s + j) + load(bs + j) - vmax_s;
+      vf ta = load(t + j) + load(bt + j) - vmax_t;
+      vf a = unit ? ta : ta * vinv_t;
       vf b = unit ? zs : zs * vinv_t;
       vf e_a = exp_nonpos(a);
       vf e_b = exp_nonpos(b);
@@ -173,8 +187,8 @@ void RunRows(const Params& p, int64_t begin, int64_t end) {
     }
     float sum_a = hsum(sa), sum_b = hsum(sb), sum_z = hsum(sz), cr = hsum(cross);
     for (; j < v; ++j) {
-      float zs = s[j] - max_s;
-      float a = unit ? t[j] - max_t : (t[j] - max_t) * inv_t;
+      float zs = s[j] + bs[j] - max_s;
+      float a = unit ? t[j] + bt[j] - max_t : (t[j] + bt[j] - max_t) * inv_t;
       float b = unit ? zs : zs * inv_t;
       float e_a = exp_nonpos(a), e_b = exp_nonpos(b);
       ea[j] = e_a;
@@ -194,7 +208,7 @@ void RunRows(const Params& p, int64_t begin, int64_t end) {
     const int32_t y = p.labels[r];
     const bool in_range = y >= 0 && y < v;
     if (has_label) {
-      p.ce[r] = in_range ? std::log(sum_z) + (max_s - s[y])
+      p.ce[r] = in_range ? std::log(sum_z) + (max_s - (s[y] + bs[y]))
                          : std::numeric_limits<float>::quiet_NaN();
     } else {
       p.ce[r] = 0.0f;
@@ -224,28 +238,41 @@ void RunRows(const Params& p, int64_t begin, int64_t end) {
         std::fill(g, g + v, std::numeric_limits<float>::quiet_NaN());
       }
     }
+    // The row is still in cache: add it to this thread's column sums.
+    for (j = 0; j < vec_end; j += kLanes) store(colsum + j, load(colsum + j) + load(g + j));
+    for (; j < v; ++j) colsum[j] += g[j];
   }
 }
 
-void Run(const Params& p) {
+// Runs the rows on up to hardware_concurrency threads (16 rows at least
+// each); writes the gradient's column sums to `colsum` when given.
+void Run(const Params& p, float* colsum) {
   const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(hw, p.rows / 16));
-  if (threads == 1) {
-    RunRows(p, 0, p.rows);
-    return;
-  }
-  std::vector<std::thread> pool;
   const int64_t per = (p.rows + threads - 1) / threads;
+  std::vector<std::vector<float>> partial(threads, std::vector<float>(p.cols, 0.0f));
+  std::vector<std::thread> pool;
   for (int64_t i = 1; i < threads; ++i) {
     const int64_t begin = std::min(p.rows, i * per), end = std::min(p.rows, (i + 1) * per);
-    pool.emplace_back([&p, begin, end] { RunRows(p, begin, end); });
+    float* out = partial[i].data();
+    pool.emplace_back([&p, begin, end, out] { RunRows(p, begin, end, out); });
   }
-  RunRows(p, 0, std::min(p.rows, per));
+  RunRows(p, 0, std::min(p.rows, per), partial[0].data());
   for (auto& th : pool) th.join();
+  if (colsum == nullptr) return;
+  std::copy(partial[0].begin(), partial[0].end(), colsum);
+  for (int64_t i = 1; i < threads; ++i) {
+    for (int64_t j = 0; j < p.cols; ++j) colsum[j] += partial[i][j];
+  }
 }
 
-ffi::Error Check(ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> t, ffi::Buffer<ffi::S32> labels,
-                 ffi::Buffer<ffi::F32> valid, ffi::Buffer<ffi::F32> labelled) {
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Result = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error DistillRows(F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
+                       F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
+                       ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
+                       F32Result kl, float* grad, float* bias_grad) {
   auto ds = s.dimensions();
   if (ds.size() != 2) {
     return ffi::Error::InvalidArgument("distill_rows: student logits must be [rows, items]");
@@ -254,58 +281,40 @@ ffi::Error Check(ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> t, ffi::Buffer<f
   if (dt.size() != 2 || dt[0] != ds[0] || dt[1] != ds[1]) {
     return ffi::Error::InvalidArgument("distill_rows: teacher logits must match the student's");
   }
-  if (labels.element_count() != static_cast<size_t>(ds[0]) ||
-      valid.element_count() != static_cast<size_t>(ds[0]) ||
-      labelled.element_count() != static_cast<size_t>(ds[0])) {
+  const size_t rows = ds[0], items = ds[1];
+  if (s_bias.element_count() != items || t_bias.element_count() != items) {
+    return ffi::Error::InvalidArgument("distill_rows: biases must be [items]");
+  }
+  if (labels.element_count() != rows || valid.element_count() != rows ||
+      labelled.element_count() != rows) {
     return ffi::Error::InvalidArgument("distill_rows: labels and masks must be [rows]");
   }
+  Params p{s.typed_data(),        s_bias.typed_data(),    t.typed_data(),
+           t_bias.typed_data(),   mask_first,             labels.typed_data(),
+           valid.typed_data(),    labelled.typed_data(),  *temperature.typed_data(),
+           *alpha.typed_data(),   ds[0],                  ds[1],
+           ce->typed_data(),      kl->typed_data(),       grad};
+  Run(p, bias_grad);
   return ffi::Error::Success();
 }
 
-ffi::Error DistillRows(ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> t,
-                       ffi::Buffer<ffi::S32> labels, ffi::Buffer<ffi::F32> valid,
-                       ffi::Buffer<ffi::F32> labelled, ffi::BufferR0<ffi::F32> temperature,
-                       ffi::BufferR0<ffi::F32> alpha, ffi::ResultBuffer<ffi::F32> ce,
-                       ffi::ResultBuffer<ffi::F32> kl, float* grad) {
-  if (ffi::Error e = Check(s, t, labels, valid, labelled); e.failure()) return e;
-  Params p{s.typed_data(),        t.typed_data(),        labels.typed_data(),
-           valid.typed_data(),    labelled.typed_data(), *temperature.typed_data(),
-           *alpha.typed_data(),   s.dimensions()[0],     s.dimensions()[1],
-           ce->typed_data(),      kl->typed_data(),      grad};
-  Run(p);
-  return ffi::Error::Success();
+ffi::Error DistillRowsStats(F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
+                            F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
+                            ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
+                            F32Result kl) {
+  return DistillRows(s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
+                     mask_first, ce, kl, nullptr, nullptr);
 }
 
-ffi::Error DistillRowsStats(ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> t,
-                            ffi::Buffer<ffi::S32> labels, ffi::Buffer<ffi::F32> valid,
-                            ffi::Buffer<ffi::F32> labelled, ffi::BufferR0<ffi::F32> temperature,
-                            ffi::BufferR0<ffi::F32> alpha, ffi::ResultBuffer<ffi::F32> ce,
-                            ffi::ResultBuffer<ffi::F32> kl) {
-  return DistillRows(s, t, labels, valid, labelled, temperature, alpha, ce, kl, nullptr);
-}
-
-ffi::Error DistillRowsGrad(ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> t,
-                           ffi::Buffer<ffi::S32> labels, ffi::Buffer<ffi::F32> valid,
-                           ffi::Buffer<ffi::F32> labelled, ffi::BufferR0<ffi::F32> temperature,
-                           ffi::BufferR0<ffi::F32> alpha, ffi::ResultBuffer<ffi::F32> ce,
-                           ffi::ResultBuffer<ffi::F32> kl, ffi::ResultBuffer<ffi::F32> grad) {
-  return DistillRows(s, t, labels, valid, labelled, temperature, alpha, ce, kl,
-                     grad->typed_data());
+ffi::Error DistillRowsGrad(F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
+                           F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
+                           ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
+                           F32Result kl, F32Result grad, F32Result bias_grad) {
+  return DistillRows(s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
+                     mask_first, ce, kl, grad->typed_data(), bias_grad->typed_data());
 }
 
 }  // namespace
-
-#define DISTILL_ROWS_BINDING(extra)      \
-  ffi::Ffi::Bind()                       \
-      .Arg<ffi::Buffer<ffi::F32>>()      \
-      .Arg<ffi::Buffer<ffi::F32>>()      \
-      .Arg<ffi::Buffer<ffi::S32>>()      \
-      .Arg<ffi::Buffer<ffi::F32>>()      \
-      .Arg<ffi::Buffer<ffi::F32>>()      \
-      .Arg<ffi::BufferR0<ffi::F32>>()    \
-      .Arg<ffi::BufferR0<ffi::F32>>()    \
-      .Ret<ffi::Buffer<ffi::F32>>()      \
-      .Ret<ffi::Buffer<ffi::F32>>() extra
 
 // Built with -fvisibility=hidden: only these two symbols are exported.
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* DistillJaxDistillRowsStats(
@@ -313,7 +322,22 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* DistillJaxDisti
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* DistillJaxDistillRowsGrad(
     XLA_FFI_CallFrame* call_frame);
 
+#define DISTILL_ROWS_BINDING(extra)      \
+  ffi::Ffi::Bind()                       \
+      .Arg<F32>()                        \
+      .Arg<F32>()                        \
+      .Arg<F32>()                        \
+      .Arg<F32>()                        \
+      .Arg<ffi::Buffer<ffi::S32>>()      \
+      .Arg<F32>()                        \
+      .Arg<F32>()                        \
+      .Arg<ffi::BufferR0<ffi::F32>>()    \
+      .Arg<ffi::BufferR0<ffi::F32>>()    \
+      .Attr<bool>("mask_first")          \
+      .Ret<F32>()                        \
+      .Ret<F32>() extra
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsStats, DistillRowsStats,
                               DISTILL_ROWS_BINDING());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsGrad, DistillRowsGrad,
-                              DISTILL_ROWS_BINDING(.Ret<ffi::Buffer<ffi::F32>>()));
+                              DISTILL_ROWS_BINDING(.Ret<F32>().Ret<F32>()));

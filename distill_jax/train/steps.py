@@ -18,9 +18,10 @@ TASKS = ("train", "distill")
 #     terms are reduced across shards with shard_map (never gathered);
 #   'chunked': logits never exist for the whole catalogue; a scan over item
 #     chunks with an online logsumexp (memory grows with the chunk, not V);
-#   'cpu_kernel': 'plain', with the distillation loss (value and gradient) in
-#     the fused C++ kernel of distill_jax/kernels (CPU only); cross-entropy
-#     training (task 'train') is the same as 'plain'.
+#   'cpu_kernel': distillation from hidden states: XLA's catalogue products,
+#     and between them (softmaxes, KL, the logits' gradient and its column
+#     sums) the fused C++ kernel of distill_jax/kernels (CPU only);
+#     cross-entropy training (task 'train') is the same as 'plain'.
 LOSS_IMPLS = ("plain", "vocab_parallel", "chunked", "cpu_kernel")
 
 
@@ -92,6 +93,8 @@ def make_loss_fn(
             f"config.loss.impl='cpu_kernel' runs on the CPU backend only, not "
             f"{jax.default_backend()!r}; use config.loss.impl='plain'."
         )
+    if impl == "cpu_kernel" and task == "distill" and distill_cfg.mode == "soft":
+        return _kernel_loss_fn(model, teacher, distill_cfg)
     if impl == "chunked":
         return _chunked_loss_fn(model, task, teacher, distill_cfg, loss_cfg.chunk_size)
     if impl == "vocab_parallel":
@@ -119,7 +122,6 @@ def make_loss_fn(
             alpha=distill_cfg.alpha,
             where=kd_where,
             label_where=where if "kd_where" in batch else None,
-            impl="cpu_kernel" if impl == "cpu_kernel" else "xla",
         )
 
     return loss_fn
@@ -132,6 +134,36 @@ def _teacher_hidden(teacher, teacher_params, batch):
             teacher, teacher_params, batch["inputs"], batch["target_index"], train=False
         )
     )
+
+
+def _kernel_loss_fn(model, teacher, distill_cfg):
+    def loss_fn(params, teacher_params, batch, dropout_rng):
+        h = hidden_at_targets(
+            model,
+            params,
+            batch["inputs"],
+            batch["target_index"],
+            train=True,
+            rngs={"dropout": dropout_rng},
+        )
+        t_table, t_bias = jax.tree.map(jax.lax.stop_gradient, _table(teacher_params))
+        # Teacher-only slots (config.distill.last_item_slot) are in
+        # `kd_where` but not in `where`: they have no label.
+        where = batch["where"]
+        return catalogue_losses.kernel_distill_loss(
+            h,
+            *_table(params),
+            _teacher_hidden(teacher, teacher_params, batch),
+            t_table,
+            t_bias,
+            batch["targets"],
+            batch.get("kd_where", where),
+            where if "kd_where" in batch else None,
+            temperature=distill_cfg.temperature,
+            alpha=distill_cfg.alpha,
+        )
+
+    return loss_fn
 
 
 def _chunked_loss_fn(model, task, teacher, distill_cfg, chunk_size):
