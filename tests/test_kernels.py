@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 
 from distill_jax import catalogue_losses, kernels, losses
+from distill_jax.data import preprocess
+from distill_jax.data import synthetic as synthetic_data
 from distill_jax.models import sasrec
+from distill_jax.train import sharding as sharding_lib
 from distill_jax.train import steps
+from tests import test_train  # its tiny config and step runner
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
@@ -290,3 +294,27 @@ def test_distill_step_loss_cpu_kernel_equals_plain():
         out[impl] = jax.value_and_grad(fn)(params, t_params, batch, jax.random.key(2))
     np.testing.assert_allclose(out["cpu_kernel"][0], out["plain"][0], rtol=1e-5)
     chex.assert_trees_all_close(out["cpu_kernel"][1], out["plain"][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("last_item_slot", [False, True])
+def test_distill_steps_cpu_kernel_equal_plain(last_item_slot):
+    """Two full distill steps (AdamW included) give the plain impl's losses and params."""
+    config = test_train._config()
+    config.distill.last_item_slot = last_item_slot
+    split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
+    mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+    out = {}
+    for impl in ("plain", "cpu_kernel"):
+        loss_cfg = ml_collections.ConfigDict(dict(impl=impl, chunk_size=16))
+        out[impl] = test_train._run_steps(config, split, mesh, "distill", loss_cfg=loss_cfg)[:2]
+    np.testing.assert_allclose(out["cpu_kernel"][0], out["plain"][0], rtol=1e-5)
+    chex.assert_trees_all_close(out["cpu_kernel"][1], out["plain"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernel_refuses_a_multi_device_mesh():
+    config = test_train._config()
+    split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
+    mesh = sharding_lib.make_mesh(config.mesh)  # 8 virtual devices
+    loss_cfg = ml_collections.ConfigDict(dict(impl="cpu_kernel", chunk_size=16))
+    with pytest.raises(ValueError, match=r"config\.loss\.impl='cpu_kernel' runs on one device"):
+        test_train._run_steps(config, split, mesh, "distill", loss_cfg=loss_cfg)

@@ -248,6 +248,15 @@ def make_train_step(
     their own sharding and receive no gradient. `teacher_params` is ignored
     (pass None) for task='train'.
     """
+    if loss_cfg is not None and loss_cfg.impl == "cpu_kernel" and task == "distill":
+        if mesh.size != 1:
+            # The kernel is one custom call over whole arrays: on a sharded
+            # batch XLA would gather every operand to every device.
+            raise ValueError(
+                f"config.loss.impl='cpu_kernel' runs on one device, but the mesh has "
+                f"{dict(mesh.shape)}; set config.mesh.data=config.mesh.model=1 or use "
+                "config.loss.impl='plain'."
+            )
     loss_fn = make_loss_fn(model, task, teacher, distill_cfg, loss_cfg)
 
     def step(state, teacher_params, batch, rng):
