@@ -622,11 +622,9 @@ def chunked_distill_loss(
 # --------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def _kernel_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
-    s_logits = h @ table.T
-    ce, kl = kernels.distill_rows(
-        s_logits,
+def _kernel_rows(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha, grad):
+    return kernels.distill_rows(
+        h @ table.T,
         bias,
         t_logits,
         t_bias,
@@ -636,26 +634,20 @@ def _kernel_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, tem
         temp,
         alpha,
         mask_first=True,
-        with_grad=False,
+        with_grad=grad,
     )
+
+
+@jax.custom_vjp
+def _kernel_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
+    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
+    ce, kl = _kernel_rows(*args, grad=False)
     return losses.kernel_total(ce, kl, valid, labelled, temp, alpha)[0]
 
 
 def _kernel_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
-    s_logits = h @ table.T
-    ce, kl, grad, bias_grad = kernels.distill_rows(
-        s_logits,
-        bias,
-        t_logits,
-        t_bias,
-        labels,
-        valid,
-        labelled,
-        temp,
-        alpha,
-        mask_first=True,
-        with_grad=True,
-    )
+    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
+    ce, kl, grad, bias_grad = _kernel_rows(*args, grad=True)
     total, dtotal_dalpha = losses.kernel_total(ce, kl, valid, labelled, temp, alpha)
     return total, (h, table, grad, bias_grad, dtotal_dalpha)
 
