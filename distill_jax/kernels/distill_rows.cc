@@ -25,12 +25,15 @@
 // Entries equal to -inf (masked items) get probability exactly 0.
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
-#include <thread>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -244,32 +247,73 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
   }
 }
 
-// Runs the rows on up to hardware_concurrency threads (16 rows at least
-// each); writes the gradient's column sums to `colsum` when given.
-void Run(const Params& p, float* colsum) {
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(hw, p.rows / 16));
-  const int64_t per = (p.rows + threads - 1) / threads;
-  std::vector<std::vector<float>> partial(threads, std::vector<float>(p.cols, 0.0f));
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) {
-    const int64_t begin = std::min(p.rows, i * per), end = std::min(p.rows, (i + 1) * per);
-    float* out = partial[i].data();
-    pool.emplace_back([&p, begin, end, out] { RunRows(p, begin, end, out); });
+// Work shared by the calling thread and the tasks it schedules on XLA's own
+// CPU thread pool (the one its matrix multiplies use, so the kernel does not
+// compete with idle-spinning pool threads for the cores). Rows go out in
+// chunks from an atomic counter: a task that starts late, or runs inline in
+// the caller, finds the chunks taken and returns without touching the
+// arrays. The state is reference counted because a late task may start after
+// the call has returned.
+struct Shared {
+  Params p;
+  int64_t chunk_rows = 0;
+  int64_t chunks = 0;
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int64_t> next_slot{0};
+  std::vector<std::vector<float>> partial;  // per worker column sums (gradient only)
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+};
+
+void Work(Shared& st) {
+  const int64_t slot = st.next_slot.fetch_add(1);
+  float* colsum = nullptr;
+  for (;;) {
+    const int64_t c = st.next_chunk.fetch_add(1);
+    if (c >= st.chunks) return;
+    if (colsum == nullptr) {
+      st.partial[slot].assign(st.p.cols, 0.0f);
+      colsum = st.partial[slot].data();
+    }
+    const int64_t begin = c * st.chunk_rows;
+    RunRows(st.p, begin, std::min(st.p.rows, begin + st.chunk_rows), colsum);
+    std::lock_guard<std::mutex> lock(st.mu);
+    if (++st.done == st.chunks) st.cv.notify_all();
   }
-  RunRows(p, 0, std::min(p.rows, per), partial[0].data());
-  for (auto& th : pool) th.join();
+}
+
+// Runs the rows on the caller and up to `pool.num_threads()` pool tasks
+// (16 rows per chunk at least, about four chunks per worker); writes the
+// gradient's column sums to `colsum` when given.
+void Run(const Params& p, float* colsum, ffi::ThreadPool& pool) {
+  auto st = std::make_shared<Shared>();
+  st->p = p;
+  const int64_t helpers = std::max<int64_t>(0, pool.num_threads());
+  const int64_t workers = helpers + 1;
+  st->chunk_rows = std::max<int64_t>(16, (p.rows + 4 * workers - 1) / (4 * workers));
+  st->chunks = (p.rows + st->chunk_rows - 1) / st->chunk_rows;
+  st->partial.resize(workers);
+  for (int64_t i = 0; i < std::min(helpers, st->chunks - 1); ++i) {
+    pool.Schedule([st] { Work(*st); });
+  }
+  Work(*st);
+  {
+    std::unique_lock<std::mutex> lock(st->mu);
+    st->cv.wait(lock, [&st] { return st->done == st->chunks; });
+  }
   if (colsum == nullptr) return;
-  std::copy(partial[0].begin(), partial[0].end(), colsum);
-  for (int64_t i = 1; i < threads; ++i) {
-    for (int64_t j = 0; j < p.cols; ++j) colsum[j] += partial[i][j];
+  std::fill(colsum, colsum + p.cols, 0.0f);
+  for (const auto& part : st->partial) {
+    if (part.empty()) continue;
+    for (int64_t j = 0; j < p.cols; ++j) colsum[j] += part[j];
   }
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Result = ffi::ResultBuffer<ffi::F32>;
 
-ffi::Error DistillRows(F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
+ffi::Error DistillRows(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
                        F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
                        ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
                        F32Result kl, float* grad, float* bias_grad) {
@@ -294,23 +338,23 @@ ffi::Error DistillRows(F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S3
            valid.typed_data(),    labelled.typed_data(),  *temperature.typed_data(),
            *alpha.typed_data(),   ds[0],                  ds[1],
            ce->typed_data(),      kl->typed_data(),       grad};
-  Run(p, bias_grad);
+  Run(p, bias_grad, pool);
   return ffi::Error::Success();
 }
 
-ffi::Error DistillRowsStats(F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
+ffi::Error DistillRowsStats(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
                             F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
                             ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
                             F32Result kl) {
-  return DistillRows(s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
+  return DistillRows(pool, s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
                      mask_first, ce, kl, nullptr, nullptr);
 }
 
-ffi::Error DistillRowsGrad(F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
+ffi::Error DistillRowsGrad(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
                            F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
                            ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
                            F32Result kl, F32Result grad, F32Result bias_grad) {
-  return DistillRows(s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
+  return DistillRows(pool, s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
                      mask_first, ce, kl, grad->typed_data(), bias_grad->typed_data());
 }
 
@@ -324,6 +368,7 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* DistillJaxDisti
 
 #define DISTILL_ROWS_BINDING(extra)      \
   ffi::Ffi::Bind()                       \
+      .Ctx<ffi::ThreadPool>()            \
       .Arg<F32>()                        \
       .Arg<F32>()                        \
       .Arg<F32>()                        \

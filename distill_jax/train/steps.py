@@ -127,6 +127,18 @@ def make_loss_fn(
     return loss_fn
 
 
+def _student_hidden(model, params, batch, dropout_rng):
+    # The student trains: dropout on, gradients flow.
+    return hidden_at_targets(
+        model,
+        params,
+        batch["inputs"],
+        batch["target_index"],
+        train=True,
+        rngs={"dropout": dropout_rng},
+    )
+
+
 def _teacher_hidden(teacher, teacher_params, batch):
     # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
     return jax.lax.stop_gradient(
@@ -138,14 +150,7 @@ def _teacher_hidden(teacher, teacher_params, batch):
 
 def _kernel_loss_fn(model, teacher, distill_cfg):
     def loss_fn(params, teacher_params, batch, dropout_rng):
-        h = hidden_at_targets(
-            model,
-            params,
-            batch["inputs"],
-            batch["target_index"],
-            train=True,
-            rngs={"dropout": dropout_rng},
-        )
+        h = _student_hidden(model, params, batch, dropout_rng)
         t_table, t_bias = jax.tree.map(jax.lax.stop_gradient, _table(teacher_params))
         # Teacher-only slots (config.distill.last_item_slot) are in
         # `kd_where` but not in `where`: they have no label.
@@ -168,14 +173,7 @@ def _kernel_loss_fn(model, teacher, distill_cfg):
 
 def _chunked_loss_fn(model, task, teacher, distill_cfg, chunk_size):
     def loss_fn(params, teacher_params, batch, dropout_rng):
-        h = hidden_at_targets(
-            model,
-            params,
-            batch["inputs"],
-            batch["target_index"],
-            train=True,
-            rngs={"dropout": dropout_rng},
-        )
+        h = _student_hidden(model, params, batch, dropout_rng)
         table, bias = _table(params)
         if task == "train":
             return catalogue_losses.chunked_cross_entropy(
@@ -201,14 +199,7 @@ def _chunked_loss_fn(model, task, teacher, distill_cfg, chunk_size):
 
 def _vocab_parallel_loss_fn(model, task, teacher, distill_cfg):
     def loss_fn(params, teacher_params, batch, dropout_rng):
-        h = hidden_at_targets(
-            model,
-            params,
-            batch["inputs"],
-            batch["target_index"],
-            train=True,
-            rngs={"dropout": dropout_rng},
-        )
+        h = _student_hidden(model, params, batch, dropout_rng)
         logits = vocab_parallel.vocab_parallel_logits(h, *_table(params))
         if task == "train":
             return vocab_parallel.vocab_parallel_cross_entropy(
