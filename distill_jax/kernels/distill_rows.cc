@@ -283,13 +283,14 @@ void Work(Shared& st) {
   }
 }
 
-// Runs the rows on the caller and up to `pool.num_threads()` pool tasks
-// (16 rows per chunk at least, about four chunks per worker); writes the
-// gradient's column sums to `colsum` when given.
+// Runs the rows on the caller and `pool.num_threads() - 1` pool tasks, so
+// that as many threads work as the pool has (one per core: more would only
+// take turns on the cores); 16 rows per chunk at least, about four chunks
+// per worker. Writes the gradient's column sums to `colsum` when given.
 void Run(const Params& p, float* colsum, ffi::ThreadPool& pool) {
   auto st = std::make_shared<Shared>();
   st->p = p;
-  const int64_t helpers = std::max<int64_t>(0, pool.num_threads());
+  const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
   const int64_t workers = helpers + 1;
   st->chunk_rows = std::max<int64_t>(16, (p.rows + 4 * workers - 1) / (4 * workers));
   st->chunks = (p.rows + st->chunk_rows - 1) / st->chunk_rows;
