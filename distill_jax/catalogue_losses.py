@@ -616,15 +616,18 @@ def chunked_distill_loss(
 
 
 # --------------------------------------------------------------------------
-# The fused CPU kernel (distill_jax/kernels) from hidden states: the products
-# are XLA's, everything between them is the kernel's, and the backward pass
-# applies the loss's scale to the small results (dh, dE), not to [N, V].
+# The fused CPU kernel (distill_jax/kernels) from hidden states: the teacher's
+# product and the two backward products are XLA's; the student's (narrow)
+# logits, the softmaxes, KL and the logits' gradient are the kernel's, and the
+# backward pass applies the loss's scale to the small results (dh, dE), not
+# to [N, V].
 # --------------------------------------------------------------------------
 
 
 def _kernel_rows(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha, grad):
-    return kernels.distill_rows(
-        h @ table.T,
+    return kernels.distill_rows_hidden(
+        h,
+        table,
         bias,
         t_logits,
         t_bias,
@@ -680,10 +683,12 @@ def kernel_distill_loss_sum(
 
     Equal in value and gradient (``h_student``, ``table_s``, ``bias_s``,
     ``alpha``) to ``losses.distill_loss_sum`` on the full logits (column 0 at
-    -inf), computed in float32. The two catalogue products are XLA matrix
-    multiplies; softmaxes, KL, the gradient with respect to the logits and
-    its column sums are the fused kernel of :mod:`distill_jax.kernels` (one
-    pass over each row, built on first use; CPU backend only).
+    -inf), computed in float32. The teacher's catalogue product and the
+    student's two backward products are XLA matrix multiplies; the student's
+    logits, softmaxes, KL, the gradient with respect to the logits and its
+    column sums are the fused kernel of :mod:`distill_jax.kernels`
+    (``distill_rows_hidden``: a few rows at a time in cache, built on first
+    use; CPU backend only).
 
     Args: as :func:`chunked_distill_loss_sum`, and ``label_where``, an
       optional ``[...]`` mask of the valid positions that carry a label (the

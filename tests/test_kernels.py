@@ -114,6 +114,76 @@ def test_distill_rows_matches_float64_reference(rows, temperature, alpha):
     np.testing.assert_array_equal(kl2, kl)
 
 
+# Rows not a multiple of the kernel's 4-row blocks (37, 203 on several
+# threads), widths 1, 5 and 16, and 1,003 items (a tail after the 8-wide
+# vector loops).
+@pytest.mark.parametrize("rows,dim", [(37, 5), (203, 16), (6, 1)])
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.5, 0.3), (0.7, 0.0)])
+def test_distill_rows_hidden_matches_float64_reference(rows, dim, temperature, alpha):
+    """The student's logits computed in the kernel from hidden states and table."""
+    items = 1003
+    rng = np.random.default_rng(rows + dim)
+    h = rng.normal(size=(rows, dim)).astype(np.float32)
+    table = rng.normal(size=(items, dim)).astype(np.float32)
+    b_s, b_t = rng.normal(size=(2, items)).astype(np.float32)
+    _, t, labels, valid, labelled = random_rows(rows, items, seed=rows)
+    h[~valid] = np.nan  # masked rows may hold anything
+    s = h.astype(np.float64) @ table.T.astype(np.float64) + b_s
+    s[:, 0] = -np.inf  # the padding column, masked by the kernel
+    t_raw = t - b_t
+    t_raw[:, 0] = 7.0
+
+    def rows_fn(h, table, with_grad):
+        return kernels.distill_rows_hidden(
+            h,
+            table,
+            b_s,
+            t_raw,
+            b_t,
+            labels,
+            valid,
+            labelled,
+            temperature,
+            alpha,
+            mask_first=True,
+            with_grad=with_grad,
+        )
+
+    ce, kl, grad, col = jax.jit(rows_fn, static_argnums=2)(h, table, True)
+    chex.assert_shape((ce, kl), (rows,))
+    chex.assert_shape(grad, (rows, items))
+    chex.assert_shape(col, (items,))
+    ce_ref, kl_ref, grad_ref = np_reference(s, t, labels, valid, labelled, temperature, alpha)
+    np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kl, kl_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(col, grad_ref.sum(0), rtol=1e-4, atol=1e-5)
+    ce2, kl2 = rows_fn(h, table, False)
+    np.testing.assert_array_equal(ce2, ce)
+    np.testing.assert_array_equal(kl2, kl)
+
+
+def test_distill_rows_hidden_width_mismatch_is_refused():
+    zeros = np.zeros(7, np.float32)
+    rows = np.zeros((3, 7), np.float32)
+    ones = np.ones(3, bool)
+    with pytest.raises(ValueError, match=r"hidden states \[3, 4\] and table \[7, 5\]"):
+        kernels.distill_rows_hidden(
+            np.zeros((3, 4), np.float32),
+            np.zeros((7, 5), np.float32),
+            zeros,
+            rows,
+            zeros,
+            np.ones(3, np.int32),
+            ones,
+            ones,
+            1.0,
+            0.5,
+            mask_first=True,
+            with_grad=False,
+        )
+
+
 def test_distill_rows_extreme_logits():
     """Rows far below the float range of exp, and one-hot teachers, stay exact."""
     rows, items = 4, 300

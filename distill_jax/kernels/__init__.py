@@ -4,8 +4,12 @@
 per-row cross-entropy, the distillation KL and, optionally, the gradient of
 ``alpha·CE + (1 − alpha)·T²·KL`` with respect to the student logits, in one
 pass over each row where XLA's CPU backend makes about ten (BENCHMARKS.md,
-"Where the CPU step time goes"). `losses.distill_loss(..., impl='cpu_kernel')`
-uses it; `config.loss.impl='cpu_kernel'` selects it in training.
+"Where the CPU step time goes"); `losses.distill_loss(..., impl='cpu_kernel')`
+uses it. `distill_rows_hidden` does the same from the student's hidden states
+and table, computing the (narrow) student's logits itself, a few rows at a
+time in cache, so they never go through memory; the trainer's
+`config.loss.impl='cpu_kernel'` uses it. Both run their rows on XLA's own CPU
+thread pool.
 
 The shared library is built with the system C++ compiler (``$CXX``, else
 ``c++``; C++20, ``-O3 -march=native``) against the XLA FFI headers that ship
@@ -32,10 +36,22 @@ import jax.numpy as jnp
 import jaxlib
 
 _SOURCE = pathlib.Path(__file__).with_name("distill_rows.cc")
-_FLAGS = ("-std=c++20", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden")
+# -ffp-contract=fast: a * b + c becomes one fused multiply-add (ISO C++ mode
+# turns that off by default); no other fast-math: -inf must stay -inf.
+_FLAGS = (
+    "-std=c++20",
+    "-O3",
+    "-march=native",
+    "-ffp-contract=fast",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
+)
 _TARGETS = {
     "distill_jax_distill_rows_stats": "DistillJaxDistillRowsStats",
     "distill_jax_distill_rows_grad": "DistillJaxDistillRowsGrad",
+    "distill_jax_distill_rows_hidden_stats": "DistillJaxDistillRowsHiddenStats",
+    "distill_jax_distill_rows_hidden_grad": "DistillJaxDistillRowsHiddenGrad",
 }
 
 
@@ -151,14 +167,102 @@ def distill_rows(
     """
     _register()
     rows, items = student_logits.shape
+    return _call(
+        "distill_jax_distill_rows",
+        rows,
+        items,
+        (student_logits.astype(jnp.float32),),
+        student_bias,
+        teacher_logits,
+        teacher_bias,
+        labels,
+        valid,
+        labelled,
+        temperature,
+        alpha,
+        mask_first=mask_first,
+        with_grad=with_grad,
+    )
+
+
+def distill_rows_hidden(
+    student_hidden: jax.Array,
+    student_table: jax.Array,
+    student_bias: jax.Array,
+    teacher_logits: jax.Array,
+    teacher_bias: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    labelled: jax.Array,
+    temperature: jax.Array,
+    alpha: jax.Array,
+    *,
+    mask_first: bool,
+    with_grad: bool,
+) -> tuple[jax.Array, ...]:
+    """:func:`distill_rows` with the student's logits computed in the kernel.
+
+    The student's logits of row r are ``student_hidden[r] @ student_table.T
+    + student_bias``, computed in float32 a few rows at a time and never
+    stored; everything else (arguments, outputs, the gradient with respect to
+    those logits and its column sums) is as in :func:`distill_rows`.
+
+    Args:
+      student_hidden: ``[N, D]`` float32.
+      student_table: ``[V, D]`` float32 (passed to the kernel transposed).
+      The others: as :func:`distill_rows`.
+    """
+    _register()
+    rows, dim = student_hidden.shape
+    items, table_dim = student_table.shape
+    if table_dim != dim:
+        raise ValueError(
+            f"distill_rows_hidden: hidden states [{rows}, {dim}] and table "
+            f"[{items}, {table_dim}] disagree on the width."
+        )
+    return _call(
+        "distill_jax_distill_rows_hidden",
+        rows,
+        items,
+        (student_hidden.astype(jnp.float32), student_table.astype(jnp.float32).T),
+        student_bias,
+        teacher_logits,
+        teacher_bias,
+        labels,
+        valid,
+        labelled,
+        temperature,
+        alpha,
+        mask_first=mask_first,
+        with_grad=with_grad,
+    )
+
+
+def _call(
+    prefix,
+    rows,
+    items,
+    student,
+    student_bias,
+    teacher_logits,
+    teacher_bias,
+    labels,
+    valid,
+    labelled,
+    temperature,
+    alpha,
+    *,
+    mask_first,
+    with_grad,
+):
     f32 = jnp.float32
     outs = [jax.ShapeDtypeStruct((rows,), f32), jax.ShapeDtypeStruct((rows,), f32)]
     if with_grad:
         outs += [jax.ShapeDtypeStruct((rows, items), f32), jax.ShapeDtypeStruct((items,), f32)]
-    target = "distill_jax_distill_rows_grad" if with_grad else "distill_jax_distill_rows_stats"
+    target = f"{prefix}_grad" if with_grad else f"{prefix}_stats"
     call = jax.ffi.ffi_call(target, tuple(outs), vmap_method="sequential")
     return call(
-        student_logits.astype(f32),
+        *student,
         student_bias.astype(f32),
         teacher_logits.astype(f32),
         teacher_bias.astype(f32),

@@ -34,6 +34,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -104,7 +105,10 @@ inline float exp_nonpos(float x) {
 }
 
 struct Params {
-  const float* s;
+  const float* s;  // [rows, cols]; nullptr: computed from h and et
+  const float* h;  // [rows, dim] student hidden states (when s == nullptr)
+  const float* et;  // [dim, cols] the student's table, transposed
+  int64_t dim;
   const float* s_bias;
   const float* t;
   const float* t_bias;
@@ -121,6 +125,48 @@ struct Params {
   float* grad;  // nullptr: no gradient
 };
 
+// Rows of student logits computed together from the hidden states: each
+// 8-column slice of the transposed table is loaded once for kBlock rows.
+constexpr int kBlock = 4;
+
+// out[i * cols + j] = s_bias[j] + sum_k h[r0 + i, k] * et[k, j] for i < nr
+// (rows i >= nr of `out`, kBlock rows in all, get the bias alone); `hb` is
+// scratch for kBlock * dim broadcast vectors.
+void StudentLogits(const Params& p, int64_t r0, int64_t nr, vf* hb, float* out) {
+  const int64_t v = p.cols, d = p.dim;
+  const int64_t vec_end = v - v % kLanes;
+  for (int i = 0; i < kBlock; ++i) {
+    for (int64_t k = 0; k < d; ++k) hb[i * d + k] = splat(i < nr ? p.h[(r0 + i) * d + k] : 0.0f);
+  }
+  const vf* h0 = hb;
+  const vf* h1 = hb + d;
+  const vf* h2 = hb + 2 * d;
+  const vf* h3 = hb + 3 * d;
+  for (int64_t j = 0; j < vec_end; j += kLanes) {
+    const vf b = load(p.s_bias + j);
+    vf a0 = b, a1 = b, a2 = b, a3 = b;
+    const float* e = p.et + j;
+    for (int64_t k = 0; k < d; ++k, e += v) {
+      const vf x = load(e);
+      a0 += x * h0[k];
+      a1 += x * h1[k];
+      a2 += x * h2[k];
+      a3 += x * h3[k];
+    }
+    store(out + j, a0);
+    store(out + v + j, a1);
+    store(out + 2 * v + j, a2);
+    store(out + 3 * v + j, a3);
+  }
+  for (int64_t j = vec_end; j < v; ++j) {
+    for (int i = 0; i < kBlock; ++i) {
+      float acc = p.s_bias[j];
+      for (int64_t k = 0; k < d; ++k) acc += hb[i * d + k][0] * p.et[k * v + j];
+      out[i * v + j] = acc;
+    }
+  }
+}
+
 // Rows [begin, end) of `p`, with scratch rows of p.cols floats.
 void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
   const int64_t v = p.cols;
@@ -133,12 +179,22 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
   float* ez = unit ? eb : buf_z.data();
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // The biases, with the padding column masked (adding -inf to it).
+  // From hidden states, the student's bias is in the computed logits and
+  // bias_s keeps only the padding column's mask.
+  const bool fused = p.s == nullptr;
   std::vector<float> bias_s(p.s_bias, p.s_bias + v), bias_t(p.t_bias, p.t_bias + v);
+  if (fused) std::fill(bias_s.begin(), bias_s.end(), 0.0f);
   if (p.mask_first && v > 0) bias_s[0] = bias_t[0] = neg_inf;
   const float* bs = bias_s.data();
   const float* bt = bias_t.data();
+  std::vector<float> block(fused ? kBlock * v : 0);
+  std::vector<vf> hb(fused ? kBlock * p.dim : 0);
   for (int64_t r = begin; r < end; ++r) {
-    const float* s = p.s + r * v;
+    const int64_t in_block = (r - begin) % kBlock;
+    if (fused && in_block == 0) {
+      StudentLogits(p, r, std::min<int64_t>(kBlock, end - r), hb.data(), block.data());
+    }
+    const float* s = fused ? block.data() + in_block * v : p.s + r * v;
     const float* t = p.t + r * v;
     float* g = p.grad == nullptr ? nullptr : p.grad + r * v;
     if (p.valid[r] == 0.0f) {
@@ -313,77 +369,157 @@ void Run(const Params& p, float* colsum, ffi::ThreadPool& pool) {
 
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Result = ffi::ResultBuffer<ffi::F32>;
+using S32 = ffi::Buffer<ffi::S32>;
+using Scalar = ffi::BufferR0<ffi::F32>;
 
-ffi::Error DistillRows(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
-                       F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
-                       ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
-                       F32Result kl, float* grad, float* bias_grad) {
+// Checks the per-row and per-item inputs against [rows, items]; fills the
+// parts of Params that every target shares.
+ffi::Error Common(const char* name, int64_t rows, int64_t items, F32& s_bias, F32& t,
+                  F32& t_bias, S32& labels, F32& valid, F32& labelled, Scalar& temperature,
+                  Scalar& alpha, bool mask_first, F32Result& ce, F32Result& kl, float* grad,
+                  Params& p) {
+  auto dt = t.dimensions();
+  if (dt.size() != 2 || dt[0] != rows || dt[1] != items) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": teacher logits must be [rows, items] like the student's");
+  }
+  if (s_bias.element_count() != static_cast<size_t>(items) ||
+      t_bias.element_count() != static_cast<size_t>(items)) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": biases must be [items]");
+  }
+  const size_t n = rows;
+  if (labels.element_count() != n || valid.element_count() != n || labelled.element_count() != n) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": labels and masks must be [rows]");
+  }
+  p.s_bias = s_bias.typed_data();
+  p.t = t.typed_data();
+  p.t_bias = t_bias.typed_data();
+  p.mask_first = mask_first;
+  p.labels = labels.typed_data();
+  p.valid = valid.typed_data();
+  p.labelled = labelled.typed_data();
+  p.temperature = *temperature.typed_data();
+  p.alpha = *alpha.typed_data();
+  p.rows = rows;
+  p.cols = items;
+  p.ce = ce->typed_data();
+  p.kl = kl->typed_data();
+  p.grad = grad;
+  return ffi::Error::Success();
+}
+
+// Student logits given: s [rows, items].
+ffi::Error DistillRows(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, S32 labels,
+                       F32 valid, F32 labelled, Scalar temperature, Scalar alpha, bool mask_first,
+                       F32Result ce, F32Result kl, float* grad, float* bias_grad) {
   auto ds = s.dimensions();
   if (ds.size() != 2) {
     return ffi::Error::InvalidArgument("distill_rows: student logits must be [rows, items]");
   }
-  auto dt = t.dimensions();
-  if (dt.size() != 2 || dt[0] != ds[0] || dt[1] != ds[1]) {
-    return ffi::Error::InvalidArgument("distill_rows: teacher logits must match the student's");
-  }
-  const size_t rows = ds[0], items = ds[1];
-  if (s_bias.element_count() != items || t_bias.element_count() != items) {
-    return ffi::Error::InvalidArgument("distill_rows: biases must be [items]");
-  }
-  if (labels.element_count() != rows || valid.element_count() != rows ||
-      labelled.element_count() != rows) {
-    return ffi::Error::InvalidArgument("distill_rows: labels and masks must be [rows]");
-  }
-  Params p{s.typed_data(),        s_bias.typed_data(),    t.typed_data(),
-           t_bias.typed_data(),   mask_first,             labels.typed_data(),
-           valid.typed_data(),    labelled.typed_data(),  *temperature.typed_data(),
-           *alpha.typed_data(),   ds[0],                  ds[1],
-           ce->typed_data(),      kl->typed_data(),       grad};
+  Params p{};
+  ffi::Error err = Common("distill_rows", ds[0], ds[1], s_bias, t, t_bias, labels, valid,
+                          labelled, temperature, alpha, mask_first, ce, kl, grad, p);
+  if (err.failure()) return err;
+  p.s = s.typed_data();
   Run(p, bias_grad, pool);
   return ffi::Error::Success();
 }
 
-ffi::Error DistillRowsStats(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
-                            F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
-                            ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
-                            F32Result kl) {
+// Student logits computed here: h [rows, dim] times et [dim, items].
+ffi::Error DistillRowsHidden(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, F32 t, F32 t_bias,
+                             S32 labels, F32 valid, F32 labelled, Scalar temperature,
+                             Scalar alpha, bool mask_first, F32Result ce, F32Result kl,
+                             float* grad, float* bias_grad) {
+  auto dh = h.dimensions();
+  auto de = et.dimensions();
+  if (dh.size() != 2 || de.size() != 2 || de[0] != dh[1]) {
+    return ffi::Error::InvalidArgument(
+        "distill_rows_hidden: hidden states must be [rows, dim] and the transposed table "
+        "[dim, items]");
+  }
+  Params p{};
+  ffi::Error err = Common("distill_rows_hidden", dh[0], de[1], s_bias, t, t_bias, labels, valid,
+                          labelled, temperature, alpha, mask_first, ce, kl, grad, p);
+  if (err.failure()) return err;
+  p.h = h.typed_data();
+  p.et = et.typed_data();
+  p.dim = dh[1];
+  Run(p, bias_grad, pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error DistillRowsStats(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias,
+                            S32 labels, F32 valid, F32 labelled, Scalar temperature, Scalar alpha,
+                            bool mask_first, F32Result ce, F32Result kl) {
   return DistillRows(pool, s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
                      mask_first, ce, kl, nullptr, nullptr);
 }
 
-ffi::Error DistillRowsGrad(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, ffi::Buffer<ffi::S32> labels,
-                           F32 valid, F32 labelled, ffi::BufferR0<ffi::F32> temperature,
-                           ffi::BufferR0<ffi::F32> alpha, bool mask_first, F32Result ce,
-                           F32Result kl, F32Result grad, F32Result bias_grad) {
+ffi::Error DistillRowsGrad(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bias, S32 labels,
+                           F32 valid, F32 labelled, Scalar temperature, Scalar alpha,
+                           bool mask_first, F32Result ce, F32Result kl, F32Result grad,
+                           F32Result bias_grad) {
   return DistillRows(pool, s, s_bias, t, t_bias, labels, valid, labelled, temperature, alpha,
                      mask_first, ce, kl, grad->typed_data(), bias_grad->typed_data());
 }
 
+ffi::Error DistillRowsHiddenStats(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, F32 t,
+                                  F32 t_bias, S32 labels, F32 valid, F32 labelled,
+                                  Scalar temperature, Scalar alpha, bool mask_first, F32Result ce,
+                                  F32Result kl) {
+  return DistillRowsHidden(pool, h, et, s_bias, t, t_bias, labels, valid, labelled, temperature,
+                           alpha, mask_first, ce, kl, nullptr, nullptr);
+}
+
+ffi::Error DistillRowsHiddenGrad(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, F32 t,
+                                 F32 t_bias, S32 labels, F32 valid, F32 labelled,
+                                 Scalar temperature, Scalar alpha, bool mask_first, F32Result ce,
+                                 F32Result kl, F32Result grad, F32Result bias_grad) {
+  return DistillRowsHidden(pool, h, et, s_bias, t, t_bias, labels, valid, labelled, temperature,
+                           alpha, mask_first, ce, kl, grad->typed_data(), bias_grad->typed_data());
+}
+
 }  // namespace
 
-// Built with -fvisibility=hidden: only these two symbols are exported.
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* DistillJaxDistillRowsStats(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* DistillJaxDistillRowsGrad(
-    XLA_FFI_CallFrame* call_frame);
+// Built with -fvisibility=hidden: only these symbols are exported.
+#define DISTILL_ROWS_EXPORT(name)                                              \
+  extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* name( \
+      XLA_FFI_CallFrame* call_frame);
+DISTILL_ROWS_EXPORT(DistillJaxDistillRowsStats)
+DISTILL_ROWS_EXPORT(DistillJaxDistillRowsGrad)
+DISTILL_ROWS_EXPORT(DistillJaxDistillRowsHiddenStats)
+DISTILL_ROWS_EXPORT(DistillJaxDistillRowsHiddenGrad)
 
-#define DISTILL_ROWS_BINDING(extra)      \
-  ffi::Ffi::Bind()                       \
-      .Ctx<ffi::ThreadPool>()            \
-      .Arg<F32>()                        \
-      .Arg<F32>()                        \
-      .Arg<F32>()                        \
-      .Arg<F32>()                        \
-      .Arg<ffi::Buffer<ffi::S32>>()      \
-      .Arg<F32>()                        \
-      .Arg<F32>()                        \
-      .Arg<ffi::BufferR0<ffi::F32>>()    \
-      .Arg<ffi::BufferR0<ffi::F32>>()    \
-      .Attr<bool>("mask_first")          \
-      .Ret<F32>()                        \
+// Arguments after the student's own (its logits, or its hidden states and
+// transposed table): s_bias, t, t_bias, labels, valid, labelled, T, alpha.
+#define DISTILL_ROWS_TAIL(extra)      \
+  .Arg<F32>()                         \
+      .Arg<F32>()                     \
+      .Arg<F32>()                     \
+      .Arg<S32>()                     \
+      .Arg<F32>()                     \
+      .Arg<F32>()                     \
+      .Arg<Scalar>()                  \
+      .Arg<Scalar>()                  \
+      .Attr<bool>("mask_first")       \
+      .Ret<F32>()                     \
       .Ret<F32>() extra
 
+#define GRAD_RETS .Ret<F32>().Ret<F32>()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsStats, DistillRowsStats,
-                              DISTILL_ROWS_BINDING());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>()
+                                  DISTILL_ROWS_TAIL());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsGrad, DistillRowsGrad,
-                              DISTILL_ROWS_BINDING(.Ret<F32>().Ret<F32>()));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>()
+                                  DISTILL_ROWS_TAIL(GRAD_RETS));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsHiddenStats, DistillRowsHiddenStats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>() DISTILL_ROWS_TAIL());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsHiddenGrad, DistillRowsHiddenGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>() DISTILL_ROWS_TAIL(GRAD_RETS));
