@@ -617,10 +617,10 @@ def chunked_distill_loss(
 
 # --------------------------------------------------------------------------
 # The fused CPU kernel (distill_jax/kernels) from hidden states: the teacher's
-# product and the two backward products are XLA's; the student's (narrow)
-# logits, the softmaxes, KL and the logits' gradient are the kernel's, and the
-# backward pass applies the loss's scale to the small results (dh, dE), not
-# to [N, V].
+# product is XLA's; the student's (narrow) logits, the softmaxes, KL, the
+# logits' gradient and its products with the table and the hidden states are
+# the kernel's, and the backward pass applies the loss's scale to those small
+# results (dh, dE, db), never to [N, V].
 # --------------------------------------------------------------------------
 
 
@@ -650,16 +650,27 @@ def _kernel_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, tem
 
 def _kernel_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
     args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
-    ce, kl, grad, bias_grad = _kernel_rows(*args, grad=True)
+    # The kernel returns the logits' gradient already multiplied out: grad @
+    # table, grad.T @ h and grad.sum(0); the [N, V] gradient is never stored.
+    ce, kl, d_h, d_table, bias_grad = _kernel_rows(*args, grad=True)
     total, dtotal_dalpha = losses.kernel_total(ce, kl, valid, labelled, temp, alpha)
-    return total, (h, table, grad, bias_grad, dtotal_dalpha)
+    return total, (d_h, d_table, bias_grad, dtotal_dalpha)
 
 
 def _kernel_bwd(residuals, g):
-    h, table, grad, bias_grad, dtotal_dalpha = residuals
-    d_h = g * (grad @ table)
-    d_table = g * jax.lax.dot_general(grad, h, (((0,), (0,)), ((), ())))
-    return (d_h, d_table, g * bias_grad, None, None, None, None, None, None, g * dtotal_dalpha)
+    d_h, d_table, bias_grad, dtotal_dalpha = residuals
+    return (
+        g * d_h,
+        g * d_table,
+        g * bias_grad,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        g * dtotal_dalpha,
+    )
 
 
 _kernel_total.defvjp(_kernel_fwd, _kernel_bwd)
@@ -683,11 +694,11 @@ def kernel_distill_loss_sum(
 
     Equal in value and gradient (``h_student``, ``table_s``, ``bias_s``,
     ``alpha``) to ``losses.distill_loss_sum`` on the full logits (column 0 at
-    -inf), computed in float32. The teacher's catalogue product and the
-    student's two backward products are XLA matrix multiplies; the student's
-    logits, softmaxes, KL, the gradient with respect to the logits and its
-    column sums are the fused kernel of :mod:`distill_jax.kernels`
-    (``distill_rows_hidden``: a few rows at a time in cache, built on first
+    -inf), computed in float32. The teacher's catalogue product is an XLA
+    matrix multiply; the student's logits, softmaxes, KL, the gradient with
+    respect to the logits and its products with the student's table and
+    hidden states are the fused kernel of :mod:`distill_jax.kernels`
+    (``distill_rows_hidden``: four rows at a time in cache, built on first
     use; CPU backend only).
 
     Args: as :func:`chunked_distill_loss_sum`, and ``label_where``, an

@@ -200,17 +200,24 @@ def distill_rows_hidden(
     mask_first: bool,
     with_grad: bool,
 ) -> tuple[jax.Array, ...]:
-    """:func:`distill_rows` with the student's logits computed in the kernel.
+    """:func:`distill_rows` from the student's hidden states and table.
 
     The student's logits of row r are ``student_hidden[r] @ student_table.T
-    + student_bias``, computed in float32 a few rows at a time and never
-    stored; everything else (arguments, outputs, the gradient with respect to
-    those logits and its column sums) is as in :func:`distill_rows`.
+    + student_bias``, computed in float32 four rows at a time in cache; so is
+    their gradient ``grad`` (as in :func:`distill_rows`), and neither is ever
+    stored: the kernel returns what backpropagation needs from it instead.
 
     Args:
       student_hidden: ``[N, D]`` float32.
       student_table: ``[V, D]`` float32 (passed to the kernel transposed).
       The others: as :func:`distill_rows`.
+
+    Returns:
+      ``(ce, kl)`` ``[N]``; with `with_grad` also ``grad @ student_table``
+      ``[N, D]``, ``grad.T @ student_hidden`` ``[V, D]`` and ``grad.sum(0)``
+      ``[V]``, where ``grad`` is :func:`distill_rows`'s gradient with respect
+      to the student's logits (rows with ``valid`` false add nothing, whatever
+      their hidden states hold).
     """
     _register()
     rows, dim = student_hidden.shape
@@ -220,7 +227,7 @@ def distill_rows_hidden(
             f"distill_rows_hidden: hidden states [{rows}, {dim}] and table "
             f"[{items}, {table_dim}] disagree on the width."
         )
-    return _call(
+    out = _call(
         "distill_jax_distill_rows_hidden",
         rows,
         items,
@@ -235,7 +242,12 @@ def distill_rows_hidden(
         alpha,
         mask_first=mask_first,
         with_grad=with_grad,
+        dim=dim,
     )
+    if not with_grad:
+        return out
+    ce, kl, d_hidden, d_table_t, bias_grad = out
+    return ce, kl, d_hidden, d_table_t.T, bias_grad
 
 
 def _call(
@@ -254,11 +266,20 @@ def _call(
     *,
     mask_first,
     with_grad,
+    dim=None,
 ):
+    # dim: the student's width when its hidden states are given; the gradient
+    # outputs are then [N, dim] and [dim, V] instead of [N, V].
     f32 = jnp.float32
     outs = [jax.ShapeDtypeStruct((rows,), f32), jax.ShapeDtypeStruct((rows,), f32)]
-    if with_grad:
+    if with_grad and dim is None:
         outs += [jax.ShapeDtypeStruct((rows, items), f32), jax.ShapeDtypeStruct((items,), f32)]
+    elif with_grad:
+        outs += [
+            jax.ShapeDtypeStruct((rows, dim), f32),
+            jax.ShapeDtypeStruct((dim, items), f32),
+            jax.ShapeDtypeStruct((items,), f32),
+        ]
     target = f"{prefix}_grad" if with_grad else f"{prefix}_stats"
     call = jax.ffi.ffi_call(target, tuple(outs), vmap_method="sequential")
     return call(

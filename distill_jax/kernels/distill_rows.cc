@@ -23,6 +23,16 @@
 //
 // Rows with valid == 0 are skipped: their ce and kl are 0, their gradient 0.
 // Entries equal to -inf (masked items) get probability exactly 0.
+//
+// The `Hidden` targets take the student's hidden states h[N, D] and its
+// transposed table et[D, V] instead of s, and compute s_r = h_r et + bs four
+// rows at a time into a per-thread buffer (each slice of et is loaded once
+// for the four rows): for the narrow student (D = 16 on Beauty) that is cheap
+// arithmetic, where XLA's product would write the [N, V] block to memory for
+// the kernel to read back.
+//
+// The rows are shared out in chunks between the calling thread and tasks on
+// XLA's own CPU thread pool (the FFI ThreadPool context).
 
 #include <algorithm>
 #include <atomic>
@@ -122,7 +132,8 @@ struct Params {
   int64_t cols;
   float* ce;
   float* kl;
-  float* grad;  // nullptr: no gradient
+  float* grad;  // [rows, cols] (logits given); nullptr: no gradient
+  float* dh;  // [rows, dim] (from hidden states); nullptr: no gradient
 };
 
 // Rows of student logits computed together from the hidden states: each
@@ -167,8 +178,54 @@ void StudentLogits(const Params& p, int64_t r0, int64_t nr, vf* hb, float* out) 
   }
 }
 
-// Rows [begin, end) of `p`, with scratch rows of p.cols floats.
-void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
+// The backward products of a block of kBlock gradient rows g (rows >= nr
+// are zero), in cache: dh[r0 + i, k] = sum_j g[i, j] et[k, j] (written),
+// det[k, j] += sum_i h[r0 + i, k] g[i, j] and colsum[j] += sum_i g[i, j]
+// (accumulated). `hb` holds the block's broadcast hidden states.
+void BlockBackward(const Params& p, int64_t r0, int64_t nr, const vf* hb, const float* g,
+                   float* det, float* colsum) {
+  const int64_t v = p.cols, d = p.dim;
+  const int64_t vec_end = v - v % kLanes;
+  const float* g0 = g;
+  const float* g1 = g + v;
+  const float* g2 = g + 2 * v;
+  const float* g3 = g + 3 * v;
+  for (int64_t j = 0; j < vec_end; j += kLanes) {
+    store(colsum + j,
+          load(colsum + j) + (load(g0 + j) + load(g1 + j)) + (load(g2 + j) + load(g3 + j)));
+  }
+  for (int64_t j = vec_end; j < v; ++j) colsum[j] += (g0[j] + g1[j]) + (g2[j] + g3[j]);
+  for (int64_t k = 0; k < d; ++k) {
+    const float* e = p.et + k * v;
+    float* de = det + k * v;
+    const vf c0 = hb[k], c1 = hb[d + k], c2 = hb[2 * d + k], c3 = hb[3 * d + k];
+    vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < vec_end; j += kLanes) {
+      const vf x = load(e + j);
+      const vf y0 = load(g0 + j), y1 = load(g1 + j), y2 = load(g2 + j), y3 = load(g3 + j);
+      a0 += y0 * x;
+      a1 += y1 * x;
+      a2 += y2 * x;
+      a3 += y3 * x;
+      store(de + j, load(de + j) + (c0 * y0 + c1 * y1) + (c2 * y2 + c3 * y3));
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (int64_t j = vec_end; j < v; ++j) {
+      s0 += g0[j] * e[j];
+      s1 += g1[j] * e[j];
+      s2 += g2[j] * e[j];
+      s3 += g3[j] * e[j];
+      de[j] += (c0[0] * g0[j] + c1[0] * g1[j]) + (c2[0] * g2[j] + c3[0] * g3[j]);
+    }
+    const float sums[kBlock] = {s0, s1, s2, s3};
+    for (int64_t i = 0; i < nr; ++i) p.dh[(r0 + i) * d + k] = sums[i];
+  }
+}
+
+// Rows [begin, end) of `p`, with scratch rows of p.cols floats. With the
+// gradient, `colsum` [cols] (and from hidden states `det` [dim, cols])
+// accumulate this worker's share.
+void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* det) {
   const int64_t v = p.cols;
   const int64_t vec_end = v - v % kLanes;
   const bool unit = p.temperature == 1.0f;
@@ -189,19 +246,19 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
   const float* bt = bias_t.data();
   std::vector<float> block(fused ? kBlock * v : 0);
   std::vector<vf> hb(fused ? kBlock * p.dim : 0);
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t in_block = (r - begin) % kBlock;
-    if (fused && in_block == 0) {
-      StudentLogits(p, r, std::min<int64_t>(kBlock, end - r), hb.data(), block.data());
-    }
-    const float* s = fused ? block.data() + in_block * v : p.s + r * v;
+  // From hidden states, each row's gradient overwrites its logits in `block`
+  // (pass 3 reads only the exponentials), and the block's backward products
+  // run once its rows are done.
+  const bool want_grad = fused ? p.dh != nullptr : p.grad != nullptr;
+  auto row = [&](int64_t r, float* block_row) {
+    const float* s = fused ? block_row : p.s + r * v;
     const float* t = p.t + r * v;
-    float* g = p.grad == nullptr ? nullptr : p.grad + r * v;
+    float* g = !want_grad ? nullptr : fused ? block_row : p.grad + r * v;
     if (p.valid[r] == 0.0f) {
       p.ce[r] = 0.0f;
       p.kl[r] = 0.0f;
       if (g != nullptr) std::fill(g, g + v, 0.0f);
-      continue;
+      return;
     }
     // Pass 1: row maxima (reads the row from memory; it stays in cache).
     vf ms0 = splat(neg_inf), ms1 = ms0, mt0 = ms0, mt1 = ms0;
@@ -272,7 +329,7 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
     } else {
       p.ce[r] = 0.0f;
     }
-    if (g == nullptr) continue;
+    if (g == nullptr) return;
     // Pass 3: the gradient, from the row buffers.
     const float w_ce = has_label ? p.alpha : 0.0f;
     const float w_kd = (1.0f - p.alpha) * p.temperature;
@@ -297,9 +354,28 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum) {
         std::fill(g, g + v, std::numeric_limits<float>::quiet_NaN());
       }
     }
+    if (fused) return;  // column sums: in BlockBackward
     // The row is still in cache: add it to this thread's column sums.
     for (j = 0; j < vec_end; j += kLanes) store(colsum + j, load(colsum + j) + load(g + j));
     for (; j < v; ++j) colsum[j] += g[j];
+  };
+  if (!fused) {
+    for (int64_t r = begin; r < end; ++r) row(r, nullptr);
+    return;
+  }
+  for (int64_t r0 = begin; r0 < end; r0 += kBlock) {
+    const int64_t nr = std::min<int64_t>(kBlock, end - r0);
+    StudentLogits(p, r0, nr, hb.data(), block.data());
+    for (int64_t i = 0; i < nr; ++i) row(r0 + i, block.data() + i * v);
+    if (!want_grad) continue;
+    std::fill(block.begin() + nr * v, block.end(), 0.0f);
+    // Masked rows add nothing, whatever their hidden states hold.
+    for (int64_t i = 0; i < nr; ++i) {
+      if (p.valid[r0 + i] == 0.0f) {
+        std::fill(hb.begin() + i * p.dim, hb.begin() + (i + 1) * p.dim, splat(0.0f));
+      }
+    }
+    BlockBackward(p, r0, nr, hb.data(), block.data(), det, colsum);
   }
 }
 
@@ -317,6 +393,7 @@ struct Shared {
   std::atomic<int64_t> next_chunk{0};
   std::atomic<int64_t> next_slot{0};
   std::vector<std::vector<float>> partial;  // per worker column sums (gradient only)
+  std::vector<std::vector<float>> partial_det;  // per worker det (from hidden states)
   std::mutex mu;
   std::condition_variable cv;
   int64_t done = 0;
@@ -325,15 +402,20 @@ struct Shared {
 void Work(Shared& st) {
   const int64_t slot = st.next_slot.fetch_add(1);
   float* colsum = nullptr;
+  float* det = nullptr;
   for (;;) {
     const int64_t c = st.next_chunk.fetch_add(1);
     if (c >= st.chunks) return;
     if (colsum == nullptr) {
       st.partial[slot].assign(st.p.cols, 0.0f);
       colsum = st.partial[slot].data();
+      if (st.p.dh != nullptr) {
+        st.partial_det[slot].assign(st.p.dim * st.p.cols, 0.0f);
+        det = st.partial_det[slot].data();
+      }
     }
     const int64_t begin = c * st.chunk_rows;
-    RunRows(st.p, begin, std::min(st.p.rows, begin + st.chunk_rows), colsum);
+    RunRows(st.p, begin, std::min(st.p.rows, begin + st.chunk_rows), colsum, det);
     std::lock_guard<std::mutex> lock(st.mu);
     if (++st.done == st.chunks) st.cv.notify_all();
   }
@@ -342,8 +424,9 @@ void Work(Shared& st) {
 // Runs the rows on the caller and `pool.num_threads() - 1` pool tasks, so
 // that as many threads work as the pool has (one per core: more would only
 // take turns on the cores); 16 rows per chunk at least, about four chunks
-// per worker. Writes the gradient's column sums to `colsum` when given.
-void Run(const Params& p, float* colsum, ffi::ThreadPool& pool) {
+// per worker. Writes the gradient's column sums to `colsum` when given, and
+// from hidden states its product with h to `det` [dim, cols].
+void Run(const Params& p, float* colsum, float* det, ffi::ThreadPool& pool) {
   auto st = std::make_shared<Shared>();
   st->p = p;
   const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
@@ -351,6 +434,7 @@ void Run(const Params& p, float* colsum, ffi::ThreadPool& pool) {
   st->chunk_rows = std::max<int64_t>(16, (p.rows + 4 * workers - 1) / (4 * workers));
   st->chunks = (p.rows + st->chunk_rows - 1) / st->chunk_rows;
   st->partial.resize(workers);
+  st->partial_det.resize(workers);
   for (int64_t i = 0; i < std::min(helpers, st->chunks - 1); ++i) {
     pool.Schedule([st] { Work(*st); });
   }
@@ -364,6 +448,13 @@ void Run(const Params& p, float* colsum, ffi::ThreadPool& pool) {
   for (const auto& part : st->partial) {
     if (part.empty()) continue;
     for (int64_t j = 0; j < p.cols; ++j) colsum[j] += part[j];
+  }
+  if (det == nullptr) return;
+  const int64_t n = p.dim * p.cols;
+  std::fill(det, det + n, 0.0f);
+  for (const auto& part : st->partial_det) {
+    if (part.empty()) continue;
+    for (int64_t j = 0; j < n; ++j) det[j] += part[j];
   }
 }
 
@@ -421,7 +512,7 @@ ffi::Error DistillRows(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bia
                           labelled, temperature, alpha, mask_first, ce, kl, grad, p);
   if (err.failure()) return err;
   p.s = s.typed_data();
-  Run(p, bias_grad, pool);
+  Run(p, bias_grad, nullptr, pool);
   return ffi::Error::Success();
 }
 
@@ -429,22 +520,23 @@ ffi::Error DistillRows(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bia
 ffi::Error DistillRowsHidden(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, F32 t, F32 t_bias,
                              S32 labels, F32 valid, F32 labelled, Scalar temperature,
                              Scalar alpha, bool mask_first, F32Result ce, F32Result kl,
-                             float* grad, float* bias_grad) {
-  auto dh = h.dimensions();
-  auto de = et.dimensions();
-  if (dh.size() != 2 || de.size() != 2 || de[0] != dh[1]) {
+                             float* dh, float* det, float* bias_grad) {
+  auto dims_h = h.dimensions();
+  auto dims_e = et.dimensions();
+  if (dims_h.size() != 2 || dims_e.size() != 2 || dims_e[0] != dims_h[1]) {
     return ffi::Error::InvalidArgument(
         "distill_rows_hidden: hidden states must be [rows, dim] and the transposed table "
         "[dim, items]");
   }
   Params p{};
-  ffi::Error err = Common("distill_rows_hidden", dh[0], de[1], s_bias, t, t_bias, labels, valid,
-                          labelled, temperature, alpha, mask_first, ce, kl, grad, p);
+  ffi::Error err = Common("distill_rows_hidden", dims_h[0], dims_e[1], s_bias, t, t_bias, labels,
+                          valid, labelled, temperature, alpha, mask_first, ce, kl, nullptr, p);
   if (err.failure()) return err;
   p.h = h.typed_data();
   p.et = et.typed_data();
-  p.dim = dh[1];
-  Run(p, bias_grad, pool);
+  p.dim = dims_h[1];
+  p.dh = dh;
+  Run(p, bias_grad, det, pool);
   return ffi::Error::Success();
 }
 
@@ -468,15 +560,17 @@ ffi::Error DistillRowsHiddenStats(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bia
                                   Scalar temperature, Scalar alpha, bool mask_first, F32Result ce,
                                   F32Result kl) {
   return DistillRowsHidden(pool, h, et, s_bias, t, t_bias, labels, valid, labelled, temperature,
-                           alpha, mask_first, ce, kl, nullptr, nullptr);
+                           alpha, mask_first, ce, kl, nullptr, nullptr, nullptr);
 }
 
 ffi::Error DistillRowsHiddenGrad(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, F32 t,
                                  F32 t_bias, S32 labels, F32 valid, F32 labelled,
                                  Scalar temperature, Scalar alpha, bool mask_first, F32Result ce,
-                                 F32Result kl, F32Result grad, F32Result bias_grad) {
+                                 F32Result kl, F32Result dh, F32Result det,
+                                 F32Result bias_grad) {
   return DistillRowsHidden(pool, h, et, s_bias, t, t_bias, labels, valid, labelled, temperature,
-                           alpha, mask_first, ce, kl, grad->typed_data(), bias_grad->typed_data());
+                           alpha, mask_first, ce, kl, dh->typed_data(), det->typed_data(),
+                           bias_grad->typed_data());
 }
 
 }  // namespace
@@ -522,4 +616,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsHiddenGrad, DistillRowsHidden
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()
-                                  .Arg<F32>() DISTILL_ROWS_TAIL(GRAD_RETS));
+                                  .Arg<F32>() DISTILL_ROWS_TAIL(.Ret<F32>() GRAD_RETS));
