@@ -14,10 +14,10 @@ D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
   `jnp.where` (as `Model.logits` does), then `losses.distill_loss` (fused
   closed-form backward) under autodiff;
 * `cpu_kernel`: what the trainer does with `loss.impl='cpu_kernel'`:
-  `catalogue_losses.kernel_distill_loss` from the hidden states (the fused
-  C++ kernel of `distill_jax/kernels` between XLA's products: one read of
-  each row for its maxima, the exponentials kept in cache, the gradient
-  written once, the padding column masked inside);
+  `catalogue_losses.kernel_distill_loss` from the hidden states (XLA's
+  teacher product, then the fused C++ kernel of `distill_jax/kernels`: the
+  student's logits, the loss, the logits' gradient and its two products,
+  four rows at a time in cache, the padding column masked inside);
 * `row_blocks`: a `lax.scan` over blocks of `--row_block` rows, each block's
   logits, loss and gradients computed together so they could stay in cache
   (a hand-fused alternative; not used by the trainer).

@@ -27,9 +27,12 @@
 // The `Hidden` targets take the student's hidden states h[N, D] and its
 // transposed table et[D, V] instead of s, and compute s_r = h_r et + bs four
 // rows at a time into a per-thread buffer (each slice of et is loaded once
-// for the four rows): for the narrow student (D = 16 on Beauty) that is cheap
-// arithmetic, where XLA's product would write the [N, V] block to memory for
-// the kernel to read back.
+// for the four rows). Each row's gradient then overwrites its logits there,
+// and once the four rows are done the block's backward products are taken
+// from cache: dh = g et^T (written), det += h^T g and the column sums
+// (accumulated per thread, added up at the end). For the narrow student
+// (D = 16 on Beauty) that is cheap arithmetic, where XLA's products would
+// write the [N, V] logits and gradient to memory and read them back.
 //
 // The rows are shared out in chunks between the calling thread and tasks on
 // XLA's own CPU thread pool (the FFI ThreadPool context).
