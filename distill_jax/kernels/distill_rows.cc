@@ -432,7 +432,14 @@ void Work(Shared& st) {
 void Run(const Params& p, float* colsum, float* det, ffi::ThreadPool& pool) {
   auto st = std::make_shared<Shared>();
   st->p = p;
-  const int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
+  int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
+  if (p.dh != nullptr) {
+    // Each worker accumulates its own det [dim, cols]: keep them within
+    // 256 MB together (a 10^6-item catalogue at dim 64 is 256 MB per worker).
+    const int64_t per_worker = std::max<int64_t>(1, p.dim * p.cols * 4);
+    const int64_t fit = (int64_t{1} << 28) / per_worker;
+    helpers = std::min<int64_t>(helpers, std::max<int64_t>(0, fit - 1));
+  }
   const int64_t workers = helpers + 1;
   st->chunk_rows = std::max<int64_t>(16, (p.rows + 4 * workers - 1) / (4 * workers));
   st->chunks = (p.rows + st->chunk_rows - 1) / st->chunk_rows;
