@@ -47,6 +47,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     c.num_items = -1
     # BERT4Rec only: share of the window's items replaced by the mask token.
     c.mask_prob = 0.2
+    # BERT4Rec only: share of training windows that mask their last item
+    # alone (the evaluation task: the item after the whole history).
+    c.mask_last_prob = 0.0
     # Optimisation (optax AdamW with linear warm-up and cosine decay).
     c.learning_rate = 1e-3
     c.weight_decay = 0.0

@@ -123,6 +123,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _expect(0.0 <= m.dropout < 1.0, f"{prefix}.dropout", m.dropout, "a rate in [0, 1)")
         _expect(0.0 < m.mask_prob < 1.0, f"{prefix}.mask_prob", m.mask_prob, "a rate in (0, 1)")
         _expect(
+            0.0 <= m.mask_last_prob <= 1.0,
+            f"{prefix}.mask_last_prob",
+            m.mask_last_prob,
+            "a rate in [0, 1]",
+        )
+        _expect(
             m.dtype in ("float32", "bfloat16"),
             f"{prefix}.dtype",
             m.dtype,

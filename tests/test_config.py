@@ -28,6 +28,7 @@ def test_defaults_are_valid():
         ("distill.alpha", -0.1, r"config\.distill\.alpha"),
         ("student.name", "transformer9000", r"config\.student\.name='transformer9000'.*sasrec"),
         ("teacher.dropout", 1.0, r"config\.teacher\.dropout"),
+        ("student.mask_last_prob", 1.5, r"config\.student\.mask_last_prob=1\.5.*\[0, 1\]"),
         ("teacher.embed_dim", 15, r"config\.teacher\.embed_dim=15.*num_heads"),
         ("stages", "teacher,distill", r"config\.stages"),
         ("distill.mode", "medium", r"config\.distill\.mode"),

@@ -201,6 +201,33 @@ def test_masked_batches_hide_their_targets():
         assert np.all((tgt >= 1) & (tgt <= 20))
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_mask_last_prob_masks_the_last_item_alone_in_that_share_of_windows(share):
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(1, 21, size=n).astype(np.int32) for n in (3, 4, 5, 6) * 50]
+    whole = {tuple(s) for s in seqs}
+    tb = _train_batches(False, seqs, mask_last_prob=share, batch_size=20)
+    last_only = 0
+    for step in range(tb.steps_per_epoch):
+        b = tb.batch(step)
+        rows, pos, tgt = _slots(b)
+        S = b["inputs"].shape[1]
+        for row in range(20):
+            sel = rows == row
+            if sel.sum() == 1 and pos[sel][0] == S - 1:
+                last_only += 1
+                # The mask token hides the window's newest item, the target.
+                inp = b["inputs"][row]
+                assert inp[S - 1] == 21
+                assert (*inp[(inp > 0) & (inp < 21)], tgt[sel][0]) in whole
+    # Random masking (rate 0.3) alone leaves only the last of n items masked
+    # with probability 0.7^n / n (one pick, or none and the fallback): 0.15
+    # on average for n = 3..6.
+    chance = np.mean([0.7**n / n + 0.3 * 0.7 ** (n - 1) for n in (3, 4, 5, 6)])
+    expected = share + (1 - share) * chance
+    assert abs(last_only / tb.num_windows - expected) < 0.08
+
+
 def test_eval_batches_keep_the_whole_history():
     hist = [np.arange(1, 41, dtype=np.int32), np.array([3], np.int32)]
     batches = list(

@@ -69,8 +69,8 @@ class BatchSource:
         return (
             f"BatchSource(num_steps={self._num_steps}, num_windows={b.num_windows}, "
             f"num_items={b.num_items}, max_len={b.max_len}, batch_size={b.batch_size}, "
-            f"causal={b.causal}, mask_prob={b.mask_prob}, seed={b.seed}, "
-            f"length_buckets={b.length_buckets}, num_shards={b.num_shards})"
+            f"causal={b.causal}, mask_prob={b.mask_prob}, mask_last_prob={b.mask_last_prob}, "
+            f"seed={b.seed}, length_buckets={b.length_buckets}, num_shards={b.num_shards})"
         )
 
     def __getstate__(self) -> dict[str, Any]:

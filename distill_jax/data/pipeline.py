@@ -141,6 +141,9 @@ class TrainBatches:
       causal: True for next-item models (SASRec), False for masked-item
         models (BERT4Rec).
       mask_prob: masked-item models: share of the window's items masked.
+      mask_last_prob: masked-item models: share of windows that mask their
+        LAST item alone instead (the task the model is evaluated on: predict
+        the item after the whole history); 0 masks every window at random.
       seed: fixes the epoch order and the masks.
       length_buckets: group windows of similar length into a batch.
       fixed_shapes: every batch has the same shapes (full `[B, L]` inputs and
@@ -169,6 +172,7 @@ class TrainBatches:
     num_shards: int = 1
     fixed_shapes: bool = False
     last_item_slot: bool = False
+    mask_last_prob: float = 0.0
 
     def __post_init__(self):
         if self.num_shards < 1 or self.batch_size % self.num_shards:
@@ -269,6 +273,9 @@ class TrainBatches:
             for b, r in enumerate(rows):
                 w = self._windows[r]
                 inputs[b, L - len(w) :] = w
+                if self.mask_last_prob > 0 and rng.random() < self.mask_last_prob:
+                    masked.append(np.array([L - 1]))
+                    continue
                 pick = np.flatnonzero(rng.random(len(w)) < self.mask_prob)
                 if pick.size == 0:
                     pick = np.array([rng.integers(len(w))])

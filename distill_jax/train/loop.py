@@ -108,6 +108,7 @@ def train_stage(
         batch_size=mcfg.batch_size,
         causal=model.is_causal,
         mask_prob=mcfg.mask_prob,
+        mask_last_prob=mcfg.mask_last_prob,
         seed=config.seed,
         length_buckets=config.data.length_buckets,
         fixed_shapes=config.data.fixed_shapes,
