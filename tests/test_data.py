@@ -221,8 +221,8 @@ def test_mask_last_prob_masks_the_last_item_alone_in_that_share_of_windows(share
                 assert inp[S - 1] == 21
                 assert (*inp[(inp > 0) & (inp < 21)], tgt[sel][0]) in whole
     # Random masking (rate 0.3) alone leaves only the last of n items masked
-    # with probability 0.7^n / n (one pick, or none and the fallback): 0.15
-    # on average for n = 3..6.
+    # with probability 0.3 * 0.7^(n-1) (it alone is picked) + 0.7^n / n (none
+    # is, and the fallback picks it): 0.15 on average for n = 3..6.
     chance = np.mean([0.7**n / n + 0.3 * 0.7 ** (n - 1) for n in (3, 4, 5, 6)])
     expected = share + (1 - share) * chance
     assert abs(last_only / tb.num_windows - expected) < 0.08
