@@ -12,7 +12,12 @@ values), so neither student gets a bigger search than the other. Points are
 ranked by VALIDATION NDCG@10 (the test split is never looked at to choose);
 the table shows test figures of each point too, for the record. Distillation's
 own settings (temperature, alpha) are not searched: they stay as the config
-sets them, so the scratch baseline is not out-searched.
+sets them, so the scratch baseline is not out-searched. A grid over
+`student.learning_rate`, `student.dropout` or `student.weight_decay` also
+sets the scratch student's own value (`config.student_scratch`), so each
+point means the same for both students; the chosen points go into the config
+as `config.student` (both) and `config.student_scratch` (where scratch chose
+differently).
 
 The teacher is trained once: `--teacher_workdir` is a workdir whose `teacher`
 stage finished (e.g. a main-job run); each trial links to it. Trials live in
@@ -30,7 +35,7 @@ import sys
 
 from quality import load_config  # benchmarks/quality.py, beside this script
 
-from distill_jax import pipeline
+from distill_jax import config_lib, pipeline
 
 METRIC = "ndcg@10"
 
@@ -47,6 +52,20 @@ def _grid(items: list[str]) -> list[tuple[str, list[str]]]:
 
 def _point_name(point: dict[str, str]) -> str:
     return "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "default"
+
+
+def _point_overrides(point: dict[str, str]) -> list[str]:
+    """KEY=VALUE overrides of a grid point.
+
+    A `student.X` value is the point for BOTH students: it also replaces the
+    scratch student's own setting (config.student_scratch.X), if it has one.
+    """
+    out = [f"{k}={v}" for k, v in point.items()]
+    for k, v in point.items():
+        section, _, name = k.partition(".")
+        if section == "student" and name in config_lib.SCRATCH_KEYS:
+            out.append(f"student_scratch.{name}={v}")
+    return out
 
 
 def _link(src: str, dst: str) -> None:
@@ -84,9 +103,7 @@ def main() -> None:
     # students on the same points.
     for point in points:
         for stage in stages:
-            config = load_config(
-                args.config, args.override + [f"{k}={v}" for k, v in point.items()]
-            )
+            config = load_config(args.config, args.override + _point_overrides(point))
             config.stages = stage
             trial = os.path.join(args.workdir, stage, _point_name(point))
             os.makedirs(trial, exist_ok=True)

@@ -111,6 +111,15 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.teacher = model_config()
     config.student = model_config(embed_dim=16, num_blocks=1, num_heads=1, mlp_dim=64)
+    # The scratch student's own optimisation settings, where its search chose
+    # differently from the distilled student's (benchmarks/search.py picks
+    # each student's point by its own validation score). -1 = config.student's
+    # value. The architecture, steps and batch always come from config.student:
+    # both students are the same model trained for as long.
+    config.student_scratch = ml_collections.ConfigDict()
+    config.student_scratch.learning_rate = -1.0
+    config.student_scratch.dropout = -1.0
+    config.student_scratch.weight_decay = -1.0
 
     config.distill = ml_collections.ConfigDict()
     config.distill.mode = "soft"  # 'soft': alpha*CE + (1-alpha)*T^2*KL; 'hard': teacher top-k.

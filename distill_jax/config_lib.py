@@ -7,6 +7,8 @@ import ml_collections
 MODEL_KEYS = ("teacher", "student")
 KNOWN_STAGES = ("popularity", "teacher", "student_kd", "student_scratch", "report")
 SHARED_MODEL_KEYS = ("max_len", "num_items")
+# config.student_scratch: the scratch student's own optimisation settings.
+SCRATCH_KEYS = ("learning_rate", "dropout", "weight_decay")
 
 
 class ConfigError(ValueError):
@@ -154,6 +156,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
             m.grad_clip_norm,
             ">= 0 (0 disables clipping)",
         )
+    sc = config.student_scratch
+    _expect(
+        set(sc.keys()) == set(SCRATCH_KEYS),
+        "student_scratch",
+        sorted(sc.keys()),
+        f"exactly the keys {SCRATCH_KEYS} (the architecture, steps and batch are "
+        "config.student's for both students)",
+    )
+    _expect(
+        sc.learning_rate == -1 or sc.learning_rate > 0,
+        "student_scratch.learning_rate",
+        sc.learning_rate,
+        "-1 (config.student's) or > 0",
+    )
+    _expect(
+        sc.dropout == -1 or 0.0 <= sc.dropout < 1.0,
+        "student_scratch.dropout",
+        sc.dropout,
+        "-1 (config.student's) or a rate in [0, 1)",
+    )
+    _expect(
+        sc.weight_decay == -1 or sc.weight_decay >= 0,
+        "student_scratch.weight_decay",
+        sc.weight_decay,
+        "-1 (config.student's) or >= 0",
+    )
     for key in SHARED_MODEL_KEYS:
         t, s = config.teacher[key], config.student[key]
         _expect(
@@ -304,6 +332,21 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
         c.initialization_timeout,
         "a number of seconds > 0",
     )
+
+
+def stage_model_config(
+    config: ml_collections.ConfigDict, stage: str, key: str
+) -> ml_collections.ConfigDict:
+    """The model subtree `stage` trains with: `config[key]`, plus, for
+    student_scratch, the values of `config.student_scratch` other than -1."""
+    if stage != "student_scratch":
+        return config[key]
+    mcfg = config[key].copy_and_resolve_references()
+    for name in SCRATCH_KEYS:
+        value = config.student_scratch[name]
+        if value != -1:
+            mcfg[name] = type(mcfg[name])(value)
+    return mcfg
 
 
 def stages(config: ml_collections.ConfigDict) -> list[str]:

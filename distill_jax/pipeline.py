@@ -57,10 +57,10 @@ def _write_json(path: str, obj: Any) -> None:
     distributed.barrier(f"distill_jax_wrote_{path}")
 
 
-def build(config: ml_collections.ConfigDict, key: str, num_items: int):
-    return models.build_model(
-        config[key], num_items=num_items, max_len=config[key].max_len, key_prefix=key
-    )
+def build(config: ml_collections.ConfigDict, key: str, num_items: int, stage: str = ""):
+    """The model of `stage` (config subtree `key`; see config_lib.stage_model_config)."""
+    mcfg = config_lib.stage_model_config(config, stage, key)
+    return models.build_model(mcfg, num_items=num_items, max_len=mcfg.max_len, key_prefix=key)
 
 
 def load_best_params(model, config, mesh, stage_dir: str):
@@ -134,7 +134,8 @@ def run_stage(
         log.info("[%s] test %s", stage, _brief(metrics["test"]))
         return result
     key, teacher_stage = STAGES[stage]
-    model = build(config, key, split.num_items)
+    mcfg = config_lib.stage_model_config(config, stage, key)
+    model = build(config, key, split.num_items, stage)
     teacher = t_scorer = None
     # The scratch student is compared with the teacher too, when there is one.
     t_stage = teacher_stage or ("teacher" if stage != "teacher" else None)
@@ -154,7 +155,7 @@ def run_stage(
     res = loop.train_stage(
         name=stage,
         model=model,
-        mcfg=config[key],
+        mcfg=mcfg,
         config=config,
         split=split,
         workdir=stage_dir,
@@ -169,7 +170,7 @@ def run_stage(
     t0 = time.time()
     metrics = {s: evaluator.evaluate(scorer, s) for s in data.eval_splits}
     result = {
-        "model": config[key].name,
+        "model": mcfg.name,
         "params": models.count_params(res.params),
         "param_bytes": loop.param_bytes(res.params),
         "metrics": metrics,

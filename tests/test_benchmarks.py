@@ -83,3 +83,32 @@ def test_distill_kernel_variants_agree_and_are_timed(monkeypatch):
     with pytest.raises(ValueError, match="must divide"):
         Args.row_block = 5
         module.run(Args)
+
+
+def test_a_search_point_means_the_same_for_both_students(monkeypatch):
+    """benchmarks/search.py: a `student.X` grid value also replaces the scratch student's own X."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "search_under_test", root / "benchmarks" / "search.py"
+    )
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    from distill_jax import config_lib
+
+    point = {"student.weight_decay": "0.1", "distill.temperature": "2"}
+    overrides = search._point_overrides(point)
+    assert sorted(overrides) == [
+        "distill.temperature=2",
+        "student.weight_decay=0.1",
+        "student_scratch.weight_decay=0.1",
+    ]
+    config = search.load_config(
+        str(root / "configs" / "synthetic.py"),
+        ["student_scratch.weight_decay=0.7", "student_scratch.dropout=0.3", *overrides],
+    )
+    kd = config_lib.stage_model_config(config, "student_kd", "student")
+    scratch = config_lib.stage_model_config(config, "student_scratch", "student")
+    assert kd.weight_decay == scratch.weight_decay == 0.1
+    # A setting the grid does not cover keeps the scratch student's own value.
+    assert scratch.dropout == 0.3 and kd.dropout == config.student.dropout

@@ -32,6 +32,9 @@ def test_defaults_are_valid():
         ("teacher.embed_dim", 15, r"config\.teacher\.embed_dim=15.*num_heads"),
         ("stages", "teacher,distill", r"config\.stages"),
         ("distill.mode", "medium", r"config\.distill\.mode"),
+        ("student_scratch.learning_rate", 0.0, r"config\.student_scratch\.learning_rate=0\.0"),
+        ("student_scratch.dropout", 1.0, r"config\.student_scratch\.dropout=1\.0.*\[0, 1\)"),
+        ("student_scratch.weight_decay", -0.5, r"config\.student_scratch\.weight_decay"),
     ],
 )
 def test_bad_value_names_key(key, value, match):
@@ -136,3 +139,26 @@ def test_dataset_configs_student_is_at_most_an_eighth_of_the_teacher(module, num
         )
         counts[key] = models.count_params(state_lib.abstract_params(model))
     assert counts["student"] * 8 <= counts["teacher"], counts
+
+
+def test_scratch_student_takes_its_own_settings_and_the_shared_architecture():
+    config = _cfg()
+    config.student.update(learning_rate=1e-2, dropout=0.1, weight_decay=0.0)
+    config.student_scratch.weight_decay = 0.5
+    config.student_scratch.dropout = 0.3
+    config_lib.validate(config)
+    scratch = config_lib.stage_model_config(config, "student_scratch", "student")
+    kd = config_lib.stage_model_config(config, "student_kd", "student")
+    assert (scratch.weight_decay, scratch.dropout, scratch.learning_rate) == (0.5, 0.3, 1e-2)
+    assert (kd.weight_decay, kd.dropout, kd.learning_rate) == (0.0, 0.1, 1e-2)
+    for key in ("name", "embed_dim", "num_blocks", "num_heads", "mlp_dim", "num_steps"):
+        assert scratch[key] == kd[key] == config.student[key], key
+    assert config.student.weight_decay == 0.0  # the shared subtree is not modified
+    assert config_lib.stage_model_config(config, "teacher", "teacher") is config.teacher
+
+
+def test_scratch_student_cannot_override_the_architecture():
+    config = _cfg()
+    config.student_scratch.embed_dim = 32
+    with pytest.raises(config_lib.ConfigError, match=r"config\.student_scratch=.*learning_rate"):
+        config_lib.validate(config)

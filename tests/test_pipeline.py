@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -92,3 +93,27 @@ def test_bert4rec_distillation_and_student_checkpoint_holds_no_teacher(tmp_path)
     n = sum(int(np.prod(s)) for s in shapes)
     assert n == report["models"]["student_kd"]["params"]
     assert set(tree) == {"step", "params", "opt_state"}
+
+
+def test_each_student_stage_trains_with_its_own_settings(tmp_path, monkeypatch):
+    """run_stage hands train_stage the stage's settings and builds its model from them."""
+    config = synthetic.get_config("tiny")
+    config.student.update(dropout=0.1, weight_decay=0.0)
+    config.student_scratch.update(dropout=0.3, weight_decay=0.5)
+    seen = {}
+
+    def fake_train_stage(*, name, model, mcfg, **_):
+        seen[name] = (mcfg.dropout, mcfg.weight_decay, model.dropout_rate)
+        return types.SimpleNamespace(finished=False)
+
+    monkeypatch.setattr(pipeline, "Evaluator", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline.loop, "train_stage", fake_train_stage)
+    data = types.SimpleNamespace(split=types.SimpleNamespace(num_items=50))
+    for stage in ("student_scratch", "teacher"):
+        assert pipeline.run_stage(stage, config, data, None, str(tmp_path)) is None
+    assert seen["student_scratch"] == (0.3, 0.5, 0.3)
+    assert seen["teacher"] == (
+        config.teacher.dropout,
+        config.teacher.weight_decay,
+        config.teacher.dropout,
+    )
