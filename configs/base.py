@@ -145,6 +145,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.impl = "plain"
     config.loss.chunk_size = 8192
+    # Training softmaxes (cross-entropy, and both sides of the distillation
+    # KL) leave out the items each target slot has already seen in its window,
+    # never the target itself, as evaluation does (eval.exclude_history).
+    # Causal models and loss.impl='plain' only.
+    config.loss.exclude_history = False
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 200

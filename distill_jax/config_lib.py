@@ -237,6 +237,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     impls = ("plain", "vocab_parallel", "chunked", "cpu_kernel")
     _expect(config.loss.impl in impls, "loss.impl", config.loss.impl, f"one of {impls}")
     _positive_int(config.loss, "loss", "chunk_size")
+    if config.loss.exclude_history:
+        _expect(
+            config.loss.impl == "plain",
+            "loss.exclude_history",
+            True,
+            f"False with loss.impl={config.loss.impl!r} (only the 'plain' loss excludes history)",
+        )
+        for key in ("teacher", "student"):
+            _expect(
+                MODELS[config[key].name].is_causal,
+                "loss.exclude_history",
+                True,
+                f"False for {key}.name={config[key].name!r} (a bidirectional model's window "
+                "holds later items and mask tokens, not a history)",
+            )
     _expect(
         config.loss.impl == "plain" or d.mode == "soft",
         "loss.impl",

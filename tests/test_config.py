@@ -61,6 +61,20 @@ def test_last_item_slot_needs_a_causal_student_and_the_plain_loss():
         config_lib.validate(config)
 
 
+def test_exclude_history_needs_causal_models_and_the_plain_loss():
+    config = _cfg()
+    config.loss.exclude_history = True
+    config_lib.validate(config)  # sasrec teacher and student, plain loss: fine
+    config.teacher.name = "bert4rec"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.exclude_history.*teacher"):
+        config_lib.validate(config)
+    config = _cfg()
+    config.loss.exclude_history = True
+    config.loss.impl = "cpu_kernel"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.exclude_history.*plain"):
+        config_lib.validate(config)
+
+
 def test_teacher_and_student_must_share_max_len_and_catalogue():
     config = _cfg()
     config.student.max_len = config.teacher.max_len + 1

@@ -236,6 +236,96 @@ def test_trimmed_batches_give_the_same_logits_as_full_windows(split, name):
         np.testing.assert_allclose(np.asarray(got)[w], np.asarray(want)[w], rtol=1e-5, atol=1e-5)
 
 
+def _history_batch(split):
+    batches = TrainBatches(
+        split.train,
+        num_items=split.num_items,
+        max_len=16,
+        batch_size=8,
+        causal=True,
+        mask_prob=0.0,
+        seed=0,
+    )
+    return batches.batch(0)
+
+
+def test_history_columns_are_each_slots_earlier_window_items_without_its_target(split):
+    batch = _history_batch(split)
+    got = np.asarray(steps.history_columns(batch))
+    S = batch["inputs"].shape[1]
+    checked = 0
+    for n in np.nonzero(batch["where"])[0]:
+        row, pos = divmod(int(batch["target_index"][n]), S)
+        want = set(batch["inputs"][row, : pos + 1].tolist()) - {0, int(batch["targets"][n])}
+        assert set(got[n].tolist()) - {0} == want
+        checked += len(want)
+    assert checked > 0
+
+
+@pytest.mark.parametrize("task", ["train", "distill"])
+def test_exclude_history_loss_matches_float64_reference(split, task):
+    # The loss with config.loss.exclude_history: softmaxes over the catalogue
+    # without the slot's seen items (its target kept), for CE and both sides of
+    # the KL; checked against NumPy in float64.
+    config = _config()
+    config.student.dropout = 0.0
+    config.student.max_len = config.teacher.max_len = 16
+    alpha, T = 0.3, 2.0
+    config.distill.update(temperature=T, alpha=alpha)
+    student = models.build_model(config.student, num_items=split.num_items, max_len=16)
+    teacher = models.build_model(config.teacher, num_items=split.num_items, max_len=16)
+    s_params = nn.unbox(state_lib.init_params_fn(student)(jax.random.key(0)))
+    t_params = nn.unbox(state_lib.init_params_fn(teacher)(jax.random.key(1)))
+    batch = _history_batch(split)
+    config.loss.exclude_history = True
+    loss_fn = steps.make_loss_fn(
+        student, task, teacher if task == "distill" else None, config.distill, config.loss
+    )
+    got = float(loss_fn(s_params, t_params, batch, jax.random.key(2)))
+
+    s = np.asarray(steps.logits_at_targets(student, s_params, batch, train=False), np.float64)
+    t = np.asarray(steps.logits_at_targets(teacher, t_params, batch, train=False), np.float64)
+    S = batch["inputs"].shape[1]
+
+    def log_softmax(x):
+        x = x - x[np.isfinite(x)].max()
+        return x - np.log(np.exp(x[np.isfinite(x)]).sum())
+
+    def loss(exclude):
+        total = []
+        for n in np.nonzero(batch["where"])[0]:
+            row, pos = divmod(int(batch["target_index"][n]), S)
+            y = int(batch["targets"][n])
+            keep = np.ones(s.shape[1], bool)
+            keep[0] = False
+            if exclude:
+                keep[batch["inputs"][row, : pos + 1]] = False
+                keep[y] = True
+            ls = log_softmax(np.where(keep, s[n], -np.inf))[keep]
+            ce = -ls[np.nonzero(keep)[0] == y][0]
+            if task == "train":
+                total.append(ce)
+                continue
+            lp = log_softmax(np.where(keep, t[n] / T, -np.inf))[keep]
+            lq = log_softmax(np.where(keep, s[n] / T, -np.inf))[keep]
+            total.append(alpha * ce + (1 - alpha) * T**2 * np.sum(np.exp(lp) * (lp - lq)))
+        return float(np.mean(total))
+
+    want = loss(exclude=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The exclusion changes the loss, so the comparison above checks it.
+    assert abs(loss(exclude=False) - want) > 1e-3
+
+
+def test_exclude_history_refuses_a_bidirectional_model(split):
+    config = _config()
+    config.student.name = "bert4rec"
+    config.loss.exclude_history = True
+    model = models.build_model(config.student, num_items=split.num_items, max_len=16)
+    with pytest.raises(ValueError, match=r"config\.loss\.exclude_history.*bidirectional"):
+        steps.make_loss_fn(model, "train", None, config.distill, config.loss)
+
+
 def test_bfloat16_compute_keeps_float32_parameters_and_losses(split):
     # Mixed precision: parameters and optimiser state in float32, matmuls in
     # bfloat16, logits/logsumexp/losses in float32.

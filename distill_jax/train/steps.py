@@ -49,6 +49,29 @@ def logits_at_targets(model: nn.Module, params, batch, *, train: bool, rngs=None
     return model.apply({"params": params}, h, method=model.logits)
 
 
+def history_columns(batch) -> jax.Array:
+    """`[N, S]` item ids each target slot has already seen in its window.
+
+    Slot `n` sits at row `target_index // S`, position `target_index % S` of
+    `inputs [B, S]` (one user per row, causal inputs): its history is that
+    row's items up to and including the position. Later positions, and the
+    slot's own target wherever it occurs, become 0 (the padding column, which
+    is -inf anyway), so the target is never excluded.
+    """
+    inputs, index = batch["inputs"], batch["target_index"]
+    width = inputs.shape[1]
+    rows, pos = index // width, index % width
+    seen = jnp.take(inputs, rows, axis=0)
+    keep = (jnp.arange(width)[None, :] <= pos[:, None]) & (seen != batch["targets"][:, None])
+    return jnp.where(keep, seen, 0)
+
+
+def exclude_columns(logits: jax.Array, columns: jax.Array) -> jax.Array:
+    """`logits [N, V+1]` with `columns [N, K]` of each row set to -inf."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, columns].set(-jnp.inf)
+
+
 def _table(params):
     return params["item_embedding"], params["output_bias"]
 
@@ -100,15 +123,29 @@ def make_loss_fn(
     if impl == "vocab_parallel":
         return _vocab_parallel_loss_fn(model, task, teacher, distill_cfg)
 
+    exclude_history = loss_cfg is not None and loss_cfg.get("exclude_history", False)
+    if exclude_history and not model.is_causal:
+        raise ValueError(
+            "config.loss.exclude_history=True needs causal (next-item) models; "
+            f"{type(model).__name__} is bidirectional."
+        )
+
     def loss_fn(params, teacher_params, batch, dropout_rng):
         logits = logits_at_targets(model, params, batch, train=True, rngs={"dropout": dropout_rng})
         where = batch["where"]
+        # config.loss.exclude_history: every softmax of the loss leaves out the
+        # items the slot has already seen (never its target), as evaluation does.
+        seen = history_columns(batch) if exclude_history else None
+        if seen is not None:
+            logits = exclude_columns(logits, seen)
         if task == "train":
             return losses.cross_entropy(logits, batch["targets"], where=where)
         # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
         t_logits = jax.lax.stop_gradient(
             logits_at_targets(teacher, teacher_params, batch, train=False)
         )
+        if seen is not None:
+            t_logits = exclude_columns(t_logits, seen)
         # Teacher-only slots (config.distill.last_item_slot) are in
         # `kd_where` but not in `where`: they have no label.
         kd_where = batch.get("kd_where", where)
