@@ -62,6 +62,26 @@ def ratios(reports: list[dict]) -> list[dict]:
     return out
 
 
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def _parse_override(item: str, old, text: str):
+    """`text` as the type of the config's current value `old`.
+
+    Booleans take true/false/1/0 (not Python's bool(text), which is True for
+    any non-empty string); an int key given true/false takes 1/0 (e.g.
+    student_scratch.exclude_history, whose -1 means "config.student's").
+    """
+    if isinstance(old, str):
+        return text
+    if isinstance(old, bool) or (isinstance(old, int) and text.lower() in ("true", "false")):
+        if text.lower() not in _BOOLS:
+            raise ValueError(f"--override={item!r}: expected true or false")
+        value = _BOOLS[text.lower()]
+        return value if isinstance(old, bool) else int(value)
+    return type(old)(text)
+
+
 def load_config(spec: str, overrides: list[str]):
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("quality_config", path)
@@ -80,7 +100,7 @@ def load_config(spec: str, overrides: list[str]):
             node = node[p]
         if leaf not in node:
             raise KeyError(f"--override={item!r}: config has no key {key!r}")
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
+        node[leaf] = _parse_override(item, node[leaf], value)
     return config
 
 

@@ -57,6 +57,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     c.num_steps = 1000
     c.batch_size = 128
     c.grad_clip_norm = 1.0
+    # Training softmaxes (cross-entropy, and both sides of the distillation
+    # KL when this model is the distilled student) leave out the items each
+    # target slot has already seen in its window, never the target itself,
+    # as evaluation does (eval.exclude_history). Causal models and
+    # loss.impl='plain' only.
+    c.exclude_history = False
     c.update(overrides)
     return c
 
@@ -120,6 +126,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.student_scratch.learning_rate = -1.0
     config.student_scratch.dropout = -1.0
     config.student_scratch.weight_decay = -1.0
+    config.student_scratch.exclude_history = -1  # -1: config.student's; 0: False; 1: True.
 
     config.distill = ml_collections.ConfigDict()
     config.distill.mode = "soft"  # 'soft': alpha*CE + (1-alpha)*T^2*KL; 'hard': teacher top-k.
@@ -145,11 +152,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.impl = "plain"
     config.loss.chunk_size = 8192
-    # Training softmaxes (cross-entropy, and both sides of the distillation
-    # KL) leave out the items each target slot has already seen in its window,
-    # never the target itself, as evaluation does (eval.exclude_history).
-    # Causal models and loss.impl='plain' only.
-    config.loss.exclude_history = False
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 200

@@ -8,7 +8,7 @@ MODEL_KEYS = ("teacher", "student")
 KNOWN_STAGES = ("popularity", "teacher", "student_kd", "student_scratch", "report")
 SHARED_MODEL_KEYS = ("max_len", "num_items")
 # config.student_scratch: the scratch student's own optimisation settings.
-SCRATCH_KEYS = ("learning_rate", "dropout", "weight_decay")
+SCRATCH_KEYS = ("learning_rate", "dropout", "weight_decay", "exclude_history")
 
 
 class ConfigError(ValueError):
@@ -182,6 +182,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         sc.weight_decay,
         "-1 (config.student's) or >= 0",
     )
+    _expect(
+        sc.exclude_history in (-1, 0, 1),
+        "student_scratch.exclude_history",
+        sc.exclude_history,
+        "-1 (config.student's), 0 (False) or 1 (True)",
+    )
     for key in SHARED_MODEL_KEYS:
         t, s = config.teacher[key], config.student[key]
         _expect(
@@ -237,17 +243,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     impls = ("plain", "vocab_parallel", "chunked", "cpu_kernel")
     _expect(config.loss.impl in impls, "loss.impl", config.loss.impl, f"one of {impls}")
     _positive_int(config.loss, "loss", "chunk_size")
-    if config.loss.exclude_history:
-        _expect(
-            config.loss.impl == "plain",
-            "loss.exclude_history",
-            True,
-            f"False with loss.impl={config.loss.impl!r} (only the 'plain' loss excludes history)",
-        )
-        for key in ("teacher", "student"):
+    for key in MODEL_KEYS:
+        if config[key].exclude_history or (key == "student" and sc.exclude_history == 1):
+            name = (
+                f"{key}.exclude_history"
+                if config[key].exclude_history
+                else ("student_scratch.exclude_history")
+            )
+            _expect(
+                config.loss.impl == "plain",
+                name,
+                True,
+                f"False with loss.impl={config.loss.impl!r} (only the 'plain' loss "
+                "excludes history)",
+            )
             _expect(
                 MODELS[config[key].name].is_causal,
-                "loss.exclude_history",
+                name,
                 True,
                 f"False for {key}.name={config[key].name!r} (a bidirectional model's window "
                 "holds later items and mask tokens, not a history)",

@@ -112,3 +112,24 @@ def test_a_search_point_means_the_same_for_both_students(monkeypatch):
     assert kd.weight_decay == scratch.weight_decay == 0.1
     # A setting the grid does not cover keeps the scratch student's own value.
     assert scratch.dropout == 0.3 and kd.dropout == config.student.dropout
+
+
+def test_boolean_overrides_parse_true_and_false(quality):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    from distill_jax import config_lib
+
+    config = quality.load_config(
+        str(root / "configs" / "synthetic.py"),
+        ["student.exclude_history=True", "student_scratch.exclude_history=false"],
+    )
+    assert config.student.exclude_history is True
+    # -1 means "config.student's"; a boolean override of it takes 0 or 1.
+    assert config.student_scratch.exclude_history == 0
+    scratch = config_lib.stage_model_config(config, "student_scratch", "student")
+    assert scratch.exclude_history is False
+    config = quality.load_config(
+        str(root / "configs" / "synthetic.py"), ["teacher.exclude_history=False"]
+    )
+    assert config.teacher.exclude_history is False  # not bool("False")
+    with pytest.raises(ValueError, match="expected true or false"):
+        quality.load_config(str(root / "configs" / "synthetic.py"), ["student.exclude_history=yes"])

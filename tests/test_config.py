@@ -61,18 +61,39 @@ def test_last_item_slot_needs_a_causal_student_and_the_plain_loss():
         config_lib.validate(config)
 
 
-def test_exclude_history_needs_causal_models_and_the_plain_loss():
+def test_exclude_history_needs_a_causal_model_and_the_plain_loss():
     config = _cfg()
-    config.loss.exclude_history = True
-    config_lib.validate(config)  # sasrec teacher and student, plain loss: fine
-    config.teacher.name = "bert4rec"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.exclude_history.*teacher"):
+    config.student.exclude_history = True
+    config_lib.validate(config)  # sasrec student, plain loss: fine
+    config.student.name = config.teacher.name = "bert4rec"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.student\.exclude_history.*bert4rec"):
         config_lib.validate(config)
     config = _cfg()
-    config.loss.exclude_history = True
+    config.teacher.exclude_history = True
     config.loss.impl = "cpu_kernel"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.exclude_history.*plain"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.teacher\.exclude_history.*plain"):
         config_lib.validate(config)
+    config = _cfg()
+    config.student_scratch.exclude_history = 1
+    config.loss.impl = "chunked"
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.student_scratch\.exclude_history.*plain"
+    ):
+        config_lib.validate(config)
+    config = _cfg()
+    config.student_scratch.exclude_history = 2
+    with pytest.raises(config_lib.ConfigError, match=r"config\.student_scratch\.exclude_history=2"):
+        config_lib.validate(config)
+
+
+def test_scratch_exclude_history_overrides_the_students():
+    config = _cfg()
+    config.student.exclude_history = True
+    assert config_lib.stage_model_config(config, "student_scratch", "student").exclude_history
+    config.student_scratch.exclude_history = 0
+    assert config_lib.stage_model_config(config, "student_kd", "student").exclude_history is True
+    scratch = config_lib.stage_model_config(config, "student_scratch", "student")
+    assert scratch.exclude_history is False
 
 
 def test_teacher_and_student_must_share_max_len_and_catalogue():

@@ -264,7 +264,7 @@ def test_history_columns_are_each_slots_earlier_window_items_without_its_target(
 
 @pytest.mark.parametrize("task", ["train", "distill"])
 def test_exclude_history_loss_matches_float64_reference(split, task):
-    # The loss with config.loss.exclude_history: softmaxes over the catalogue
+    # The loss with exclude_history: softmaxes over the catalogue
     # without the slot's seen items (its target kept), for CE and both sides of
     # the KL; checked against NumPy in float64.
     config = _config()
@@ -277,9 +277,13 @@ def test_exclude_history_loss_matches_float64_reference(split, task):
     s_params = nn.unbox(state_lib.init_params_fn(student)(jax.random.key(0)))
     t_params = nn.unbox(state_lib.init_params_fn(teacher)(jax.random.key(1)))
     batch = _history_batch(split)
-    config.loss.exclude_history = True
     loss_fn = steps.make_loss_fn(
-        student, task, teacher if task == "distill" else None, config.distill, config.loss
+        student,
+        task,
+        teacher if task == "distill" else None,
+        config.distill,
+        config.loss,
+        exclude_history=True,
     )
     got = float(loss_fn(s_params, t_params, batch, jax.random.key(2)))
 
@@ -317,13 +321,17 @@ def test_exclude_history_loss_matches_float64_reference(split, task):
     assert abs(loss(exclude=False) - want) > 1e-3
 
 
-def test_exclude_history_refuses_a_bidirectional_model(split):
+def test_exclude_history_refuses_a_bidirectional_model_and_other_loss_impls(split):
+    config = _config()
+    sasrec = models.build_model(config.student, num_items=split.num_items, max_len=16)
+    config.loss.impl = "chunked"
+    with pytest.raises(ValueError, match=r"exclude_history.*'plain'"):
+        steps.make_loss_fn(sasrec, "train", None, config.distill, config.loss, True)
     config = _config()
     config.student.name = "bert4rec"
-    config.loss.exclude_history = True
     model = models.build_model(config.student, num_items=split.num_items, max_len=16)
-    with pytest.raises(ValueError, match=r"config\.loss\.exclude_history.*bidirectional"):
-        steps.make_loss_fn(model, "train", None, config.distill, config.loss)
+    with pytest.raises(ValueError, match=r"exclude_history.*bidirectional"):
+        steps.make_loss_fn(model, "train", None, config.distill, config.loss, True)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_losses(split):

@@ -140,6 +140,7 @@ def train_stage(
         teacher_shardings=teacher.shardings if teacher else None,
         distill_cfg=config.distill,
         loss_cfg=config.loss,
+        exclude_history=mcfg.exclude_history,
     )
     evaluator = Evaluator(split, config, mesh)
     # One scorer for the whole stage, so validation compiles once.

@@ -82,11 +82,13 @@ def make_loss_fn(
     teacher: nn.Module | None,
     distill_cfg: ml_collections.ConfigDict | None,
     loss_cfg: ml_collections.ConfigDict | None = None,
+    exclude_history: bool = False,
 ):
     """loss(params, teacher_params, batch, dropout_rng) -> scalar loss.
 
     `loss_cfg` is `config.loss` (`impl` in LOSS_IMPLS, `chunk_size`); None
-    means 'plain'.
+    means 'plain'. `exclude_history` is the trained model's
+    `config.<model>.exclude_history` ('plain' loss, causal models only).
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
@@ -95,6 +97,17 @@ def make_loss_fn(
     impl = "plain" if loss_cfg is None else loss_cfg.impl
     if impl not in LOSS_IMPLS:
         raise ValueError(f"config.loss.impl={impl!r} is invalid; expected one of {LOSS_IMPLS}.")
+    if exclude_history and impl != "plain":
+        raise ValueError(
+            "exclude_history=True (config.<model>.exclude_history) needs "
+            f"config.loss.impl='plain', got {impl!r}."
+        )
+    if exclude_history and not model.is_causal:
+        raise ValueError(
+            "exclude_history=True (config.<model>.exclude_history) needs a causal "
+            f"(next-item) model; {type(model).__name__} is bidirectional."
+        )
+
     if impl != "plain" and task == "distill" and distill_cfg.mode != "soft":
         raise ValueError(
             f"config.loss.impl={impl!r} supports config.distill.mode='soft' only, "
@@ -123,18 +136,11 @@ def make_loss_fn(
     if impl == "vocab_parallel":
         return _vocab_parallel_loss_fn(model, task, teacher, distill_cfg)
 
-    exclude_history = loss_cfg is not None and loss_cfg.get("exclude_history", False)
-    if exclude_history and not model.is_causal:
-        raise ValueError(
-            "config.loss.exclude_history=True needs causal (next-item) models; "
-            f"{type(model).__name__} is bidirectional."
-        )
-
     def loss_fn(params, teacher_params, batch, dropout_rng):
         logits = logits_at_targets(model, params, batch, train=True, rngs={"dropout": dropout_rng})
         where = batch["where"]
-        # config.loss.exclude_history: every softmax of the loss leaves out the
-        # items the slot has already seen (never its target), as evaluation does.
+        # exclude_history: every softmax of the loss leaves out the items the
+        # slot has already seen (never its target), as evaluation does.
         seen = history_columns(batch) if exclude_history else None
         if seen is not None:
             logits = exclude_columns(logits, seen)
@@ -269,6 +275,7 @@ def make_train_step(
     teacher_shardings: Any = None,
     distill_cfg: ml_collections.ConfigDict | None = None,
     loss_cfg: ml_collections.ConfigDict | None = None,
+    exclude_history: bool = False,
 ):
     """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
 
@@ -285,7 +292,7 @@ def make_train_step(
                 f"{dict(mesh.shape)}; set config.mesh.data=config.mesh.model=1 or use "
                 "config.loss.impl='plain'."
             )
-    loss_fn = make_loss_fn(model, task, teacher, distill_cfg, loss_cfg)
+    loss_fn = make_loss_fn(model, task, teacher, distill_cfg, loss_cfg, exclude_history)
 
     def step(state, teacher_params, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
