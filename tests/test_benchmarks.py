@@ -133,3 +133,21 @@ def test_boolean_overrides_parse_true_and_false(quality):
     assert config.teacher.exclude_history is False  # not bool("False")
     with pytest.raises(ValueError, match="expected true or false"):
         quality.load_config(str(root / "configs" / "synthetic.py"), ["student.exclude_history=yes"])
+
+
+def test_history_mass_against_a_hand_computed_example(monkeypatch):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "history_mass_under_test", root / "benchmarks" / "history_mass.py"
+    )
+    hm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hm)
+    # Column 0 is padding (never counted); items 1..4.
+    scores = np.log(np.array([[9.0, 4.0, 3.0, 2.0, 1.0], [9.0, 1.0, 1.0, 1.0, 5.0]]))
+    history = np.array([[1, 3, 0], [2, 0, 0]])
+    out = hm.history_mass(scores, history, last_item=np.array([3, 2]))
+    np.testing.assert_allclose(out["mass_on_history"], [0.6, 1 / 8])
+    np.testing.assert_allclose(out["mass_on_last_item"], [0.2, 1 / 8])
+    np.testing.assert_array_equal(out["top1_in_history"], [True, False])
+    assert hm.repeat_share([np.array([5, 6, 5, 7]), np.array([1, 1])]) == 2 / 4
