@@ -104,6 +104,20 @@ def load_config(spec: str, overrides: list[str]):
     return config
 
 
+def missing_reports(seeds: list[int], reports: list[dict | None], workdir: str) -> str | None:
+    """Why there is no table: the seeds whose run wrote no report, or None."""
+    missing = [s for s, r in zip(seeds, reports, strict=True) if r is None]
+    if not missing:
+        return None
+    dirs = ", ".join(os.path.join(workdir, f"seed_{s}") for s in missing)
+    return (
+        f"No table: seeds {missing} wrote no report ({dirs}). Either config.stages "
+        "leaves out 'report' or a stage stopped early; the finished stages are saved "
+        "there, and a re-run with 'report' in --override=stages=... (the default "
+        "stages include it) resumes them and writes the table."
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +135,10 @@ def main() -> None:
         config = load_config(args.config, args.override)
         config.seed = seed
         reports.append(pipeline.run(config, os.path.join(args.workdir, f"seed_{seed}")))
+    why = missing_reports(seeds, reports, args.workdir)
+    if why:
+        print(why)
+        return
     names = list(reports[0]["models"])
     rows = []
     for name in names:

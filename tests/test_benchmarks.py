@@ -151,3 +151,30 @@ def test_history_mass_against_a_hand_computed_example(monkeypatch):
     np.testing.assert_allclose(out["mass_on_last_item"], [0.2, 1 / 8])
     np.testing.assert_array_equal(out["top1_in_history"], [True, False])
     assert hm.repeat_share([np.array([5, 6, 5, 7]), np.array([1, 1])]) == 2 / 4
+
+
+def test_missing_reports_names_the_seeds_and_the_stage(quality):
+    assert quality.missing_reports([0, 1], [{"models": {}}, {"models": {}}], "/w") is None
+    why = quality.missing_reports([0, 1, 2], [{"models": {}}, None, None], "/w")
+    assert "[1, 2]" in why and "/w/seed_1" in why and "'report'" in why
+
+
+def test_main_without_the_report_stage_says_so(quality, tmp_path, monkeypatch, capsys):
+    # Before, a run whose stages left out 'report' trained every stage and then
+    # failed on the missing report with a TypeError.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "quality.py",
+            f"--config={root / 'configs' / 'synthetic.py'}:tiny",
+            "--override=stages=popularity",
+            "--seeds=0",
+            f"--workdir={tmp_path}",
+        ],
+    )
+    quality.main()
+    out = capsys.readouterr().out
+    assert "No table: seeds [0] wrote no report" in out
+    assert (tmp_path / "seed_0" / "popularity" / "result.json").exists()
