@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: the ratios the distillation result is judged by."""
+"""benchmarks/: the ratios the distillation result is judged by, and the scripts beside them."""
 
 import importlib.util
 import pathlib
@@ -6,14 +6,22 @@ import pathlib
 import numpy as np
 import pytest
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
-@pytest.fixture(scope="module")
-def quality():
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_under_test", path)
+
+def _load(name: str):
+    """benchmarks/NAME.py as a module (the caller puts benchmarks/ on sys.path
+    first when the script imports a sibling)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return _load("quality")
 
 
 def _model(ndcg: float, latency_ms: float) -> dict:
@@ -63,11 +71,8 @@ def test_ratios_skip_models_a_run_did_not_train(quality):
 
 
 def test_distill_kernel_variants_agree_and_are_timed(monkeypatch):
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "distill_kernel.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # it imports throughput.py beside it
-    spec = importlib.util.spec_from_file_location("distill_kernel_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports throughput.py beside it
+    module = _load("distill_kernel")
 
     class Args:
         rows, items, d_teacher, d_student, row_block = 16, 33, 8, 4, 8
@@ -87,13 +92,8 @@ def test_distill_kernel_variants_agree_and_are_timed(monkeypatch):
 
 def test_a_search_point_means_the_same_for_both_students(monkeypatch):
     """benchmarks/search.py: a `student.X` grid value also replaces the scratch student's own X."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "search_under_test", root / "benchmarks" / "search.py"
-    )
-    search = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(search)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports quality.py beside it
+    search = _load("search")
     from distill_jax import config_lib
 
     point = {"student.weight_decay": "0.1", "distill.temperature": "2"}
@@ -104,7 +104,7 @@ def test_a_search_point_means_the_same_for_both_students(monkeypatch):
         "student_scratch.weight_decay=0.1",
     ]
     config = search.load_config(
-        str(root / "configs" / "synthetic.py"),
+        str(ROOT / "configs" / "synthetic.py"),
         ["student_scratch.weight_decay=0.7", "student_scratch.dropout=0.3", *overrides],
     )
     kd = config_lib.stage_model_config(config, "student_kd", "student")
@@ -115,11 +115,10 @@ def test_a_search_point_means_the_same_for_both_students(monkeypatch):
 
 
 def test_boolean_overrides_parse_true_and_false(quality):
-    root = pathlib.Path(__file__).resolve().parents[1]
     from distill_jax import config_lib
 
     config = quality.load_config(
-        str(root / "configs" / "synthetic.py"),
+        str(ROOT / "configs" / "synthetic.py"),
         ["student.exclude_history=True", "student_scratch.exclude_history=false"],
     )
     assert config.student.exclude_history is True
@@ -128,21 +127,16 @@ def test_boolean_overrides_parse_true_and_false(quality):
     scratch = config_lib.stage_model_config(config, "student_scratch", "student")
     assert scratch.exclude_history is False
     config = quality.load_config(
-        str(root / "configs" / "synthetic.py"), ["teacher.exclude_history=False"]
+        str(ROOT / "configs" / "synthetic.py"), ["teacher.exclude_history=False"]
     )
     assert config.teacher.exclude_history is False  # not bool("False")
     with pytest.raises(ValueError, match="expected true or false"):
-        quality.load_config(str(root / "configs" / "synthetic.py"), ["student.exclude_history=yes"])
+        quality.load_config(str(ROOT / "configs" / "synthetic.py"), ["student.exclude_history=yes"])
 
 
 def test_history_mass_against_a_hand_computed_example(monkeypatch):
-    root = pathlib.Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "history_mass_under_test", root / "benchmarks" / "history_mass.py"
-    )
-    hm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hm)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports quality.py beside it
+    hm = _load("history_mass")
     # Column 0 is padding (never counted); items 1..4.
     scores = np.log(np.array([[9.0, 4.0, 3.0, 2.0, 1.0], [9.0, 1.0, 1.0, 1.0, 5.0]]))
     history = np.array([[1, 3, 0], [2, 0, 0]])
@@ -162,13 +156,12 @@ def test_missing_reports_names_the_seeds_and_the_stage(quality):
 def test_main_without_the_report_stage_says_so(quality, tmp_path, monkeypatch, capsys):
     # Before, a run whose stages left out 'report' trained every stage and then
     # failed on the missing report with a TypeError.
-    root = pathlib.Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(root)
+    monkeypatch.chdir(ROOT)
     monkeypatch.setattr(
         "sys.argv",
         [
             "quality.py",
-            f"--config={root / 'configs' / 'synthetic.py'}:tiny",
+            f"--config={ROOT / 'configs' / 'synthetic.py'}:tiny",
             "--override=stages=popularity",
             "--seeds=0",
             f"--workdir={tmp_path}",
