@@ -24,6 +24,19 @@ stage finished (e.g. a main-job run); each trial links to it. Trials live in
 WORKDIR/STAGE/POINT and are resumable (finished trials are read back); points
 run in grid order, each for every stage, so a search cut short still compares
 the students on the same points.
+
+`--seeds=0,1,2` trains every point on each seed (`config.seed`; trials in
+WORKDIR/STAGE/POINT/seed_S) and ranks the points by their MEAN validation
+NDCG@10 over the seeds, so a choice is not made on one seed's noise. A
+`{seed}` in `--teacher_workdir` gives each seed its own teacher (e.g.
+`--teacher_workdir=runs/quality/seed_{seed}`, the workdirs quality.py
+writes); without it every seed distils the same teacher. A point that has
+not finished on every seed is listed but never chosen.
+
+  python benchmarks/search.py --config=configs/beauty.py \
+      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt \
+      --teacher_workdir=/tmp/quality_beauty/seed_{seed} --seeds=0,1,2 \
+      --grid=distill.temperature=0.5,1.0 --stages=student_kd --workdir=/tmp/search_t
 """
 
 import argparse
@@ -73,7 +86,62 @@ def _link(src: str, dst: str) -> None:
         os.symlink(os.path.abspath(src), dst)
 
 
-def main() -> None:
+def _seeds(text: str) -> list[int | None]:
+    """--seeds=0,1,2 as ints; empty: the config's own seed (one trial per point)."""
+    if not text.strip():
+        return [None]
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--seeds={text!r}: expected comma-separated integers, e.g. 0,1,2"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds={text!r}: a seed is listed twice")
+    return seeds
+
+
+def _teacher_workdir(template: str, seed: int | None) -> str:
+    """--teacher_workdir for one seed: `{seed}` filled in where the template has one."""
+    if "{seed}" not in template:
+        return template
+    if seed is None:
+        raise ValueError(
+            f"--teacher_workdir={template}: has a {{seed}} placeholder but no --seeds was given"
+        )
+    return template.replace("{seed}", str(seed))
+
+
+def summarise(rows: list[dict], keys: list[str], seeds: list[int | None]) -> list[dict]:
+    """One line per (stage, point): mean validation and test METRIC over the
+    seeds and whether it is the stage's choice (the best mean validation
+    among the points finished on every seed)."""
+    lines = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        mine = [r for r in rows if r["stage"] == stage]
+        for point in dict.fromkeys(tuple(r[k] for k in keys) for r in mine):
+            runs = [r for r in mine if tuple(r[k] for k in keys) == point]
+            valid = [r["valid_" + METRIC] for r in runs]
+            lines.append(
+                {
+                    "stage": stage,
+                    "point": dict(zip(keys, point, strict=True)),
+                    "valid": valid,
+                    "valid_mean": sum(valid) / len(valid),
+                    "test_mean": sum(r["test_" + METRIC] for r in runs) / len(runs),
+                    "best_steps": [r["best_step"] for r in runs],
+                    "train_seconds": round(sum(r["train_seconds"] for r in runs), 1),
+                    "complete": {r["seed"] for r in runs} == set(seeds),
+                    "chosen": False,
+                }
+            )
+        complete = [ln for ln in lines if ln["stage"] == stage and ln["complete"]]
+        if complete:
+            max(complete, key=lambda ln: ln["valid_mean"])["chosen"] = True
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -81,17 +149,26 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,..., repeatable")
     p.add_argument("--stages", default="student_kd,student_scratch")
-    p.add_argument("--teacher_workdir", required=True)
+    p.add_argument(
+        "--teacher_workdir", required=True, help="workdir with a finished teacher; {seed}: per seed"
+    )
     p.add_argument("--workdir", required=True)
-    args = p.parse_args()
+    p.add_argument(
+        "--seeds", default="", help="e.g. 0,1,2: every point on each seed, ranked by the mean"
+    )
+    args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
     logging.getLogger("distill_jax").setLevel(logging.INFO)
-    teacher_dir = os.path.join(args.teacher_workdir, "teacher")
-    if not os.path.exists(os.path.join(teacher_dir, "result.json")):
-        raise FileNotFoundError(
-            f"--teacher_workdir={args.teacher_workdir}: no finished teacher stage "
-            f"({teacher_dir}/result.json missing)."
-        )
+    seeds = _seeds(args.seeds)
+    teacher_workdirs = {seed: _teacher_workdir(args.teacher_workdir, seed) for seed in seeds}
+    for seed, workdir in teacher_workdirs.items():
+        teacher_dir = os.path.join(workdir, "teacher")
+        if not os.path.exists(os.path.join(teacher_dir, "result.json")):
+            raise FileNotFoundError(
+                f"--teacher_workdir={args.teacher_workdir}"
+                + ("" if seed is None else f" (seed {seed})")
+                + f": no finished teacher stage ({teacher_dir}/result.json missing)."
+            )
     grid = _grid(args.grid)
     points = [
         dict(zip([k for k, _ in grid], values, strict=True))
@@ -99,49 +176,57 @@ def main() -> None:
     ]
     rows = []
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    # Points outer, stages inner: a search cut short still compares the
-    # students on the same points.
+    # Points outer, then seeds, stages inner: a search cut short still
+    # compares the students on the same points and seeds.
     for point in points:
-        for stage in stages:
-            config = load_config(args.config, args.override + _point_overrides(point))
-            config.stages = stage
-            trial = os.path.join(args.workdir, stage, _point_name(point))
-            os.makedirs(trial, exist_ok=True)
-            _link(teacher_dir, os.path.join(trial, "teacher"))
-            data_dir = os.path.join(args.teacher_workdir, "data")
-            if os.path.isdir(data_dir):
-                _link(data_dir, os.path.join(trial, "data"))
-            pipeline.run(config, trial)
-            with open(os.path.join(trial, stage, "result.json")) as f:
-                result = json.load(f)
-            row = {
-                "stage": stage,
-                **point,
-                "valid_" + METRIC: result["metrics"]["valid"][METRIC],
-                "test_" + METRIC: result["metrics"]["test"][METRIC],
-                "best_step": result["best_step"],
-                "train_seconds": round(result["train_seconds"], 1),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for seed in seeds:
+            for stage in stages:
+                seed_override = [] if seed is None else [f"seed={seed}"]
+                config = load_config(
+                    args.config, args.override + _point_overrides(point) + seed_override
+                )
+                config.stages = stage
+                trial = os.path.join(args.workdir, stage, _point_name(point))
+                if seed is not None:
+                    trial = os.path.join(trial, f"seed_{seed}")
+                os.makedirs(trial, exist_ok=True)
+                teacher_workdir = teacher_workdirs[seed]
+                _link(os.path.join(teacher_workdir, "teacher"), os.path.join(trial, "teacher"))
+                data_dir = os.path.join(teacher_workdir, "data")
+                if os.path.isdir(data_dir):
+                    _link(data_dir, os.path.join(trial, "data"))
+                pipeline.run(config, trial)
+                with open(os.path.join(trial, stage, "result.json")) as f:
+                    result = json.load(f)
+                row = {
+                    "stage": stage,
+                    **point,
+                    "seed": seed,
+                    "valid_" + METRIC: result["metrics"]["valid"][METRIC],
+                    "test_" + METRIC: result["metrics"]["test"][METRIC],
+                    "best_step": result["best_step"],
+                    "train_seconds": round(result["train_seconds"], 1),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     keys = [k for k, _ in grid]
-    print(f"\nSearch over {len(points)} points per stage; chosen by valid {METRIC}.\n")
+    lines = summarise(rows, keys, seeds)
+    over = "" if seeds == [None] else f" (mean over seeds {','.join(map(str, seeds))})"
+    print(f"\nSearch over {len(points)} points per stage; chosen by valid {METRIC}{over}.\n")
     print(
         "| stage | "
         + " | ".join(keys)
-        + f" | valid {METRIC} | test {METRIC} | best step | train s | chosen |"
+        + f" | valid {METRIC} | per seed | test {METRIC} | best step | train s | chosen |"
     )
-    print("|---|" + "---:|" * (len(keys) + 5))
-    for stage in dict.fromkeys(r["stage"] for r in rows):
-        mine = [r for r in rows if r["stage"] == stage]
-        best = max(mine, key=lambda r: r["valid_" + METRIC])
-        for r in mine:
-            print(
-                f"| {stage} | "
-                + " | ".join(str(r[k]) for k in keys)
-                + f" | {r['valid_' + METRIC]:.4f} | {r['test_' + METRIC]:.4f} | "
-                f"{r['best_step']} | {r['train_seconds']} | {'**yes**' if r is best else ''} |"
-            )
+    print("|---|" + "---:|" * (len(keys) + 6))
+    for ln in lines:
+        print(
+            f"| {ln['stage']} | "
+            + " | ".join(str(ln["point"][k]) for k in keys)
+            + f" | {ln['valid_mean']:.4f} | {' / '.join(f'{v:.4f}' for v in ln['valid'])} | "
+            f"{ln['test_mean']:.4f} | {' / '.join(map(str, ln['best_steps']))} | "
+            f"{ln['train_seconds']} | {'**yes**' if ln['chosen'] else ''} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """benchmarks/: the ratios the distillation result is judged by, and the scripts beside them."""
 
 import importlib.util
+import json
+import os
 import pathlib
 
 import numpy as np
@@ -112,6 +114,115 @@ def test_a_search_point_means_the_same_for_both_students(monkeypatch):
     assert kd.weight_decay == scratch.weight_decay == 0.1
     # A setting the grid does not cover keeps the scratch student's own value.
     assert scratch.dropout == 0.3 and kd.dropout == config.student.dropout
+
+
+@pytest.fixture
+def search(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports quality.py beside it
+    return _load("search")
+
+
+def _row(stage, temperature, seed, valid, test=0.05):
+    return {
+        "stage": stage,
+        "distill.temperature": temperature,
+        "seed": seed,
+        "valid_ndcg@10": valid,
+        "test_ndcg@10": test,
+        "best_step": 3000,
+        "train_seconds": 10.0,
+    }
+
+
+def test_search_over_seeds_chooses_by_the_mean_validation(search):
+    """The d=14 Beauty runs (BENCHMARKS.md): seed 1 alone would pick T=0.5,
+    the mean over 3 seeds picks T=1."""
+    valid = {"1.0": [0.06543, 0.06586, 0.06547], "0.5": [0.06538, 0.06626, 0.06507]}
+    rows = [_row("student_kd", t, seed, v[seed]) for t, v in valid.items() for seed in range(3)]
+    # A third point best on the one seed it finished is listed, never chosen.
+    rows.append(_row("student_kd", "0.25", 0, 0.07))
+    lines = search.summarise(rows, ["distill.temperature"], [0, 1, 2])
+    by_t = {ln["point"]["distill.temperature"]: ln for ln in lines}
+    np.testing.assert_allclose(by_t["1.0"]["valid_mean"], np.mean(valid["1.0"]), rtol=1e-12)
+    np.testing.assert_allclose(by_t["0.5"]["valid_mean"], np.mean(valid["0.5"]), rtol=1e-12)
+    assert [t for t, ln in by_t.items() if ln["chosen"]] == ["1.0"]
+    assert not by_t["0.25"]["complete"]
+    seed_1 = search.summarise([r for r in rows if r["seed"] == 1], ["distill.temperature"], [1])
+    assert [ln["point"]["distill.temperature"] for ln in seed_1 if ln["chosen"]] == ["0.5"]
+
+
+def test_search_runs_each_point_on_each_seed_with_its_teacher(
+    search, tmp_path, monkeypatch, capsys
+):
+    """--seeds trains every point once per seed, in WORKDIR/STAGE/POINT/seed_S, with
+    config.seed set and the seed's own teacher where --teacher_workdir has {seed}."""
+    for seed in (0, 1):
+        teacher = tmp_path / f"quality/seed_{seed}/teacher"
+        teacher.mkdir(parents=True)
+        (teacher / "result.json").write_text("{}")
+    calls = []
+
+    def fake_run(config, workdir):
+        stage = config.stages
+        calls.append((stage, config.distill.temperature, config.seed, workdir))
+        # T=0.5 wins seed 0 by a little, T=1 wins seed 1 by more.
+        valid = {(0.5, 0): 0.061, (1.0, 0): 0.060, (0.5, 1): 0.060, (1.0, 1): 0.063}
+        out = pathlib.Path(workdir) / stage
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = {"ndcg@10": valid[config.distill.temperature, config.seed]}
+        (out / "result.json").write_text(
+            json.dumps(
+                {
+                    "metrics": {"valid": metrics, "test": metrics},
+                    "best_step": 1,
+                    "train_seconds": 1.0,
+                }
+            )
+        )
+
+    monkeypatch.setattr(search.pipeline, "run", fake_run)
+    workdir = tmp_path / "search"
+    search.main(
+        [
+            f"--config={ROOT / 'configs' / 'synthetic.py'}",
+            f"--teacher_workdir={tmp_path / 'quality' / 'seed_{seed}'}",
+            "--seeds=0,1",
+            "--grid=distill.temperature=0.5,1.0",
+            "--stages=student_kd",
+            f"--workdir={workdir}",
+        ]
+    )
+    assert [(c[1], c[2]) for c in calls] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
+    for _, t, seed, trial in calls:
+        assert trial == str(workdir / "student_kd" / f"temperature={t}" / f"seed_{seed}")
+        assert os.path.realpath(os.path.join(trial, "teacher")) == str(
+            tmp_path / f"quality/seed_{seed}/teacher"
+        )
+    table = capsys.readouterr().out
+    assert "mean over seeds 0,1" in table
+    chosen = [line for line in table.splitlines() if "**yes**" in line]
+    assert len(chosen) == 1 and chosen[0].startswith("| student_kd | 1.0 | 0.0615 |")
+
+
+def test_search_seed_arguments_are_checked(search, tmp_path):
+    with pytest.raises(ValueError, match="listed twice"):
+        search._seeds("0,1,0")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        search._seeds("0,a")
+    assert search._seeds("") == [None]
+    with pytest.raises(ValueError, match="no --seeds"):
+        search._teacher_workdir("runs/seed_{seed}", None)
+    assert search._teacher_workdir("runs/seed_{seed}", 2) == "runs/seed_2"
+    assert search._teacher_workdir("runs/one", 2) == "runs/one"
+    with pytest.raises(FileNotFoundError, match=r"\(seed 3\)"):
+        search.main(
+            [
+                f"--config={ROOT / 'configs' / 'synthetic.py'}",
+                f"--teacher_workdir={tmp_path}/seed_{{seed}}",
+                "--seeds=3",
+                f"--workdir={tmp_path / 'w'}",
+            ]
+        )
 
 
 def test_boolean_overrides_parse_true_and_false(quality):
