@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 0.0313 at 0, 0.0316 at 0.5, 0.0257 at 1.0).
         config.student_scratch.weight_decay = 0.1
     else:
-        # SASRec students at d=14 (187,298 parameters, 0.11 x the teacher's),
+        # SASRec students at d=14 (187,298 parameters, 0.095 x the teacher's),
         # after the same 9-point search for both students (seed 0; the two
         # best of each on 3 seeds, chosen by mean validation NDCG@10;
         # BENCHMARKS.md, "Beauty: d=14, a seventh and eighth point"). The
