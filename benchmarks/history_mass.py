@@ -25,10 +25,9 @@ import numpy as np
 from latency import _stage_dirs  # benchmarks/latency.py, beside this script
 from quality import load_config  # benchmarks/quality.py, beside this script
 
-from distill_jax import pipeline
+from distill_jax import pipeline, sharding
 from distill_jax.data import dataset
 from distill_jax.evaluation import evaluator as evaluator_lib
-from distill_jax.train import sharding
 
 
 def history_mass(

@@ -25,10 +25,9 @@ import sys
 import numpy as np
 from quality import load_config  # benchmarks/quality.py, beside this script
 
-from distill_jax import pipeline
+from distill_jax import pipeline, sharding
 from distill_jax.data import dataset
 from distill_jax.evaluation import evaluator as evaluator_lib
-from distill_jax.train import sharding
 
 STAGES = ("teacher", "student_kd", "student_scratch")
 

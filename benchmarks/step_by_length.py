@@ -19,10 +19,10 @@ import time
 import jax
 import numpy as np
 
-from distill_jax import pipeline
+from distill_jax import pipeline, sharding
 from distill_jax.data import dataset
 from distill_jax.data.pipeline import TrainBatches
-from distill_jax.train import sharding, state, steps
+from distill_jax.train import state, steps
 
 
 def _time(fn, st, batch, repeats):

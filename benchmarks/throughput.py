@@ -60,11 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 from quality import load_config  # benchmarks/quality.py, beside this script
 
-from distill_jax import pipeline
+from distill_jax import pipeline, sharding
 from distill_jax.data import dataset
 from distill_jax.data.pipeline import TrainBatches
 from distill_jax.evaluation import evaluator as evaluator_lib
-from distill_jax.train import sharding, state, steps
+from distill_jax.train import state, steps
 
 
 def encoder_flops(model, rows: int, width: int) -> float:

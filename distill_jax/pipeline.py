@@ -14,11 +14,11 @@ from typing import Any
 import ml_collections
 
 from distill_jax import config_lib, distributed, models
+from distill_jax import sharding as sharding_lib
 from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation.evaluator import Evaluator
 from distill_jax.train import loop
-from distill_jax.train import sharding as sharding_lib
 from distill_jax.train import state as state_lib
 from distill_jax.train.checkpoint import StageCheckpointer
 

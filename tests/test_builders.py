@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distill_jax.data import builders
-from distill_jax.data.synthetic import SequenceData
+from distill_jax.data.types import SequenceData
 
 
 def _data(num_users: int = 7, num_items: int = 30, seed: int = 0) -> SequenceData:

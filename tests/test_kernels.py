@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from distill_jax import catalogue_losses, kernels, losses
+from distill_jax import sharding as sharding_lib
 from distill_jax.data import preprocess
 from distill_jax.data import synthetic as synthetic_data
 from distill_jax.models import sasrec
-from distill_jax.train import sharding as sharding_lib
 from distill_jax.train import steps
 from tests import test_train  # its tiny config and step runner
 

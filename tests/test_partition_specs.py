@@ -17,7 +17,7 @@ import pytest
 
 from configs import beauty
 from distill_jax import models
-from distill_jax.train import sharding as sharding_lib
+from distill_jax import sharding as sharding_lib
 from distill_jax.train import state as state_lib
 
 GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"

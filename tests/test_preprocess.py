@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from distill_jax.data import preprocess as pp
-from distill_jax.data.sources import DataError, RawInteractions
+from distill_jax.data.types import DataError, RawInteractions
 
 
 def _raw(users, items, times=None, ratings=None, **features) -> RawInteractions:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill_jax.data import sources
-from distill_jax.data.sources import DataError
+from distill_jax.data.types import DataError
 
 GENRES_100K = "unknown|0\nAction|1\nComedy|2\n\n"
 U_ITEM = (

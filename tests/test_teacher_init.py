@@ -8,7 +8,7 @@ import pytest
 
 from configs import synthetic
 from distill_jax import config_lib, models
-from distill_jax.train import sharding as sharding_lib
+from distill_jax import sharding as sharding_lib
 from distill_jax.train import state as state_lib
 from distill_jax.train import teacher_init
 

@@ -7,11 +7,11 @@ import pytest
 
 from configs import synthetic
 from distill_jax import models
+from distill_jax import sharding as sharding_lib
 from distill_jax.data import preprocess
 from distill_jax.data import synthetic as synthetic_data
 from distill_jax.data.pipeline import TrainBatches
 from distill_jax.train import loop, steps
-from distill_jax.train import sharding as sharding_lib
 from distill_jax.train import state as state_lib
 
 

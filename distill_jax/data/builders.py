@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from distill_jax.data.synthetic import SequenceData
+from distill_jax.data.types import SequenceData
 
 DATASET_VERSION = "1.0.0"
 SPLIT = "users"

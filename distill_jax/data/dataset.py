@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from distill_jax.data import builders, preprocess, sources, splits, synthetic
+from distill_jax.data import builders, preprocess, sources, splits, synthetic, types
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "movielens", "s3rec", "interactions")
@@ -35,7 +35,7 @@ class Dataset:
       eval_splits: the splits to report ('test', 'valid', and cold slices).
     """
 
-    split: splits.LeaveOneOut | splits.ColdStartSplit
+    split: types.LeaveOneOut | types.ColdStartSplit
     info: dict
     eval_splits: tuple[str, ...]
 
@@ -84,7 +84,7 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         processed = None
     else:
         if not cfg.path:
-            raise sources.DataError(
+            raise types.DataError(
                 f"config.data.path is empty: data.source={cfg.source!r} needs the path of "
                 "its file or folder (--config.data.path=...)."
             )
@@ -111,7 +111,7 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         _sync("distill_jax_data_built")
         data = builders.load(name, cache, fingerprint=fp)
         if data.num_items != processed.num_items or len(data.sequences) != len(processed.sequences):
-            raise sources.DataError(
+            raise types.DataError(
                 f"{cache}: the built dataset {name} does not match the "
                 "source; delete it to rebuild."
             )
@@ -119,7 +119,7 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
     info.update(users=data.num_users, items=data.num_items, interactions=data.num_interactions)
     if cfg.cold_user_fraction > 0 or cfg.cold_item_fraction > 0:
         if processed is None:
-            raise sources.DataError(
+            raise types.DataError(
                 "config.data.cold_user_fraction/cold_item_fraction need "
                 "a real data source with timestamps, not 'synthetic'."
             )

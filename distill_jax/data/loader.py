@@ -13,7 +13,7 @@ Sharding is by ROWS, not by records. Grain's own sharding (ShardOptions given
 to a sampler or to `DataLoader`) would hand different steps to different
 processes; here every process computes the same global batch (cheap and
 deterministic) and keeps its contiguous block of rows, the block
-`train/sharding.py:put_batch` keeps, so every process agrees on S and N and the
+`sharding.py:put_batch` keeps, so every process agrees on S and N and the
 rows concatenate, in process order, to the global batch. Feed such a local
 batch to `jax.make_array_from_process_local_data`, not to `put_batch` (which
 slices a global batch itself).

@@ -25,21 +25,18 @@ The splits (`leave_one_out`, `cold_start_split`) and popularity helpers live
 in `splits.py` and are re-exported here.
 """
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 
-from distill_jax.data.sources import DataError, RawInteractions
-from distill_jax.data.splits import (
+from distill_jax.data.splits import cold_start_split, head_items, item_popularity, leave_one_out
+from distill_jax.data.types import (
     ColdStartSplit,
+    DataError,
     LeaveOneOut,
-    cold_start_split,
-    head_items,
-    item_popularity,
-    leave_one_out,
+    Processed,
+    RawInteractions,
 )
-from distill_jax.data.synthetic import SequenceData
 
 __all__ = [
     "ColdStartSplit",
@@ -55,60 +52,6 @@ __all__ = [
 ]
 
 STEPS = ("read", "missing", "duplicates", "rating_threshold", "k_core", "short_users")
-
-
-@dataclasses.dataclass(frozen=True)
-class Processed:
-    """Clean, remapped, time-ordered interactions.
-
-    User ids are 1..U and `sequences[u - 1]` belongs to user u; item ids are
-    1..V. Entry 0 of each `*_id_to_original` table is a placeholder that is
-    never a real id: -1 for integer original ids, NaN for float ids, None
-    otherwise (strings).
-
-    Attributes:
-      name: the raw data's name.
-      num_items: catalogue size V.
-      sequences: per user, an int32 array of item ids, oldest first.
-      timestamps: per user, the times aligned with `sequences`, or None when
-        the raw data had none.
-      item_id_to_original: [V+1] new item id -> original item id.
-      item_original_to_id: original item id -> new item id.
-      user_id_to_original: [U+1] new user id -> original user id.
-      user_original_to_id: original user id -> new user id.
-      item_features: feature name -> {new item id: value}, for kept items.
-      user_features: feature name -> {new user id: value}, for kept users.
-      stats: step name (see `STEPS`) -> {'rows', 'users', 'items'} left after
-        the step and {'removed_rows', 'removed_users', 'removed_items'} by it.
-    """
-
-    name: str
-    num_items: int
-    sequences: list[np.ndarray]
-    timestamps: list[np.ndarray] | None
-    item_id_to_original: np.ndarray
-    item_original_to_id: dict[Any, int]
-    user_id_to_original: np.ndarray
-    user_original_to_id: dict[Any, int]
-    item_features: dict[str, dict[int, Any]]
-    user_features: dict[str, dict[int, Any]]
-    stats: dict[str, dict[str, int]]
-
-    @property
-    def num_users(self) -> int:
-        return len(self.sequences)
-
-    @property
-    def num_interactions(self) -> int:
-        return int(sum(len(s) for s in self.sequences))
-
-    def items_to_original(self, item_ids: np.ndarray) -> np.ndarray:
-        """Original ids of new item ids (any shape), e.g. for reporting top-k lists."""
-        return self.item_id_to_original[np.asarray(item_ids)]
-
-    def to_sequence_data(self) -> SequenceData:
-        """The sequences as `SequenceData`, ready for `leave_one_out`."""
-        return SequenceData(num_items=self.num_items, sequences=self.sequences, name=self.name)
 
 
 def _missing_value(value: Any) -> bool:

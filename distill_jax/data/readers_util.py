@@ -25,10 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-# DataError's public home is sources.py, which imports this module. Importing
-# the module rather than the name keeps the cycle harmless: the attribute is
-# only looked up when an error is raised.
-from distill_jax.data import sources
+from distill_jax.data.types import DataError
 
 SEPARATOR_NAMES = {
     "\t": "tab",
@@ -44,8 +41,8 @@ _CANONICAL_INT = r"^(0|-?[1-9][0-9]*)$"
 
 
 def error(message: str) -> Exception:
-    """A `DataError` with `message` (see the import note above)."""
-    return sources.DataError(message)
+    """A `DataError` with `message`."""
+    return DataError(message)
 
 
 def excerpt(line: str, limit: int = 100) -> str:

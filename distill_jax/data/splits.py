@@ -25,42 +25,9 @@ isolates one kind of coldness.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from distill_jax.data.synthetic import SequenceData
-
-if TYPE_CHECKING:
-    from distill_jax.data.preprocess import Processed
-
-
-@dataclasses.dataclass(frozen=True)
-class LeaveOneOut:
-    """Leave-one-out split: last item = test, second-to-last = validation.
-
-    Attributes:
-      num_items: catalogue size V.
-      train: each user's sequence without its last two items.
-      valid_targets: each user's second-to-last item.
-      test_targets: each user's last item.
-      full: each user's whole sequence (test history is full[:-1]).
-    """
-
-    num_items: int
-    train: list[np.ndarray]
-    valid_targets: np.ndarray
-    test_targets: np.ndarray
-    full: list[np.ndarray]
-
-    def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
-        """Histories (all items before the target) and targets of a split."""
-        if split == "valid":
-            return self.train, self.valid_targets
-        if split == "test":
-            return [s[:-1] for s in self.full], self.test_targets
-        raise ValueError(f"Unknown split {split!r}; expected 'valid' or 'test'.")
+from distill_jax.data.types import ColdStartSplit, LeaveOneOut, Processed, SequenceData
 
 
 def leave_one_out(data: SequenceData) -> LeaveOneOut:
@@ -78,61 +45,6 @@ def leave_one_out(data: SequenceData) -> LeaveOneOut:
         test_targets=np.array([s[-1] for s in data.sequences], np.int32),
         full=list(data.sequences),
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class ColdStartSplit:
-    """A leave-one-out split of the warm users plus cold-user and cold-item slices.
-
-    Attributes:
-      warm: leave-one-out over the warm users' sequences without cold items;
-        `warm.train` is the whole training set.
-      warm_users: [W] user ids (1..U) of the rows of `warm`.
-      cold_users: [C] user ids of the cold-user examples.
-      cold_user_histories: each cold user's sequence without its last item.
-      cold_user_targets: [C] each cold user's last item.
-      cold_items: sorted ids of the cold items (empty when off).
-      cold_item_cutoff: the cut-off time, or None when cold items are off.
-      cold_item_users: [K] user ids of the cold-item examples (warm users only).
-      cold_item_histories: each such user's items before their first cold item.
-      cold_item_targets: [K] each such user's first cold item.
-      counts: users in each role, and users left out with the reason:
-        'warm_users', 'cold_users', 'cold_item_users', 'warm_users_too_short'
-        (< 3 items once cold items are removed), 'cold_users_too_short'
-        (< 2 items), 'cold_item_no_history' (a cold item came first).
-    """
-
-    warm: LeaveOneOut
-    warm_users: np.ndarray
-    cold_users: np.ndarray
-    cold_user_histories: list[np.ndarray]
-    cold_user_targets: np.ndarray
-    cold_items: np.ndarray
-    cold_item_cutoff: float | None
-    cold_item_users: np.ndarray
-    cold_item_histories: list[np.ndarray]
-    cold_item_targets: np.ndarray
-    counts: dict[str, int]
-
-    @property
-    def num_items(self) -> int:
-        return self.warm.num_items
-
-    @property
-    def train(self) -> list[np.ndarray]:
-        return self.warm.train
-
-    def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
-        """Histories and targets of 'valid', 'test', 'cold_users' or 'cold_items'."""
-        if split in ("valid", "test"):
-            return self.warm.eval_examples(split)
-        if split == "cold_users":
-            return self.cold_user_histories, self.cold_user_targets
-        if split == "cold_items":
-            return self.cold_item_histories, self.cold_item_targets
-        raise ValueError(
-            f"Unknown split {split!r}; expected 'valid', 'test', 'cold_users' or 'cold_items'."
-        )
 
 
 def _cold_item_mask(processed: Processed, fraction: float) -> tuple[np.ndarray, float | None]:

@@ -10,33 +10,12 @@ good teacher's soft labels carry that distribution, which one sampled hard
 label does not -- the situation where distillation is expected to help.
 """
 
-import dataclasses
-
 import ml_collections
 import numpy as np
 
+from distill_jax.data.types import SequenceData
 
-@dataclasses.dataclass(frozen=True)
-class SequenceData:
-    """Users' time-ordered item sequences with ids in 1..num_items (0 is padding).
-
-    Attributes:
-      num_items: catalogue size V.
-      sequences: one int32 array per user, oldest first.
-      name: a short description for reports.
-    """
-
-    num_items: int
-    sequences: list[np.ndarray]
-    name: str = ""
-
-    @property
-    def num_users(self) -> int:
-        return len(self.sequences)
-
-    @property
-    def num_interactions(self) -> int:
-        return int(sum(len(s) for s in self.sequences))
+__all__ = ["SequenceData", "generate"]
 
 
 def generate(cfg: ml_collections.ConfigDict, seed: int) -> SequenceData:

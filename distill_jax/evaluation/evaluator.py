@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from distill_jax import sharding as sharding_lib
 from distill_jax.data import pipeline, preprocess
-from distill_jax.data.preprocess import LeaveOneOut
+from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation import metrics as metrics_lib
-from distill_jax.train import sharding as sharding_lib
 
 
 @dataclasses.dataclass(eq=False)

@@ -14,11 +14,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from distill_jax import sharding as sharding_lib
 from distill_jax.data import loader
 from distill_jax.data.pipeline import TrainBatches
-from distill_jax.data.preprocess import LeaveOneOut
+from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation.evaluator import Evaluator, model_scorer
-from distill_jax.train import sharding as sharding_lib
 from distill_jax.train import state as state_lib
 from distill_jax.train import steps as steps_lib
 from distill_jax.train import teacher_init

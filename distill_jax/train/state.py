@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from distill_jax.train import sharding as sharding_lib
+from distill_jax import sharding as sharding_lib
 
 
 class TrainState(train_state.TrainState):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from distill_jax import catalogue_losses, losses, vocab_parallel
-from distill_jax.train import sharding as sharding_lib
+from distill_jax import sharding as sharding_lib
 
 TASKS = ("train", "distill")
 # How the catalogue loss is computed (config.loss.impl):
