@@ -18,6 +18,7 @@ __all__ = [
     "Processed",
     "RawInteractions",
     "SequenceData",
+    "UserSequences",
 ]
 
 
@@ -56,8 +57,22 @@ class RawInteractions:
         return len(self.user_ids)
 
 
+class UserSequences:
+    """Counts shared by every type that holds one item sequence per user."""
+
+    sequences: list[np.ndarray]
+
+    @property
+    def num_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+
 @dataclasses.dataclass(frozen=True)
-class SequenceData:
+class SequenceData(UserSequences):
     """Users' time-ordered item sequences with ids in 1..num_items (0 is padding).
 
     Attributes:
@@ -70,17 +85,9 @@ class SequenceData:
     sequences: list[np.ndarray]
     name: str = ""
 
-    @property
-    def num_users(self) -> int:
-        return len(self.sequences)
-
-    @property
-    def num_interactions(self) -> int:
-        return int(sum(len(s) for s in self.sequences))
-
 
 @dataclasses.dataclass(frozen=True)
-class Processed:
+class Processed(UserSequences):
     """Clean, remapped, time-ordered interactions.
 
     User ids are 1..U and `sequences[u - 1]` belongs to user u; item ids are
@@ -115,14 +122,6 @@ class Processed:
     item_features: dict[str, dict[int, Any]]
     user_features: dict[str, dict[int, Any]]
     stats: dict[str, dict[str, int]]
-
-    @property
-    def num_users(self) -> int:
-        return len(self.sequences)
-
-    @property
-    def num_interactions(self) -> int:
-        return int(sum(len(s) for s in self.sequences))
 
     def items_to_original(self, item_ids: np.ndarray) -> np.ndarray:
         """Original ids of new item ids (any shape), e.g. for reporting top-k lists."""
