@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="Knowledge distillation for sequential recommenders in JAX/Flax.",
     python_requires=">=3.11",
+    # benchmarks/ is a package too, but it runs from a checkout
+    # (`python -m benchmarks.quality ...`), so it is not installed.
     packages=find_packages(include=["distill_jax", "distill_jax.*", "configs"]),
     # The CPU kernel's source, compiled on first use (distill_jax/kernels).
     package_data={"distill_jax.kernels": ["*.cc"]},

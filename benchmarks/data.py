@@ -1,18 +1,22 @@
 """Data benchmark: time to build (read + preprocess + TFDS ArrayRecord) and to
 iterate one training epoch of batches, for Amazon Beauty and MovieLens 100K.
 
-  python benchmarks/data.py --datasets=../shared/datasets
+  python -m benchmarks.data --datasets=../shared/datasets
 
 Prints one JSON line per data set, then a markdown table.
 """
 
-import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from absl import flags
+
+from benchmarks import common
 from configs import beauty, ml100k
 from distill_jax.data import dataset, loader
 from distill_jax.data.pipeline import TrainBatches
@@ -65,12 +69,20 @@ def bench(name: str, root: Path) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument(
-        "--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets")
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """data.py's flag: `--datasets`, the folder holding the data sets."""
+    del argv  # The configs are the data sets' own.
+    flags.DEFINE_string(
+        "datasets",
+        str(Path(__file__).resolve().parents[2] / "shared" / "datasets"),
+        "Folder with ml-100k/ and amazon-beauty/Beauty.txt.",
+        flag_values=flag_values,
     )
-    args = p.parse_args()
+
+
+def main(argv: Sequence[str]) -> None:
+    """Times building and iterating each data set and prints the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
     rows = [bench(n, Path(args.datasets)) for n in CASES]
     for r in rows:
         print(json.dumps(r))
@@ -89,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)

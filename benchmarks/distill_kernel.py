@@ -1,7 +1,7 @@
 """The catalogue part of a distill step, in variants timed side by side.
 
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-      python benchmarks/distill_kernel.py --rows 1600 --items 12102 --rounds 8
+      python -m benchmarks.distill_kernel --rows 1600 --items 12102 --rounds 8
 
 Times value-and-gradient of `T²·KL(teacher ‖ student)` (T=1, alpha=0, the
 Beauty settings) computed from hidden states: the teacher's `[N, D_t] x
@@ -29,14 +29,16 @@ to `plain`, and the rate of its counted product FLOPs
 (2·N·V·(D_t + 3·D_s)) against a float32 matmul measured in the same run.
 """
 
-import argparse
+import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from throughput import matmul_rate  # benchmarks/throughput.py, beside this script
+from absl import flags
 
+from benchmarks import common, machine
 from distill_jax import catalogue_losses, losses
 
 
@@ -121,7 +123,7 @@ def run(args) -> list[dict]:
                 out = fn(*operands)
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - t0) / args.calls * 1e3)
-    rate = matmul_rate(2048)
+    rate = machine.matmul_rate(2048)
     flops = 2 * args.rows * args.items * (args.d_teacher + 3 * args.d_student)
     base = float(np.median(times[args.variants[0]]))
     rows = []
@@ -142,24 +144,28 @@ def run(args) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """distill_kernel.py's flags: the shapes, the variants and the rounds."""
+    del argv  # No config: the shapes are flags.
+    fv = flag_values
+    flags.DEFINE_integer("rows", 1600, "Valid target slots N.", flag_values=fv)
+    flags.DEFINE_integer("items", 12102, "Catalogue columns V (with padding).", flag_values=fv)
+    flags.DEFINE_integer("d_teacher", 128, "Teacher width.", flag_values=fv)
+    flags.DEFINE_integer("d_student", 16, "Student width.", flag_values=fv)
+    flags.DEFINE_integer("row_block", 64, "Rows per block of row_blocks.", flag_values=fv)
+    flags.DEFINE_list(
+        "variants",
+        ["plain", "row_blocks"],
+        "Comma-separated; the first is the baseline of the ratios.",
+        flag_values=fv,
     )
-    p.add_argument("--rows", type=int, default=1600, help="valid target slots N")
-    p.add_argument("--items", type=int, default=12102, help="catalogue columns V (with padding)")
-    p.add_argument("--d_teacher", type=int, default=128)
-    p.add_argument("--d_student", type=int, default=16)
-    p.add_argument("--row_block", type=int, default=64)
-    p.add_argument(
-        "--variants",
-        type=lambda s: s.split(","),
-        default=["plain", "row_blocks"],
-        help="comma-separated; the first is the baseline of the ratios",
-    )
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--calls", type=int, default=5)
-    args = p.parse_args()
+    flags.DEFINE_integer("rounds", 8, "Interleaved rounds.", flag_values=fv)
+    flags.DEFINE_integer("calls", 5, "Calls per variant per round.", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Times the variants side by side and prints the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
     rows = run(args)
     print(
         f"N={args.rows} V={args.items} D_t={args.d_teacher} D_s={args.d_student}, "
@@ -178,4 +184,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)

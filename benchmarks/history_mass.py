@@ -1,7 +1,7 @@
 """Where a model's probability goes: how much of it sits on items the user has seen.
 
-  python benchmarks/history_mass.py --config=configs/beauty.py \
-      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt --workdir=/tmp/beauty
+  python -m benchmarks.history_mass --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt --workdir=/tmp/beauty
 
 Evaluation excludes each user's history from the candidates, so a model may
 put much of its softmax on seen items without any metric showing it. A
@@ -15,17 +15,15 @@ and the share of users whose top-1 item is in their history; and, for the
 data, the share of training targets that repeat an earlier item of the user.
 """
 
-import argparse
 import json
-import os
 import sys
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from latency import _stage_dirs  # benchmarks/latency.py, beside this script
-from quality import load_config  # benchmarks/quality.py, beside this script
 
-from distill_jax import pipeline, sharding
+from benchmarks import common, trained
+from distill_jax import sharding
 from distill_jax.data import dataset
 from distill_jax.evaluation import evaluator as evaluator_lib
 
@@ -64,27 +62,20 @@ def repeat_share(sequences) -> float:
     return repeats / max(total, 1)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", required=True, help="config file[:variants]")
-    p.add_argument("--override", action="append", default=[], help="KEY=VALUE")
-    p.add_argument("--workdir", required=True, help="a main-job workdir (data and stages)")
-    p.add_argument("--stage", action="append", default=[], help="NAME=DIR of a finished stage")
-    args = p.parse_args()
-
-    config = load_config(args.config, args.override)
+def main(argv: Sequence[str]) -> None:
+    """Measures every finished stage on the validation inputs and prints the table."""
+    args = common.parse_flags(argv, trained.define_trained_stage_flags, __doc__)
+    config = args.config
     data = dataset.load(config, args.workdir)
     split = data.split
     print(json.dumps({"training_targets_repeating_an_earlier_item": repeat_share(split.train)}))
     mesh = sharding.make_mesh(config.mesh)
     evaluator = evaluator_lib.Evaluator(split, config, mesh)
     rows = []
-    for stage, stage_dir in _stage_dirs(args.workdir, args.stage).items():
-        key = pipeline.STAGES[stage][0]
-        model = pipeline.build(config, key, split.num_items)
-        params, shardings = pipeline.load_best_params(model, config, mesh, stage_dir)
+    for stage, stage_dir in trained.stage_dirs(args.workdir, args.stage).items():
+        model, params, shardings = trained.load_stage(
+            config, stage, stage_dir, split.num_items, mesh
+        )
         scorer = evaluator_lib.model_scorer(model, params, shardings)
         score = jax.jit(scorer.score_fn)
         batches, _ = evaluator.batches(scorer, "valid")
@@ -112,5 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    main()
+    main(sys.argv)

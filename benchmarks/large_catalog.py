@@ -1,6 +1,6 @@
 """Plain vs chunked distillation loss on catalogues too large to materialise.
 
-  python benchmarks/large_catalog.py
+  python -m benchmarks.large_catalog
 
 For each catalogue size V in `--sizes` (default 10^4, 10^5, 10^6) this times
 one distillation loss step, the value and the gradient of
@@ -39,18 +39,24 @@ memory, is reported as "out of memory". Prints JSON lines, then a markdown
 table with chunked/plain ratios.
 """
 
-import argparse
 import gc
 import json
-import os
+import pathlib
 import resource
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+
+from absl import flags
+
+from benchmarks import common
 
 IMPLS = ("plain", "chunked")
+# The repository root: workers run as `python -m benchmarks.large_catalog` from there.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "bad_alloc", "MemoryError")
 
 
@@ -215,7 +221,8 @@ def _watch(proc: subprocess.Popen, limit_mib: float, flag: dict) -> None:
 
 
 def run_config(args, num_items: int, impl: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", f"--num_items={num_items}"]
+    cmd = [sys.executable, "-m", "benchmarks.large_catalog", "--worker"]
+    cmd += [f"--num_items={num_items}"]
     cmd += [f"--impl={impl}"] + [
         f"--{k}={getattr(args, k)}"
         for k in (
@@ -230,7 +237,9 @@ def run_config(args, num_items: int, impl: str) -> dict:
             "seed",
         )
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     flag = {}
     watchdog = threading.Thread(target=_watch, args=(proc, args.max_rss_gib * 1024, flag))
     watchdog.start()
@@ -293,28 +302,35 @@ def print_table(rows: list[dict], args) -> None:
         )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """large_catalog.py's flags: the sizes and shapes, the limits, and the worker's own."""
+    del argv  # No config: the shapes are flags.
+    fv = flag_values
+    flags.DEFINE_string("sizes", "10000,100000,1000000", "Catalogue sizes V.", flag_values=fv)
+    flags.DEFINE_string(
+        "impls", ",".join(IMPLS), "Comma-separated subset of IMPLS.", flag_values=fv
     )
-    p.add_argument("--sizes", default="10000,100000,1000000", help="catalogue sizes V")
-    p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--positions", type=int, default=512, help="target positions N")
-    p.add_argument("--d_student", type=int, default=64)
-    p.add_argument("--d_teacher", type=int, default=128)
-    p.add_argument("--chunk_size", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=3, help="least timed steps")
-    p.add_argument("--min_time_s", type=float, default=2.0, help="least timed seconds")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--alpha", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_rss_gib", type=float, default=16.0, help="kill a worker above this")
-    p.add_argument("--timeout_s", type=float, default=900.0, help="per configuration")
-    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--num_items", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args._worker:
+    flags.DEFINE_integer("positions", 512, "Target positions N.", flag_values=fv)
+    flags.DEFINE_integer("d_student", 64, "Student width.", flag_values=fv)
+    flags.DEFINE_integer("d_teacher", 128, "Teacher width.", flag_values=fv)
+    flags.DEFINE_integer("chunk_size", 8192, "Table rows per chunk.", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "Least timed steps.", flag_values=fv)
+    flags.DEFINE_float("min_time_s", 2.0, "Least timed seconds.", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "Distillation temperature T.", flag_values=fv)
+    flags.DEFINE_float("alpha", 0.0, "Weight of the label's CE.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the synthetic inputs.", flag_values=fv)
+    flags.DEFINE_float("max_rss_gib", 16.0, "Kill a worker above this.", flag_values=fv)
+    flags.DEFINE_float("timeout_s", 900.0, "Per configuration.", flag_values=fv)
+    # Set by the driver for the subprocess that measures one configuration.
+    flags.DEFINE_bool("worker", False, "Internal: measure one (V, impl) here.", flag_values=fv)
+    flags.DEFINE_integer("num_items", None, "Internal: the worker's V.", flag_values=fv)
+    flags.DEFINE_enum("impl", None, list(IMPLS), "Internal: the worker's impl.", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Runs every (V, impl) in its own worker and prints the rows and the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
+    if args.worker:
         print(json.dumps(run_worker(args)))
         return
     impls = args.impls.split(",")
@@ -336,4 +352,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)

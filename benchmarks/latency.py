@@ -1,7 +1,7 @@
 """Top-10 recommendation latency of a workdir's finished models, in one run.
 
-  python benchmarks/latency.py --config=configs/beauty.py \
-      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt \
+  python -m benchmarks.latency --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt \
       --workdir=/tmp/beauty --repeats=50
 
 The main job times each model when its stage finishes, so on a busy machine
@@ -16,48 +16,37 @@ them; the p50 and p99 are over every repeat of every round. Prints JSON lines,
 then a markdown table with each model's p50 as a ratio of the teacher's.
 """
 
-import argparse
 import json
 import logging
-import os
 import sys
+from collections.abc import Sequence
 
 import numpy as np
-from quality import load_config  # benchmarks/quality.py, beside this script
+from absl import flags
 
-from distill_jax import pipeline, sharding
+from benchmarks import common, trained
+from distill_jax import sharding
 from distill_jax.data import dataset
 from distill_jax.evaluation import evaluator as evaluator_lib
 
-STAGES = ("teacher", "student_kd", "student_scratch")
 
-
-def _stage_dirs(workdir: str, extra: list[str]) -> dict[str, str]:
-    dirs = {s: os.path.join(workdir, s) for s in STAGES}
-    for item in extra:
-        name, sep, path = item.partition("=")
-        if not sep or name not in STAGES:
-            raise ValueError(f"--stage={item!r}: expected NAME=DIR with NAME one of {list(STAGES)}")
-        dirs[name] = path
-    return {s: d for s, d in dirs.items() if os.path.exists(os.path.join(d, "result.json"))}
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """latency.py's flags: the trained stages' (config, workdir, stage), then the timing."""
+    trained.define_trained_stage_flags(flag_values, argv)
+    flags.DEFINE_list(
+        "batch_sizes", ["1", "256"], "Comma-separated batch sizes.", flag_values=flag_values
     )
-    p.add_argument("--config", required=True, help="config file[:variants]")
-    p.add_argument("--override", action="append", default=[], help="KEY=VALUE")
-    p.add_argument("--workdir", required=True, help="a main-job workdir (data and stages)")
-    p.add_argument("--stage", action="append", default=[], help="NAME=DIR of a finished stage")
-    p.add_argument("--batch_sizes", default="1,256")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per model per round")
-    p.add_argument("--rounds", type=int, default=3)
-    args = p.parse_args()
+    flags.DEFINE_integer("repeats", 20, "Timed calls per model per round.", flag_values=flag_values)
+    flags.DEFINE_integer("rounds", 3, "Interleaved rounds.", flag_values=flag_values)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Times every finished stage's top-10, interleaved, and prints the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    config = load_config(args.config, args.override)
-    dirs = _stage_dirs(args.workdir, args.stage)
+    config = args.config
+    dirs = trained.stage_dirs(args.workdir, args.stage)
     if "teacher" not in dirs:
         raise FileNotFoundError(
             f"--workdir={args.workdir}: no finished teacher stage (teacher/result.json); "
@@ -68,12 +57,12 @@ def main() -> None:
     evaluator = evaluator_lib.Evaluator(data.split, config, mesh)
     scorers = {}
     for stage, stage_dir in dirs.items():
-        key = pipeline.STAGES[stage][0]
-        model = pipeline.build(config, key, data.split.num_items)
-        params, shardings = pipeline.load_best_params(model, config, mesh, stage_dir)
+        model, params, shardings = trained.load_stage(
+            config, stage, stage_dir, data.split.num_items, mesh
+        )
         scorers[stage] = evaluator_lib.model_scorer(model, params, shardings)
 
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = [int(b) for b in args.batch_sizes]
     times = {(s, b): [] for s in scorers for b in sizes}
     for _ in range(args.rounds):
         for b in sizes:
@@ -104,5 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    main()
+    main(sys.argv)

@@ -1,9 +1,12 @@
 """Quality table: the main job for several seeds, mean ± std per model.
 
-  python benchmarks/quality.py --config=configs/beauty.py \
-      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt \
+  python -m benchmarks.quality --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt \
       --seeds=0,1,2 --workdir=/tmp/quality_beauty
-  python benchmarks/quality.py --config=configs/synthetic.py:tiny --seeds=0,1 --workdir=/tmp/q
+  python -m benchmarks.quality --config=configs/synthetic.py:tiny --seeds=0,1 --workdir=/tmp/q
+
+Run from the repository root. `--config` and its `--config.KEY=VALUE`
+overrides are read as by distill_jax.main; `config.seed` is set per seed.
 
 Each seed runs in WORKDIR/seed_N (resumable: finished stages are skipped), then
 one JSON line per model and a markdown table of params, HR@10, NDCG@10,
@@ -12,15 +15,16 @@ then the ratios the distillation result is judged by (student_kd against the
 teacher and against student_scratch), seed by seed and mean ± std.
 """
 
-import argparse
-import importlib.util
+import copy
 import json
-import logging
 import os
 import sys
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 
+from benchmarks import common
 from distill_jax import pipeline
 
 COLUMNS = ("hr@10", "ndcg@10", "coverage@10", "tail_ndcg@10")
@@ -62,48 +66,6 @@ def ratios(reports: list[dict]) -> list[dict]:
     return out
 
 
-_BOOLS = {"true": True, "false": False, "1": True, "0": False}
-
-
-def _parse_override(item: str, old, text: str):
-    """`text` as the type of the config's current value `old`.
-
-    Booleans take true/false/1/0 (not Python's bool(text), which is True for
-    any non-empty string); an int key given true/false takes 1/0 (e.g.
-    student_scratch.exclude_history, whose -1 means "config.student's").
-    """
-    if isinstance(old, str):
-        return text
-    if isinstance(old, bool) or (isinstance(old, int) and text.lower() in ("true", "false")):
-        if text.lower() not in _BOOLS:
-            raise ValueError(f"--override={item!r}: expected true or false")
-        value = _BOOLS[text.lower()]
-        return value if isinstance(old, bool) else int(value)
-    return type(old)(text)
-
-
-def load_config(spec: str, overrides: list[str]):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("quality_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"--config={spec}: no config file at {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--override={item!r}: expected KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"--override={item!r}: config has no key {key!r}")
-        node[leaf] = _parse_override(item, node[leaf], value)
-    return config
-
-
 def missing_reports(seeds: list[int], reports: list[dict | None], workdir: str) -> str | None:
     """Why there is no table: the seeds whose run wrote no report, or None."""
     missing = [s for s, r in zip(seeds, reports, strict=True) if r is None]
@@ -113,26 +75,29 @@ def missing_reports(seeds: list[int], reports: list[dict | None], workdir: str) 
     return (
         f"No table: seeds {missing} wrote no report ({dirs}). Either config.stages "
         "leaves out 'report' or a stage stopped early; the finished stages are saved "
-        "there, and a re-run with 'report' in --override=stages=... (the default "
+        "there, and a re-run with 'report' in --config.stages=... (the default "
         "stages include it) resumes them and writes the table."
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """quality.py's flags: `--config` (and overrides), `--seeds`, `--workdir`."""
+    common.define_config(flag_values, argv)
+    flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "workdir", None, "Each seed runs in WORKDIR/seed_N.", required=True, flag_values=flag_values
     )
-    p.add_argument("--config", required=True, help="FILE[:variant]")
-    p.add_argument("--override", action="append", default=[], help="KEY=VALUE, repeatable")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--workdir", required=True)
-    args = p.parse_args()
-    logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
-    logging.getLogger("distill_jax").setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Runs the main job on every seed, then prints the JSON lines and the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
+    common.log_progress()
     seeds = [int(s) for s in args.seeds.split(",")]
     reports = []
     for seed in seeds:
-        config = load_config(args.config, args.override)
+        # A copy per seed: each run starts from the config as the flags gave it.
+        config = copy.deepcopy(args.config)
         config.seed = seed
         reports.append(pipeline.run(config, os.path.join(args.workdir, f"seed_{seed}")))
     why = missing_reports(seeds, reports, args.workdir)
@@ -179,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)

@@ -1,7 +1,7 @@
 """Equal-size hyperparameter search for the distilled and the scratch student.
 
-  python benchmarks/search.py --config=configs/beauty.py \
-      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt \
+  python -m benchmarks.search --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt \
       --teacher_workdir=/tmp/beauty_a \
       --grid=student.learning_rate=1e-3,3e-3 --grid=student.dropout=0.1,0.3 \
       --workdir=/tmp/search_beauty
@@ -33,52 +33,82 @@ NDCG@10 over the seeds, so a choice is not made on one seed's noise. A
 writes); without it every seed distils the same teacher. A point that has
 not finished on every seed is listed but never chosen.
 
-  python benchmarks/search.py --config=configs/beauty.py \
-      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt \
+  python -m benchmarks.search --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt \
       --teacher_workdir=/tmp/quality_beauty/seed_{seed} --seeds=0,1,2 \
       --grid=distill.temperature=0.5,1.0 --stages=student_kd --workdir=/tmp/search_t
+
+Run from the repository root. `--config` and its `--config.KEY=VALUE`
+overrides (settings every point shares) are read as by distill_jax.main. A
+`--grid=KEY=V1,V2,...` lists a key's values, split at the commas outside
+brackets (`--grid=eval.ks=(5,10),(10,20)` is two points); each value is then
+parsed and applied exactly as `--config.KEY=V` would be (the field's own type;
+booleans true/false; tuples as Python literals), on top of the overrides.
 """
 
-import argparse
+import copy
 import itertools
 import json
-import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 
-from quality import load_config  # benchmarks/quality.py, beside this script
+import ml_collections
+from absl import flags
 
+from benchmarks import common
 from distill_jax import config_lib, pipeline
 
 METRIC = "ndcg@10"
 
 
-def _grid(items: list[str]) -> list[tuple[str, list[str]]]:
+def split_values(text: str) -> list[str]:
+    """`V1,V2,...` split at the commas outside brackets, so a tuple stays whole."""
+    values, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return values
+
+
+def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """`--grid=KEY=V1,V2,...` items as (KEY, [V1, V2, ...]), the values still text."""
     grid = []
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ValueError(f"--grid={item!r}: expected KEY=V1,V2,...")
-        grid.append((key, values.split(",")))
+        grid.append((key, split_values(values)))
     return grid
 
 
-def _point_name(point: dict[str, str]) -> str:
+def _point_name(point: Mapping[str, str]) -> str:
     return "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "default"
 
 
-def _point_overrides(point: dict[str, str]) -> list[str]:
-    """KEY=VALUE overrides of a grid point.
+def point_config(
+    config: ml_collections.ConfigDict, point: Mapping[str, str]
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with a grid point's values applied as `--config.KEY=V`.
 
     A `student.X` value is the point for BOTH students: it also replaces the
-    scratch student's own setting (config.student_scratch.X), if it has one.
+    scratch student's own setting (config.student_scratch.X), if it has one,
+    with the parsed value in the scratch field's type (`exclude_history=true`
+    there is 1: its -1 means "config.student's").
     """
-    out = [f"{k}={v}" for k, v in point.items()]
-    for k, v in point.items():
-        section, _, name = k.partition(".")
+    config = common.apply_overrides(config, point, flag="--grid")
+    for key in point:
+        section, _, name = key.partition(".")
         if section == "student" and name in config_lib.SCRATCH_KEYS:
-            out.append(f"student_scratch.{name}={v}")
-    return out
+            scratch = config.student_scratch
+            scratch[name] = type(scratch[name])(config.student[name])
+    return config
 
 
 def _link(src: str, dst: str) -> None:
@@ -86,7 +116,7 @@ def _link(src: str, dst: str) -> None:
         os.symlink(os.path.abspath(src), dst)
 
 
-def _seeds(text: str) -> list[int | None]:
+def parse_seeds(text: str) -> list[int | None]:
     """--seeds=0,1,2 as ints; empty: the config's own seed (one trial per point)."""
     if not text.strip():
         return [None]
@@ -101,7 +131,7 @@ def _seeds(text: str) -> list[int | None]:
     return seeds
 
 
-def _teacher_workdir(template: str, seed: int | None) -> str:
+def teacher_workdir(template: str, seed: int | None) -> str:
     """--teacher_workdir for one seed: `{seed}` filled in where the template has one."""
     if "{seed}" not in template:
         return template
@@ -141,26 +171,39 @@ def summarise(rows: list[dict], keys: list[str], seeds: list[int | None]) -> lis
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """search.py's flags: `--config` (and overrides), the grid, stages, seeds, workdirs."""
+    common.define_config(flag_values, argv)
+    flags.DEFINE_multi_string(
+        "grid", [], "KEY=V1,V2,...: a key's values; repeatable.", flag_values=flag_values
     )
-    p.add_argument("--config", required=True, help="FILE[:variant]")
-    p.add_argument("--override", action="append", default=[], help="KEY=VALUE, repeatable")
-    p.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,..., repeatable")
-    p.add_argument("--stages", default="student_kd,student_scratch")
-    p.add_argument(
-        "--teacher_workdir", required=True, help="workdir with a finished teacher; {seed}: per seed"
+    flags.DEFINE_string(
+        "stages", "student_kd,student_scratch", "Stages trained per point.", flag_values=flag_values
     )
-    p.add_argument("--workdir", required=True)
-    p.add_argument(
-        "--seeds", default="", help="e.g. 0,1,2: every point on each seed, ranked by the mean"
+    flags.DEFINE_string(
+        "teacher_workdir",
+        None,
+        "Workdir with a finished teacher; {seed}: per seed.",
+        required=True,
+        flag_values=flag_values,
     )
-    args = p.parse_args(argv)
-    logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
-    logging.getLogger("distill_jax").setLevel(logging.INFO)
-    seeds = _seeds(args.seeds)
-    teacher_workdirs = {seed: _teacher_workdir(args.teacher_workdir, seed) for seed in seeds}
+    flags.DEFINE_string(
+        "workdir", None, "Trials in WORKDIR/STAGE/POINT.", required=True, flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "seeds",
+        "",
+        "e.g. 0,1,2: every point on each seed, ranked by the mean; empty: config.seed.",
+        flag_values=flag_values,
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    """Trains every stage on every point (and seed), then prints the rows and the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
+    common.log_progress()
+    seeds = parse_seeds(args.seeds)
+    teacher_workdirs = {seed: teacher_workdir(args.teacher_workdir, seed) for seed in seeds}
     for seed, workdir in teacher_workdirs.items():
         teacher_dir = os.path.join(workdir, "teacher")
         if not os.path.exists(os.path.join(teacher_dir, "result.json")):
@@ -169,30 +212,32 @@ def main(argv: list[str] | None = None) -> None:
                 + ("" if seed is None else f" (seed {seed})")
                 + f": no finished teacher stage ({teacher_dir}/result.json missing)."
             )
-    grid = _grid(args.grid)
+    grid = parse_grid(args.grid)
     points = [
         dict(zip([k for k, _ in grid], values, strict=True))
         for values in itertools.product(*[v for _, v in grid])
     ]
+    # Every point is parsed before the first trial trains, so a bad value
+    # stops the search at once rather than hours in.
+    point_configs = [point_config(args.config, point) for point in points]
     rows = []
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     # Points outer, then seeds, stages inner: a search cut short still
     # compares the students on the same points and seeds.
-    for point in points:
+    for point, base in zip(points, point_configs, strict=True):
         for seed in seeds:
             for stage in stages:
-                seed_override = [] if seed is None else [f"seed={seed}"]
-                config = load_config(
-                    args.config, args.override + _point_overrides(point) + seed_override
-                )
+                config = copy.deepcopy(base)
+                if seed is not None:
+                    config.seed = seed
                 config.stages = stage
                 trial = os.path.join(args.workdir, stage, _point_name(point))
                 if seed is not None:
                     trial = os.path.join(trial, f"seed_{seed}")
                 os.makedirs(trial, exist_ok=True)
-                teacher_workdir = teacher_workdirs[seed]
-                _link(os.path.join(teacher_workdir, "teacher"), os.path.join(trial, "teacher"))
-                data_dir = os.path.join(teacher_workdir, "data")
+                teacher = teacher_workdirs[seed]
+                _link(os.path.join(teacher, "teacher"), os.path.join(trial, "teacher"))
+                data_dir = os.path.join(teacher, "data")
                 if os.path.isdir(data_dir):
                     _link(data_dir, os.path.join(trial, "data"))
                 pipeline.run(config, trial)
@@ -230,4 +275,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)

@@ -1,7 +1,7 @@
 """Teacher train-step time by batch shape: trimmed windows vs full windows.
 
-  python benchmarks/step_by_length.py --config=configs/beauty.py \
-      --data_path=../shared/datasets/amazon-beauty/Beauty.txt
+  python -m benchmarks.step_by_length --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt
 
 Batches hold users of similar length, and drop the all-padding columns on the
 left (`inputs [B, S]`, S <= L). For one batch of each input width S, this
@@ -10,15 +10,17 @@ back to the full window L (the baseline), in the same run, after a warm-up
 step. Prints JSON lines and a markdown table with the per-epoch estimate.
 """
 
-import argparse
-import importlib.util
 import json
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import flags
 
+from benchmarks import common
 from distill_jax import pipeline, sharding
 from distill_jax.data import dataset
 from distill_jax.data.pipeline import TrainBatches
@@ -35,21 +37,16 @@ def _time(fn, st, batch, repeats):
     return st, (time.perf_counter() - t0) / repeats * 1e3
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", required=True)
-    p.add_argument("--data_path", default="")
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-    path, _, arg = args.config.partition(":")
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(arg or None)
-    if args.data_path:
-        cfg.data.path = args.data_path
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """step_by_length.py's flags: `--config` (and overrides), `--repeats`."""
+    common.define_config(flag_values, argv)
+    flags.DEFINE_integer("repeats", 5, "Timed steps per batch shape.", flag_values=flag_values)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Times the teacher step on each batch width, trimmed and full, and prints the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
+    cfg = args.config
     with tempfile.TemporaryDirectory() as work:
         data = dataset.load(cfg, work)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -113,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)

@@ -1,7 +1,7 @@
 """Step throughput against the machine's own matmul rate, measured in one run.
 
-  python benchmarks/throughput.py --config=configs/beauty.py \
-      --override=data.path=../shared/datasets/amazon-beauty/Beauty.txt
+  python -m benchmarks.throughput --config=configs/beauty.py \
+      --config.data.path=../shared/datasets/amazon-beauty/Beauty.txt
 
 Times, after a warm-up pass that compiles every batch shape, over the same
 `--batches` training batches repeated `--repeats` times:
@@ -43,7 +43,6 @@ time. CPU backend only: the steps are found by the XLA CPU runtime's trace
 events; elsewhere the script stops with an error naming the trace file.
 """
 
-import argparse
 import collections
 import glob
 import gzip
@@ -54,12 +53,14 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from quality import load_config  # benchmarks/quality.py, beside this script
+from absl import flags
 
+from benchmarks import common, machine
 from distill_jax import pipeline, sharding
 from distill_jax.data import dataset
 from distill_jax.data.pipeline import TrainBatches
@@ -74,19 +75,6 @@ def encoder_flops(model, rows: int, width: int) -> float:
 
 def logits_flops(model, slots: int) -> float:
     return float(2 * slots * model.embed_dim * (model.num_items + 1))
-
-
-def matmul_rate(n: int, repeats: int = 5, dtype: str = "float32") -> float:
-    """GFLOP/s of an n x n x n `dtype` matmul through jax (after warm-up)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a, b)
-    out.block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def _time_steps(fn, carry, batches, repeats):
@@ -198,31 +186,41 @@ def _allocator() -> str:
     return "system malloc"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    """throughput.py's flags: `--config` (and overrides), then what is timed and how."""
+    common.define_config(flag_values, argv)
+    fv = flag_values
+    flags.DEFINE_integer("batches", 24, "Distinct training batches timed.", flag_values=fv)
+    flags.DEFINE_integer("repeats", 2, "Timed passes over the batches.", flag_values=fv)
+    flags.DEFINE_integer("matmul_size", 4096, "n of the n^3 reference matmul.", flag_values=fv)
+    flags.DEFINE_enum(
+        "matmul_dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "dtype of the reference matmul: bfloat16 for a bf16-compute run on GPU/TPU.",
+        flag_values=fv,
     )
-    p.add_argument("--config", required=True, help="FILE[:variant]")
-    p.add_argument("--override", action="append", default=[], help="KEY=VALUE, repeatable")
-    p.add_argument("--batches", type=int, default=24, help="distinct training batches timed")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--matmul_size", type=int, default=4096)
-    p.add_argument(
-        "--matmul_dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="dtype of the reference matmul: bfloat16 for a bf16-compute run on GPU/TPU",
+    flags.DEFINE_bool("skip_eval", False, "Do not time the evaluation.", flag_values=fv)
+    flags.DEFINE_enum(
+        "profile",
+        None,
+        ["student_train", "distill", "teacher_train"],
+        "Trace this step once more and print its top ops.",
+        flag_values=fv,
     )
-    p.add_argument("--skip_eval", action="store_true")
-    p.add_argument(
-        "--profile",
-        choices=("student_train", "distill", "teacher_train"),
-        help="trace this step once more and print its top ops",
+    flags.DEFINE_string(
+        "profile_dir",
+        "/tmp/throughput_profile",
+        "Where --profile writes the trace.",
+        flag_values=fv,
     )
-    p.add_argument("--profile_dir", default="/tmp/throughput_profile")
-    args = p.parse_args()
+
+
+def main(argv: Sequence[str]) -> None:
+    """Times every step against the matmul reference and prints the table."""
+    args = common.parse_flags(argv, define_flags, __doc__)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    cfg = load_config(args.config, args.override)
+    cfg = args.config
     with tempfile.TemporaryDirectory() as work:
         data = dataset.load(cfg, work)
     split = data.split
@@ -287,7 +285,7 @@ def main() -> None:
     # The reference rate is timed before, between and after the steps, and
     # the best is used: this machine's speed swings between runs a minute
     # apart (BENCHMARKS.md), and the best is the limit it showed in this run.
-    rates = [matmul_rate(args.matmul_size, dtype=args.matmul_dtype)]
+    rates = [machine.matmul_rate(args.matmul_size, dtype=args.matmul_dtype)]
     results = {}
     # Students first: the teacher's train step donates (consumes) t_state.
     *seconds, s_state = _time_steps(
@@ -302,7 +300,7 @@ def main() -> None:
         lambda s, b: d_step(s, t_params, b, rng)[0], s_state2, batches, args.repeats
     )
     results["distill"] = (*seconds, t_fwd_flops + train_flops(student))
-    rates.append(matmul_rate(args.matmul_size, dtype=args.matmul_dtype))
+    rates.append(machine.matmul_rate(args.matmul_size, dtype=args.matmul_dtype))
     profiles = None
     if args.profile == "student_train":
         profiles = profile_step(
@@ -322,7 +320,7 @@ def main() -> None:
         *_time_steps(lambda s, b: t_step(s, None, b, rng)[0], t_copy, batches, args.repeats)[:2],
         train_flops(teacher),
     )
-    rates.append(matmul_rate(args.matmul_size, dtype=args.matmul_dtype))
+    rates.append(machine.matmul_rate(args.matmul_size, dtype=args.matmul_dtype))
     rate = max(rates)
     rows = []
     for name, (seconds, mean_seconds, flops) in results.items():
@@ -423,4 +421,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     np.set_printoptions(precision=4)
-    main()
+    main(sys.argv)

@@ -1,6 +1,7 @@
 """benchmarks/: the ratios the distillation result is judged by, and the scripts beside them."""
 
-import importlib.util
+import ast
+import importlib
 import json
 import os
 import pathlib
@@ -8,22 +9,14 @@ import pathlib
 import numpy as np
 import pytest
 
+from benchmarks import common, distill_kernel, history_mass, large_catalog, quality, search
+from configs import synthetic
+from distill_jax import config_lib
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-
-
-def _load(name: str):
-    """benchmarks/NAME.py as a module (the caller puts benchmarks/ on sys.path
-    first when the script imports a sibling)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def quality():
-    return _load("quality")
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "__init__")
+SYNTHETIC = str(ROOT / "configs" / "synthetic.py")
 
 
 def _model(ndcg: float, latency_ms: float) -> dict:
@@ -33,7 +26,7 @@ def _model(ndcg: float, latency_ms: float) -> dict:
     }
 
 
-def test_ratios_are_per_seed_then_averaged(quality):
+def test_ratios_are_per_seed_then_averaged():
     reports = [
         {
             "models": {
@@ -64,7 +57,7 @@ def test_ratios_are_per_seed_then_averaged(quality):
         np.testing.assert_allclose(out[key]["std"], ref.std(ddof=1), rtol=1e-12)
 
 
-def test_ratios_skip_models_a_run_did_not_train(quality):
+def test_ratios_skip_models_a_run_did_not_train():
     reports = [{"models": {"teacher": _model(0.05, 1.0), "student_kd": _model(0.04, 1.0)}}]
     names = [r["ratio"] for r in quality.ratios(reports)]
     assert names == ["student_kd / teacher ndcg@10", "student_kd / teacher latency_b256"]
@@ -72,54 +65,167 @@ def test_ratios_skip_models_a_run_did_not_train(quality):
     assert single["std"] == 0.0 and single["per_seed"] == pytest.approx([0.8])
 
 
-def test_distill_kernel_variants_agree_and_are_timed(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports throughput.py beside it
-    module = _load("distill_kernel")
-
-    class Args:
-        rows, items, d_teacher, d_student, row_block = 16, 33, 8, 4, 8
-        variants = ["plain", "row_blocks"]
-        rounds, calls = 1, 1
-
-    # run() compiles every variant and checks its value and gradients
-    # against the first before timing any of them.
-    rows = module.run(Args)
-    assert [r["variant"] for r in rows] == Args.variants
-    assert rows[0]["ratio"] == 1.0
-    assert all(r["median_ms"] > 0 and r["matmul_gflops"] > 0 for r in rows)
-    with pytest.raises(ValueError, match="must divide"):
-        Args.row_block = 5
-        module.run(Args)
+# --------------------------------------------------------------------------
+# The package: plain imports, no sys.path edits, no private names between scripts.
+# --------------------------------------------------------------------------
 
 
-def test_a_search_point_means_the_same_for_both_students(monkeypatch):
-    """benchmarks/search.py: a `student.X` grid value also replaces the scratch student's own X."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports quality.py beside it
-    search = _load("search")
-    from distill_jax import config_lib
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_script_imports_alone_as_a_package_module(name):
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.__doc__, f"benchmarks/{name}.py has no docstring"
 
-    point = {"student.weight_decay": "0.1", "distill.temperature": "2"}
-    overrides = search._point_overrides(point)
-    assert sorted(overrides) == [
-        "distill.temperature=2",
-        "student.weight_decay=0.1",
-        "student_scratch.weight_decay=0.1",
-    ]
-    config = search.load_config(
-        str(ROOT / "configs" / "synthetic.py"),
-        ["student_scratch.weight_decay=0.7", "student_scratch.dropout=0.3", *overrides],
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_no_script_edits_sys_path_or_imports_a_private_name(name):
+    """Scripts share code through public helpers (benchmarks/common.py, ...), not
+    through `sys.path` edits and each other's underscore names."""
+    tree = ast.parse((BENCHMARKS / f"{name}.py").read_text())
+    siblings = set(SCRIPTS)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "path":
+            assert not (isinstance(node.value, ast.Name) and node.value.id == "sys"), (
+                f"benchmarks/{name}.py:{node.lineno} uses sys.path"
+            )
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            assert module.split(".")[0] not in siblings, (
+                f"benchmarks/{name}.py:{node.lineno}: `from {module} import` is a "
+                "sys.path import of a sibling; import it as benchmarks.X"
+            )
+            assert not any(a.name.startswith("_") for a in node.names), (
+                f"benchmarks/{name}.py:{node.lineno} imports a private name from {module}"
+            )
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in siblings - {name}
+        ):
+            assert not node.attr.startswith("_"), (
+                f"benchmarks/{name}.py:{node.lineno} uses {node.value.id}.{node.attr}"
+            )
+
+
+# --------------------------------------------------------------------------
+# One config grammar: --config=FILE[:variants] --config.KEY=VALUE, as distill_jax.main.
+# --------------------------------------------------------------------------
+
+
+def _quality_flags(*overrides: str):
+    argv = ["quality", f"--config={SYNTHETIC}", *overrides, "--workdir=/unused"]
+    return common.parse_flags(argv, quality.define_flags)
+
+
+def test_boolean_overrides_parse_true_and_false():
+    args = _quality_flags(
+        "--config.student.exclude_history=True", "--config.student_scratch.exclude_history=0"
     )
+    config = args.config
+    assert config.student.exclude_history is True
+    # -1 means "config.student's"; 0 and 1 are False and True.
+    assert config.student_scratch.exclude_history == 0
+    scratch = config_lib.stage_model_config(config, "student_scratch", "student")
+    assert scratch.exclude_history is False
+    config = _quality_flags("--config.teacher.exclude_history=False").config
+    assert config.teacher.exclude_history is False  # not bool("False")
+    with pytest.raises(SystemExit, match="Non-boolean argument to boolean flag"):
+        _quality_flags("--config.student.exclude_history=yes")
+
+
+def test_overrides_take_the_fields_types_and_name_the_bad_flag():
+    args = _quality_flags(
+        "--config.distill.temperature=2",
+        "--config.student.embed_dim=12",
+        "--config.data.path=/data/x.txt",
+        "--config.eval.ks=(5, 20)",
+    )
+    c = args.config
+    assert c.distill.temperature == 2.0 and isinstance(c.distill.temperature, float)
+    assert c.student.embed_dim == 12 and isinstance(c.student.embed_dim, int)
+    assert c.data.path == "/data/x.txt" and c.eval.ks == (5, 20)
+    assert args.seeds == "0,1,2"
+    with pytest.raises(SystemExit, match=r"--config.student.embed_dim=1.5"):
+        _quality_flags("--config.student.embed_dim=1.5")
+    with pytest.raises(SystemExit, match=r"no key of the config.*no_such_key.*configs/base.py"):
+        _quality_flags("--config.student.no_such_key=1")
+    # The former grammar is refused by name, not silently ignored.
+    with pytest.raises(SystemExit, match="override"):
+        _quality_flags("--override=distill.temperature=2")
+    with pytest.raises(SystemExit, match="workdir"):
+        common.parse_flags(["quality", f"--config={SYNTHETIC}"], quality.define_flags)
+
+
+def test_help_prints_the_docstring_and_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_flags(["quality", "--help"], quality.define_flags, quality.__doc__)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Quality table" in out and "--seeds" in out and "--workdir" in out
+
+
+def test_apply_overrides_parses_as_the_command_line_does():
+    """A grid point's values are parsed exactly as the same `--config.KEY=V` flags."""
+    texts = {
+        "distill.temperature": "0.5",
+        "student.num_steps": "6000",
+        "student.exclude_history": "true",
+        "distill.init_from_teacher": "pca",
+        "eval.ks": "(5,10)",
+    }
+    base = synthetic.get_config()
+    got = common.apply_overrides(base, texts, flag="--grid")
+    want = _quality_flags(*[f"--config.{k}={v}" for k, v in texts.items()]).config
+    for key in texts:
+        section, name = key.split(".")
+        assert got[section][name] == want[section][name]
+        assert type(got[section][name]) is type(want[section][name])
+    # The config it started from is unchanged.
+    assert base.distill.temperature == synthetic.get_config().distill.temperature
+    with pytest.raises(ValueError, match=r"--grid student.no_such_key=0.1: the config has no key"):
+        common.apply_overrides(base, {"student.no_such_key": "0.1"}, flag="--grid")
+    with pytest.raises(ValueError, match=r"--grid.*student.exclude_history=yes.*Non-boolean"):
+        common.apply_overrides(base, {"student.exclude_history": "yes"}, flag="--grid")
+
+
+# --------------------------------------------------------------------------
+# search.py
+# --------------------------------------------------------------------------
+
+
+def test_a_search_point_means_the_same_for_both_students():
+    """benchmarks/search.py: a `student.X` grid value also replaces the scratch student's own X."""
+    base = common.apply_overrides(
+        synthetic.get_config(),
+        {"student_scratch.weight_decay": "0.7", "student_scratch.dropout": "0.3"},
+        flag="--config",
+    )
+    point = {"student.weight_decay": "0.1", "distill.temperature": "2"}
+    config = search.point_config(base, point)
+    assert config.distill.temperature == 2.0
+    assert config.student.weight_decay == config.student_scratch.weight_decay == 0.1
     kd = config_lib.stage_model_config(config, "student_kd", "student")
     scratch = config_lib.stage_model_config(config, "student_scratch", "student")
     assert kd.weight_decay == scratch.weight_decay == 0.1
     # A setting the grid does not cover keeps the scratch student's own value.
     assert scratch.dropout == 0.3 and kd.dropout == config.student.dropout
+    # A boolean point reaches the scratch student's int field as 0 / 1 (-1: "student's").
+    for text, value in [("true", 1), ("false", 0)]:
+        config = search.point_config(base, {"student.exclude_history": text})
+        assert config.student.exclude_history is bool(value)
+        assert config.student_scratch.exclude_history == value
+        scratch = config_lib.stage_model_config(config, "student_scratch", "student")
+        assert scratch.exclude_history is bool(value)
 
 
-@pytest.fixture
-def search(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports quality.py beside it
-    return _load("search")
+def test_grid_values_split_outside_brackets():
+    assert search.parse_grid(["distill.temperature=0.5,1.0", "eval.ks=(5,10),(10, 20)"]) == [
+        ("distill.temperature", ["0.5", "1.0"]),
+        ("eval.ks", ["(5,10)", "(10, 20)"]),
+    ]
+    config = search.point_config(synthetic.get_config(), {"eval.ks": "(10, 20)"})
+    assert config.eval.ks == (10, 20)
+    with pytest.raises(ValueError, match="expected KEY=V1,V2"):
+        search.parse_grid(["distill.temperature"])
 
 
 def _row(stage, temperature, seed, valid, test=0.05):
@@ -134,7 +240,7 @@ def _row(stage, temperature, seed, valid, test=0.05):
     }
 
 
-def test_search_over_seeds_chooses_by_the_mean_validation(search):
+def test_search_over_seeds_chooses_by_the_mean_validation():
     """The d=14 Beauty runs (BENCHMARKS.md): seed 1 alone would pick T=0.5,
     the mean over 3 seeds picks T=1."""
     valid = {"1.0": [0.06543, 0.06586, 0.06547], "0.5": [0.06538, 0.06626, 0.06507]}
@@ -151,20 +257,23 @@ def test_search_over_seeds_chooses_by_the_mean_validation(search):
     assert [ln["point"]["distill.temperature"] for ln in seed_1 if ln["chosen"]] == ["0.5"]
 
 
-def test_search_runs_each_point_on_each_seed_with_its_teacher(
-    search, tmp_path, monkeypatch, capsys
-):
-    """--seeds trains every point once per seed, in WORKDIR/STAGE/POINT/seed_S, with
-    config.seed set and the seed's own teacher where --teacher_workdir has {seed}."""
-    for seed in (0, 1):
+def _fake_teachers(tmp_path, seeds):
+    for seed in seeds:
         teacher = tmp_path / f"quality/seed_{seed}/teacher"
         teacher.mkdir(parents=True)
         (teacher / "result.json").write_text("{}")
+
+
+def test_search_runs_each_point_on_each_seed_with_its_teacher(tmp_path, monkeypatch, capsys):
+    """--seeds trains every point once per seed, in WORKDIR/STAGE/POINT/seed_S, with
+    config.seed set and the seed's own teacher where --teacher_workdir has {seed};
+    the --config.KEY overrides reach every trial."""
+    _fake_teachers(tmp_path, (0, 1))
     calls = []
 
     def fake_run(config, workdir):
-        stage = config.stages
-        calls.append((stage, config.distill.temperature, config.seed, workdir))
+        stage, d = config.stages, config.distill
+        calls.append((stage, d.temperature, config.seed, workdir, d.alpha))
         # T=0.5 wins seed 0 by a little, T=1 wins seed 1 by more.
         valid = {(0.5, 0): 0.061, (1.0, 0): 0.060, (0.5, 1): 0.060, (1.0, 1): 0.063}
         out = pathlib.Path(workdir) / stage
@@ -184,7 +293,9 @@ def test_search_runs_each_point_on_each_seed_with_its_teacher(
     workdir = tmp_path / "search"
     search.main(
         [
-            f"--config={ROOT / 'configs' / 'synthetic.py'}",
+            "search",
+            f"--config={SYNTHETIC}",
+            "--config.distill.alpha=0.5",
             f"--teacher_workdir={tmp_path / 'quality' / 'seed_{seed}'}",
             "--seeds=0,1",
             "--grid=distill.temperature=0.5,1.0",
@@ -193,7 +304,8 @@ def test_search_runs_each_point_on_each_seed_with_its_teacher(
         ]
     )
     assert [(c[1], c[2]) for c in calls] == [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
-    for _, t, seed, trial in calls:
+    assert {c[4] for c in calls} == {0.5}
+    for _, t, seed, trial, _ in calls:
         assert trial == str(workdir / "student_kd" / f"temperature={t}" / f"seed_{seed}")
         assert os.path.realpath(os.path.join(trial, "teacher")) == str(
             tmp_path / f"quality/seed_{seed}/teacher"
@@ -204,20 +316,38 @@ def test_search_runs_each_point_on_each_seed_with_its_teacher(
     assert len(chosen) == 1 and chosen[0].startswith("| student_kd | 1.0 | 0.0615 |")
 
 
-def test_search_seed_arguments_are_checked(search, tmp_path):
+def test_search_checks_every_point_before_the_first_trial(tmp_path, monkeypatch):
+    _fake_teachers(tmp_path, (0,))
+    calls = []
+    monkeypatch.setattr(search.pipeline, "run", lambda config, workdir: calls.append(workdir))
+    with pytest.raises(ValueError, match=r"--grid.*distill.temperature=warm"):
+        search.main(
+            [
+                "search",
+                f"--config={SYNTHETIC}",
+                f"--teacher_workdir={tmp_path / 'quality' / 'seed_0'}",
+                "--grid=distill.temperature=0.5,warm",
+                f"--workdir={tmp_path / 'search'}",
+            ]
+        )
+    assert calls == []
+
+
+def test_search_seed_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="listed twice"):
-        search._seeds("0,1,0")
+        search.parse_seeds("0,1,0")
     with pytest.raises(ValueError, match="comma-separated integers"):
-        search._seeds("0,a")
-    assert search._seeds("") == [None]
+        search.parse_seeds("0,a")
+    assert search.parse_seeds("") == [None]
     with pytest.raises(ValueError, match="no --seeds"):
-        search._teacher_workdir("runs/seed_{seed}", None)
-    assert search._teacher_workdir("runs/seed_{seed}", 2) == "runs/seed_2"
-    assert search._teacher_workdir("runs/one", 2) == "runs/one"
+        search.teacher_workdir("runs/seed_{seed}", None)
+    assert search.teacher_workdir("runs/seed_{seed}", 2) == "runs/seed_2"
+    assert search.teacher_workdir("runs/one", 2) == "runs/one"
     with pytest.raises(FileNotFoundError, match=r"\(seed 3\)"):
         search.main(
             [
-                f"--config={ROOT / 'configs' / 'synthetic.py'}",
+                "search",
+                f"--config={SYNTHETIC}",
                 f"--teacher_workdir={tmp_path}/seed_{{seed}}",
                 "--seeds=3",
                 f"--workdir={tmp_path / 'w'}",
@@ -225,60 +355,130 @@ def test_search_seed_arguments_are_checked(search, tmp_path):
         )
 
 
-def test_boolean_overrides_parse_true_and_false(quality):
-    from distill_jax import config_lib
+# --------------------------------------------------------------------------
+# The other scripts
+# --------------------------------------------------------------------------
 
-    config = quality.load_config(
-        str(ROOT / "configs" / "synthetic.py"),
-        ["student.exclude_history=True", "student_scratch.exclude_history=false"],
+
+def test_distill_kernel_variants_agree_and_are_timed():
+    class Args:
+        rows, items, d_teacher, d_student, row_block = 16, 33, 8, 4, 8
+        variants = ["plain", "row_blocks"]
+        rounds, calls = 1, 1
+
+    # run() compiles every variant and checks its value and gradients
+    # against the first before timing any of them.
+    rows = distill_kernel.run(Args)
+    assert [r["variant"] for r in rows] == Args.variants
+    assert rows[0]["ratio"] == 1.0
+    assert all(r["median_ms"] > 0 and r["matmul_gflops"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="must divide"):
+        Args.row_block = 5
+        distill_kernel.run(Args)
+
+
+def test_distill_kernel_flags_reach_run():
+    args = common.parse_flags(
+        ["distill_kernel", "--rows", "32", "--variants=plain,cpu_kernel"],
+        distill_kernel.define_flags,
     )
-    assert config.student.exclude_history is True
-    # -1 means "config.student's"; a boolean override of it takes 0 or 1.
-    assert config.student_scratch.exclude_history == 0
-    scratch = config_lib.stage_model_config(config, "student_scratch", "student")
-    assert scratch.exclude_history is False
-    config = quality.load_config(
-        str(ROOT / "configs" / "synthetic.py"), ["teacher.exclude_history=False"]
-    )
-    assert config.teacher.exclude_history is False  # not bool("False")
-    with pytest.raises(ValueError, match="expected true or false"):
-        quality.load_config(str(ROOT / "configs" / "synthetic.py"), ["student.exclude_history=yes"])
+    assert args.rows == 32 and args.variants == ["plain", "cpu_kernel"] and args.rounds == 8
 
 
-def test_history_mass_against_a_hand_computed_example(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports quality.py beside it
-    hm = _load("history_mass")
+def test_history_mass_against_a_hand_computed_example():
     # Column 0 is padding (never counted); items 1..4.
     scores = np.log(np.array([[9.0, 4.0, 3.0, 2.0, 1.0], [9.0, 1.0, 1.0, 1.0, 5.0]]))
     history = np.array([[1, 3, 0], [2, 0, 0]])
-    out = hm.history_mass(scores, history, last_item=np.array([3, 2]))
+    out = history_mass.history_mass(scores, history, last_item=np.array([3, 2]))
     np.testing.assert_allclose(out["mass_on_history"], [0.6, 1 / 8])
     np.testing.assert_allclose(out["mass_on_last_item"], [0.2, 1 / 8])
     np.testing.assert_array_equal(out["top1_in_history"], [True, False])
-    assert hm.repeat_share([np.array([5, 6, 5, 7]), np.array([1, 1])]) == 2 / 4
+    assert history_mass.repeat_share([np.array([5, 6, 5, 7]), np.array([1, 1])]) == 2 / 4
 
 
-def test_missing_reports_names_the_seeds_and_the_stage(quality):
+def _distill_loss_reference(v, n, d_s, d_t, seed, temperature, alpha):
+    """float64 `alpha·CE + (1 − alpha)·T²·KL` on large_catalog.py's synthetic inputs
+    (the same generator calls, in the same order)."""
+    rng = np.random.default_rng(seed)
+    rows = v + 1
+
+    def normal(shape, scale):
+        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+        return x.astype(np.float64)
+
+    h_s, table_s, bias_s = normal((n, d_s), 1.0), normal((rows, d_s), d_s**-0.5), normal(rows, 0.1)
+    h_t, table_t, bias_t = normal((n, d_t), 1.0), normal((rows, d_t), d_t**-0.5), normal(rows, 0.1)
+    labels = rng.integers(1, rows, size=n, dtype=np.int32)
+
+    def log_softmax(z):
+        z = z.copy()
+        z[:, 0] = -np.inf  # The padding column.
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    s, t = h_s @ table_s.T + bias_s, h_t @ table_t.T + bias_t
+    log_ps, log_pt = log_softmax(s / temperature), log_softmax(t / temperature)
+    # Column 0 (padding) has no teacher mass: the KL runs over the items.
+    pt = np.exp(log_pt[:, 1:])
+    kl = (pt * (log_pt[:, 1:] - log_ps[:, 1:])).sum(axis=1)
+    ce = -log_softmax(s)[np.arange(n), labels]
+    return float(np.mean(alpha * ce + (1 - alpha) * temperature**2 * kl))
+
+
+def test_large_catalog_workers_run_as_package_modules(capsys):
+    """Each (V, impl) runs in `python -m benchmarks.large_catalog --worker`; both
+    impls report the loss of a float64 reference on the same inputs."""
+    v, n, d_s, d_t, temperature, alpha = 40, 8, 4, 8, 2.0, 0.25
+    large_catalog.main(
+        [
+            "large_catalog",
+            f"--sizes={v}",
+            f"--positions={n}",
+            f"--d_student={d_s}",
+            f"--d_teacher={d_t}",
+            "--chunk_size=16",
+            "--repeats=1",
+            "--min_time_s=0",
+            f"--temperature={temperature}",
+            f"--alpha={alpha}",
+            "--timeout_s=600",
+        ]
+    )
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    rows = {r["impl"]: r for r in lines if "impl" in r}
+    assert set(rows) == {"plain", "chunked"}, rows
+    want = _distill_loss_reference(v, n, d_s, d_t, 0, temperature, alpha)
+    for impl, row in rows.items():
+        assert "error" not in row, row
+        np.testing.assert_allclose(row["loss"], want, rtol=1e-5, err_msg=impl)
+    assert rows["plain"]["rows_scored"] == v + 1 and rows["chunked"]["rows_scored"] == 48
+
+
+# --------------------------------------------------------------------------
+# quality.py
+# --------------------------------------------------------------------------
+
+
+def test_missing_reports_names_the_seeds_and_the_stage():
     assert quality.missing_reports([0, 1], [{"models": {}}, {"models": {}}], "/w") is None
     why = quality.missing_reports([0, 1, 2], [{"models": {}}, None, None], "/w")
     assert "[1, 2]" in why and "/w/seed_1" in why and "'report'" in why
+    assert "--config.stages" in why
 
 
-def test_main_without_the_report_stage_says_so(quality, tmp_path, monkeypatch, capsys):
+def test_main_without_the_report_stage_says_so(tmp_path, monkeypatch, capsys):
     # Before, a run whose stages left out 'report' trained every stage and then
     # failed on the missing report with a TypeError.
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(
-        "sys.argv",
+    quality.main(
         [
-            "quality.py",
-            f"--config={ROOT / 'configs' / 'synthetic.py'}:tiny",
-            "--override=stages=popularity",
+            "quality",
+            f"--config={SYNTHETIC}:tiny",
+            "--config.stages=popularity",
             "--seeds=0",
             f"--workdir={tmp_path}",
-        ],
+        ]
     )
-    quality.main()
     out = capsys.readouterr().out
     assert "No table: seeds [0] wrote no report" in out
     assert (tmp_path / "seed_0" / "popularity" / "result.json").exists()
