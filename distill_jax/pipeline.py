@@ -57,10 +57,20 @@ def _write_json(path: str, obj: Any) -> None:
     distributed.barrier(f"distill_jax_wrote_{path}")
 
 
-def build(config: ml_collections.ConfigDict, key: str, num_items: int, stage: str = ""):
-    """The model of `stage` (config subtree `key`; see config_lib.stage_model_config)."""
+def build(config: ml_collections.ConfigDict, key: str, num_items: int, stage: str = "", mesh=None):
+    """The model of `stage` (config subtree `key`; see config_lib.stage_model_config).
+
+    With a `mesh`, the item table is padded to the number of pieces the sharding
+    rules split the catalogue into, so that any catalogue size divides.
+    """
     mcfg = config_lib.stage_model_config(config, stage, key)
-    return models.build_model(mcfg, num_items=num_items, max_len=mcfg.max_len, key_prefix=key)
+    return models.build_model(
+        mcfg,
+        num_items=num_items,
+        max_len=mcfg.max_len,
+        key_prefix=key,
+        vocab_shards=1 if mesh is None else sharding_lib.vocab_shards(config, mesh),
+    )
 
 
 def load_best_params(model, config, mesh, stage_dir: str):
@@ -83,10 +93,10 @@ def _finished(workdir: str, stage: str) -> bool:
     return os.path.exists(os.path.join(_stage_dir(workdir, stage), "result.json"))
 
 
-def _cost(evaluator: Evaluator, scorer, params: Any, config) -> dict:
+def _cost(evaluator: Evaluator, scorer, counts: tuple[int, int], config) -> dict:
     return {
-        "params": models.count_params(params) if params is not None else 0,
-        "param_bytes": loop.param_bytes(params) if params is not None else 0,
+        "params": counts[0],
+        "param_bytes": counts[1],
         "flops_per_sequence": scorer.flops_per_sequence,
         "latency_top10": {
             f"batch_{b}": evaluator.latency(scorer, b, config.eval.latency_repeats)
@@ -128,19 +138,19 @@ def run_stage(
             "train_seconds": 0.0,
             "eval_seconds": time.time() - t0,
             "teacher": None,
-            "cost": _cost(evaluator, scorer, None, config),
+            "cost": _cost(evaluator, scorer, (0, 0), config),
         }
         _write_json(result_path, result)
         log.info("[%s] test %s", stage, _brief(metrics["test"]))
         return result
     key, teacher_stage = STAGES[stage]
     mcfg = config_lib.stage_model_config(config, stage, key)
-    model = build(config, key, split.num_items, stage)
+    model = build(config, key, split.num_items, stage, mesh)
     teacher = t_scorer = None
     # The scratch student is compared with the teacher too, when there is one.
     t_stage = teacher_stage or ("teacher" if stage != "teacher" else None)
     if t_stage is not None and _finished(workdir, t_stage):
-        t_model = build(config, STAGES[t_stage][0], split.num_items)
+        t_model = build(config, STAGES[t_stage][0], split.num_items, mesh=mesh)
         t_params, t_shardings = load_best_params(
             t_model, config, mesh, _stage_dir(workdir, t_stage)
         )
@@ -169,10 +179,12 @@ def run_stage(
     scorer = evaluator_lib.model_scorer(model, res.params, shardings)
     t0 = time.time()
     metrics = {s: evaluator.evaluate(scorer, s) for s in data.eval_splits}
+    # The item table's padding rows (a sharded catalogue) are not parameters.
+    counts = model.param_counts(res.params)
     result = {
         "model": mcfg.name,
-        "params": models.count_params(res.params),
-        "param_bytes": loop.param_bytes(res.params),
+        "params": counts[0],
+        "param_bytes": counts[1],
         "metrics": metrics,
         "train_seconds": res.train_seconds,
         "eval_seconds": time.time() - t0,
@@ -180,7 +192,7 @@ def run_stage(
         "steps_run": res.steps_run,
         "stopped_early": res.stopped_early,
         "teacher": teacher_stage,
-        "cost": _cost(evaluator, scorer, res.params, config),
+        "cost": _cost(evaluator, scorer, counts, config),
     }
     if t_scorer is not None and t_scorer.causal == scorer.causal:
         result["agreement_with_teacher"] = {"test": evaluator.agreement(t_scorer, scorer, "test")}

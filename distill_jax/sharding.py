@@ -46,6 +46,17 @@ def rules(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
     return tuple((str(name), axis) for name, axis in cfg.sharding.rules)
 
 
+def vocab_shards(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """How many pieces `config.sharding.rules` split the 'vocab' (catalogue) axis into."""
+    shards = 1
+    for name, axes in rules(cfg):
+        if name == "vocab" and axes is not None:
+            for axis in (axes,) if isinstance(axes, str) else axes:
+                shards *= mesh.shape[axis]
+            break  # flax uses the first rule that names the axis
+    return shards
+
+
 def logical_shardings(abstract_boxed: Any, mesh: jax.sharding.Mesh, rule_pairs) -> Any:
     """NamedShardings for a pytree whose leaves may be `nn.Partitioned` boxes."""
     specs = nn.get_partition_spec(abstract_boxed)

@@ -30,6 +30,8 @@ def test_defaults_are_valid():
         ("teacher.dropout", 1.0, r"config\.teacher\.dropout"),
         ("student.mask_last_prob", 1.5, r"config\.student\.mask_last_prob=1\.5.*\[0, 1\]"),
         ("teacher.embed_dim", 15, r"config\.teacher\.embed_dim=15.*num_heads"),
+        ("student.num_blocks", 0, r"config\.student\.num_blocks=0.*> 0"),
+        ("student.dtype", "float16", r"config\.student\.dtype='float16'"),
         ("stages", "teacher,distill", r"config\.stages"),
         ("distill.mode", "medium", r"config\.distill\.mode"),
         ("student_scratch.learning_rate", 0.0, r"config\.student_scratch\.learning_rate=0\.0"),

@@ -340,18 +340,9 @@ def test_build_model_unknown_name_names_the_key():
     assert str(err.value) == expected
 
 
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        ({"dtype": "float16"}, "config.student.dtype"),
-        ({"num_heads": 3}, "config.student.embed_dim"),
-        ({"num_blocks": 0}, "config.student.num_blocks"),
-        ({"dropout": 1.0}, "config.student.dropout"),
-    ],
-)
-def test_build_model_bad_values_name_the_key(overrides, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        build_model(model_config(**overrides), num_items=V, max_len=L, key_prefix="student")
+def test_build_model_bad_dtype_names_the_key():
+    with pytest.raises(ValueError, match=r"config\.student\.dtype='float16'"):
+        build_model(model_config(dtype="float16"), num_items=V, max_len=L, key_prefix="student")
 
 
 def test_sasrec_given_the_mask_token_gives_nan():

@@ -58,11 +58,17 @@ def model_flops_per_sequence(model: nn.Module) -> float:
 
 
 def model_scorer(model: nn.Module, params: Any, param_shardings: Any) -> Scorer:
-    """Scores from a model's logits at the last window position."""
+    """Scores from a model's logits at the last window position.
+
+    Only the catalogue's V+1 columns are scored: a sharded model's padding
+    rows (see ``models.base``) never reach the metrics.
+    """
+    columns = model.num_items + 1
 
     def score_fn(params, inputs):
         hidden = model.apply({"params": params}, inputs, train=False)
-        return model.apply({"params": params}, hidden[:, -1], method=model.logits)
+        logits = model.apply({"params": params}, hidden[:, -1], method=model.logits)
+        return logits if logits.shape[-1] == columns else logits[:, :columns]
 
     return Scorer(
         score_fn,

@@ -20,10 +20,24 @@ Design decisions the data pipeline and trainer rely on:
   columns and the output layer never slices it.
 * A learned output bias ``[V+1]`` is added to the tied logits: it lets the
   model learn item popularity without spending embedding norm on it.
+* On a mesh whose ``model`` axis shards the ``vocab`` axis, the item table and
+  the bias get ``table_rows >= V+1`` rows, a multiple of that axis, so any
+  catalogue size divides. The extra rows are never looked up, their logits
+  columns are -inf (like column 0: never a target, never recommended), and
+  they are not counted as parameters (:meth:`SequenceRecommender.param_counts`).
+
+The contract every other module relies on is written here once: the
+parameters ``item_embedding [table_rows, D]`` and ``output_bias
+[table_rows]`` (read them through :meth:`SequenceRecommender.item_table`,
+never by name elsewhere), the class flags ``is_causal`` and
+``uses_mask_token``, ``__call__`` (items to hidden states) and ``logits``
+(hidden states to catalogue scores). A new model is a subclass in one file
+plus one line in ``models.MODELS``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import jax
@@ -54,6 +68,11 @@ class SequenceRecommender(nn.Module):
       mlp_dim: Hidden width of each block's MLP.
       dropout_rate: Dropout on the embeddings and inside every block.
       dtype: Compute dtype; parameters stay float32, logits are float32.
+      table_rows: rows of the item table and output bias: 0 means V+1;
+        more pads the catalogue to a multiple of the mesh's ``model`` axis.
+
+    Subclasses set the two class flags; the trainer, the evaluator and the
+    teacher initialisation use only the methods and flags defined here.
     """
 
     # Set by subclasses; the data pipeline reads them to decide what to feed.
@@ -68,11 +87,35 @@ class SequenceRecommender(nn.Module):
     mlp_dim: int
     dropout_rate: float
     dtype: Dtype = jnp.float32
+    table_rows: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the item table and logits columns (V+1 plus any padding)."""
+        return self.table_rows or self.num_items + 1
+
+    @staticmethod
+    def item_table(params: Any) -> tuple[jax.Array, jax.Array]:
+        """The tied item table ``[num_rows, D]`` and output bias ``[num_rows]`` of ``params``."""
+        return params["item_embedding"], params["output_bias"]
+
+    def param_counts(self, params: Any) -> tuple[int, int]:
+        """(parameter scalars, bytes) of ``params``, padding rows of the item table left out."""
+        count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        size = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+        table, bias = self.item_table(params)
+        pad = self.num_rows - (self.num_items + 1)
+        return (
+            int(count - pad * (table.shape[1] + 1)),
+            int(size - pad * (table.shape[1] * table.dtype.itemsize + bias.dtype.itemsize)),
+        )
 
     def setup(self) -> None:
-        if self.embed_dim % self.num_heads:
+        # Shapes and ranges were checked by config validation (config_lib);
+        # only the table padding is checked here, as it comes from the mesh.
+        if self.num_rows < self.num_items + 1:
             raise ValueError(
-                f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}"
+                f"table_rows={self.table_rows} is below the catalogue's V+1={self.num_items + 1}"
             )
         # Std D^-1/2: with the tied output, logits of a unit-scale final
         # LayerNorm output then start at unit scale.
@@ -80,7 +123,7 @@ class SequenceRecommender(nn.Module):
         self.item_embedding = self.param(
             "item_embedding",
             partitioned(init, ("vocab", "embed")),
-            (self.num_items + 1, self.embed_dim),
+            (self.num_rows, self.embed_dim),
             jnp.float32,
         )
         self.position_embedding = self.param(
@@ -96,7 +139,7 @@ class SequenceRecommender(nn.Module):
         self.output_bias = self.param(
             "output_bias",
             partitioned(nn.initializers.zeros, ("vocab",)),
-            (self.num_items + 1,),
+            (self.num_rows,),
             jnp.float32,
         )
         self.embed_dropout = Dropout(self.dropout_rate)
@@ -126,6 +169,9 @@ class SequenceRecommender(nn.Module):
             # Out-of-range ids give NaN rows: a mask token fed to a causal
             # model shows up loudly instead of as a silently wrong row.
             x = embedding_lookup(self.item_embedding, items)
+            if self.num_rows > self.num_items + 1:
+                # Padding rows must stay as loud as a missing row would be.
+                x = jnp.where((items > self.num_items)[..., None], jnp.nan, x)
         positions = self.position_embedding[:length][::-1]
         # sqrt(D) puts the residual stream at unit scale, like the blocks' outputs.
         return ((x + positions) * self.embed_dim**0.5).astype(self.dtype)
@@ -157,7 +203,8 @@ class SequenceRecommender(nn.Module):
             padding).
 
         Returns:
-          ``[..., V+1]`` float32 logits; column 0 (padding) is -inf.
+          ``[..., num_rows]`` float32 logits (``[..., V+1]`` unless the table is
+          padded); column 0 (padding) and every padding row are -inf.
         """
         table = self.item_embedding.astype(self.dtype)
         # Accumulate in float32 even for bfloat16 compute: logits feed softmaxes
@@ -171,4 +218,8 @@ class SequenceRecommender(nn.Module):
         scores = scores + self.output_bias
         # jnp.where rather than .at[..., 0].set: a scatter into a vocab-sharded
         # array is ambiguous under explicit sharding; the where fuses anyway.
-        return jnp.where(jnp.arange(self.num_items + 1) == 0, -jnp.inf, scores)
+        column = jnp.arange(self.num_rows)
+        invalid = column == 0
+        if self.num_rows > self.num_items + 1:
+            invalid = invalid | (column > self.num_items)
+        return jnp.where(invalid, -jnp.inf, scores)

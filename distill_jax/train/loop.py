@@ -12,7 +12,6 @@ import flax.linen as nn
 import grain
 import jax
 import ml_collections
-import numpy as np
 
 from distill_jax import sharding as sharding_lib
 from distill_jax.data import loader
@@ -126,6 +125,7 @@ def train_stage(
                 teacher.params,
                 shardings.params,
                 mesh,
+                num_items=model.num_items,
             )
         )
         log.info(
@@ -260,7 +260,3 @@ def train_stage(
         train_seconds=float(meta["train_seconds"]),
         stopped_early=bool(meta["stopped_early"]),
     )
-
-
-def param_bytes(params: Any) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))

@@ -19,6 +19,7 @@ the `[D_t, D_t]` covariance and its eigenvectors are small, and no table is
 gathered onto one device.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -27,13 +28,17 @@ import jax.numpy as jnp
 METHODS = ("none", "pca")
 
 
-def pca_params(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
+def pca_params(
+    student: dict[str, Any], teacher: dict[str, Any], num_items: int | None = None
+) -> dict[str, Any]:
     """The student's params with tables projected from the teacher's.
 
     Args:
       student: the student's unboxed params (its random init).
       teacher: the teacher's unboxed params, with the same catalogue and
         max_len and an embedding width >= the student's.
+      num_items: V, when the tables carry padding rows beyond V+1 (a sharded
+        catalogue); None means every row but row 0 is an item.
 
     Returns:
       A copy of `student` whose `item_embedding`, `position_embedding`,
@@ -54,8 +59,10 @@ def pca_params(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, An
             "distill.init_from_teacher='pca' projects onto fewer directions, not more"
         )
     # Row 0 is padding: it never scores and is never a target, so it does not
-    # count towards the mean or the covariance.
-    weight = (jnp.arange(t_items.shape[0]) > 0).astype(jnp.float32)[:, None]
+    # count towards the mean or the covariance; nor do a sharded table's padding rows.
+    rows = jnp.arange(t_items.shape[0])
+    real = rows > 0 if num_items is None else (rows > 0) & (rows <= num_items)
+    weight = real.astype(jnp.float32)[:, None]
     count = jnp.sum(weight)
     mean = jnp.sum(weight * t_items, axis=0) / count
     centred = t_items - mean
@@ -79,11 +86,16 @@ def pca_params(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, An
     return out
 
 
-def initial_params(method: str, student: Any, teacher: Any, shardings: Any, mesh) -> Any:
-    """The student's starting params under `method` (one of METHODS)."""
+def initial_params(
+    method: str, student: Any, teacher: Any, shardings: Any, mesh, num_items: int | None = None
+) -> Any:
+    """The student's starting params under `method` (one of METHODS); `num_items` as in
+    `pca_params`."""
     if method == "none":
         return student
     if method != "pca":
         raise ValueError(f"distill.init_from_teacher={method!r}: expected one of {METHODS}")
     with jax.set_mesh(mesh):
-        return jax.jit(pca_params, out_shardings=shardings)(student, teacher)
+        return jax.jit(functools.partial(pca_params, num_items=num_items), out_shardings=shardings)(
+            student, teacher
+        )
