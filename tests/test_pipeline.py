@@ -85,14 +85,16 @@ def test_bert4rec_distillation_and_student_checkpoint_holds_no_teacher(tmp_path)
     assert set(report["models"]) == {"teacher", "student_kd"}
     assert report["models"]["student_kd"]["model"] == "bert4rec"
     assert report["models"]["student_kd"]["teacher"] == "teacher"
-    # The student's checkpoint holds the student's train state alone.
-    state_dir = tmp_path / "student_kd" / "state"
-    (step_dir,) = [p for p in state_dir.iterdir() if p.name.isdigit()]
+    # The student's checkpoint holds the student's train state and best params alone.
+    ckpt_dir = tmp_path / "student_kd" / "checkpoints"
+    (step_dir,) = [p for p in ckpt_dir.iterdir() if p.name.isdigit()]
     tree = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata.tree
     shapes = [leaf.shape for leaf in jax.tree.leaves(tree["params"])]
     n = sum(int(np.prod(s)) for s in shapes)
     assert n == report["models"]["student_kd"]["params"]
     assert set(tree) == {"step", "params", "opt_state"}
+    best = ocp.StandardCheckpointer().metadata(step_dir / "best").item_metadata.tree
+    assert jax.tree.structure(best) == jax.tree.structure(tree["params"])
 
 
 def test_each_student_stage_trains_with_its_own_settings(tmp_path, monkeypatch):

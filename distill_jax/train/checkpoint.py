@@ -1,10 +1,19 @@
-"""Orbax checkpoints of one training stage.
+"""Orbax checkpoints of one training stage: one manager, one atomic save.
 
-Two managers under the stage's directory:
-  state/  the latest train state, the grain data iterator's state and JSON
-          metadata (best-so-far bookkeeping, the config): a re-run resumes
-          from it and sees exactly the batches an uninterrupted run would.
-  best/   parameters only, of the step with the best validation NDCG@10.
+Each checkpoint (a step under `<stage>/checkpoints/`) holds four items,
+written together by one `CheckpointManager.save`:
+  state  the train state (params, optimiser state, step);
+  best   the parameters of the step with the best validation NDCG@10 so far;
+  meta   JSON bookkeeping (best step and metric, patience, timings, config);
+  data   the grain data iterator's position.
+Orbax writes a step into a temporary directory and renames it into place, so
+a run killed at any moment leaves either the whole step or none of it, and a
+re-run resumes from the last whole step and sees exactly the batches (and
+reaches exactly the best parameters) of an uninterrupted run. Keeping the best
+parameters in a second manager, as this module once did, made two saves per
+step: a kill between them left a best step ahead of the state, and every
+re-run then died re-saving that step.
+
 A teacher's parameters are never written here by a student's stage: the
 student's train state holds the student alone.
 """
@@ -16,6 +25,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+CHECKPOINTS = "checkpoints"
+# The layout of earlier versions: a `state/` and a `best/` manager side by side.
+_OLD_LAYOUT = ("state", "best")
+
+
+class CheckpointLayoutError(RuntimeError):
+    """A stage directory holds checkpoints in a layout this version does not read."""
+
 
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
@@ -24,74 +41,73 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 class StageCheckpointer:
-    """Latest-state and best-params checkpoints of one stage."""
+    """The checkpoints of one stage: latest state, best params, meta and data position."""
 
     def __init__(self, directory: str):
         directory = os.path.abspath(directory)
         self.directory = directory
+        old = [d for d in _OLD_LAYOUT if os.path.isdir(os.path.join(directory, d))]
+        if old:
+            raise CheckpointLayoutError(
+                f"{directory} holds checkpoints in an older layout ({', '.join(old)}/); this "
+                f"version keeps one manager under {CHECKPOINTS}/. Delete {directory} to train "
+                "this stage again."
+            )
         opts = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False
+            max_to_keep=1,
+            create=True,
+            enable_async_checkpointing=False,
+            # A step a killed run left half-written is removed, never resumed from.
+            cleanup_tmp_directories=True,
         )
-        self._state = ocp.CheckpointManager(os.path.join(directory, "state"), options=opts)
-        self._best = ocp.CheckpointManager(os.path.join(directory, "best"), options=opts)
+        self._manager = ocp.CheckpointManager(os.path.join(directory, CHECKPOINTS), options=opts)
 
     def latest_step(self) -> int | None:
-        return self._state.latest_step()
+        return self._manager.latest_step()
 
-    def save_state(self, step: int, state: Any, meta: dict, data_iterator) -> None:
-        self._state.save(
+    def save(self, step: int, state: Any, best_params: Any, meta: dict, data_iterator) -> None:
+        """Writes the state, the best params so far, `meta` and the data position at once."""
+        self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
+                best=ocp.args.StandardSave(best_params),
                 meta=ocp.args.JsonSave(meta),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
             ),
             force=True,
         )
-        self._state.wait_until_finished()
+        self._manager.wait_until_finished()
 
-    def restore_state(self, like_state: Any, shardings: Any, data_iterator) -> tuple[Any, dict]:
-        """Restores the latest state into the layout of `like_state`/`shardings`.
+    def restore(self, like_state: Any, shardings: Any, data_iterator) -> tuple[Any, Any, dict]:
+        """The latest (state, best params, meta) in the layout of `like_state`/`shardings`.
 
         `data_iterator` (a grain iterator) is moved to the saved position in place.
         """
-        step = self._state.latest_step()
-        out = self._state.restore(
-            step,
+        out = self._manager.restore(
+            self._manager.latest_step(),
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_abstract(like_state, shardings)),
+                best=ocp.args.StandardRestore(_abstract(like_state.params, shardings.params)),
                 meta=ocp.args.JsonRestore(),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
             ),
         )
-        return out.state, dict(out.meta)
-
-    def has_best(self) -> bool:
-        return self._best.latest_step() is not None
-
-    def save_best(self, step: int, params: Any, meta: dict) -> None:
-        self._best.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        self._best.wait_until_finished()
+        return out.state, out.best, dict(out.meta)
 
     def restore_best(self, like_params: Any, shardings: Any) -> tuple[Any, dict]:
-        step = self._best.latest_step()
+        """The best parameters of the latest checkpoint, and its meta."""
+        step = self._manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{self.directory}/best holds no checkpoint.")
-        out = self._best.restore(
+            raise FileNotFoundError(f"{self.directory}/{CHECKPOINTS} holds no checkpoint.")
+        out = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(like_params, shardings)),
+                best=ocp.args.StandardRestore(_abstract(like_params, shardings)),
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return out.params, dict(out.meta)
+        return out.best, dict(out.meta)
 
     def close(self) -> None:
-        self._state.close()
-        self._best.close()
+        self._manager.close()

@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from distill_jax import sharding as sharding_lib
@@ -165,8 +166,12 @@ def train_stage(
             batches, mcfg.num_steps, shard_options=grain.sharding.ShardByJaxProcess()
         )
     )
+    # The best parameters so far live beside the state (a copy: the state's
+    # buffers are donated to the next step) and go into every checkpoint.
+    copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
+    best_params = copy_params(state.params)
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore_state(state, shardings, data_iter)
+        state, best_params, meta = ckpt.restore(state, shardings, data_iter)
         log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
     writer = _Writer(os.path.join(workdir, "tb"))
     teacher_params = teacher.params if teacher else None
@@ -185,7 +190,7 @@ def train_stage(
     def save(step):
         meta["train_seconds"] = seconds_before + time.time() - t_start
         meta["config"] = json.loads(config.to_json_best_effort())
-        ckpt.save_state(step, state, meta, data_iter)
+        ckpt.save(step, state, best_params, meta, data_iter)
 
     while step < num_steps and not meta["finished"]:
         batch = sharding_lib.put_local_batch(next(data_iter), mesh)
@@ -218,7 +223,7 @@ def train_stage(
                 meta.update(
                     best_metric=valid[SELECT_METRIC], best_step=step, best_valid=valid, bad_evals=0
                 )
-                ckpt.save_best(step, state.params, {"step": step, "valid": valid})
+                best_params = copy_params(state.params)
             else:
                 meta["bad_evals"] += 1
             log.info(
@@ -247,9 +252,7 @@ def train_stage(
             log.info("[%s] stopping at step %d as asked; re-run to resume", name, step)
             break
     writer.close()
-    params = None
-    if meta["finished"]:
-        params, _ = ckpt.restore_best(state.params, shardings.params)
+    params = best_params if meta["finished"] else None
     ckpt.close()
     return StageResult(
         params=params,
