@@ -53,9 +53,11 @@ def test_round_trip_through_array_record(tmp_path):
     )
     assert path == os.fspath(builders.dataset_dir("toy", tmp_path))
     assert _same(builders.load("toy", tmp_path), data)
-    back, ts = builders.load_with_timestamps("toy", tmp_path, fingerprint="f1")
+    back, ts = builders.read("toy", tmp_path, fingerprint="f1")
     assert _same(back, data)
-    assert all(np.array_equal(a, b) for a, b in zip(ts, timestamps, strict=True))
+    assert all(
+        np.array_equal(a, b) and a.dtype == np.int64 for a, b in zip(ts, timestamps, strict=True)
+    )
 
     # The records are plain ArrayRecord files, in user order: grain's own
     # reader (no TFDS) finds one record per user.
@@ -66,10 +68,21 @@ def test_round_trip_through_array_record(tmp_path):
     assert "tensorflow" not in sys.modules
 
 
-def test_without_timestamps_load_with_timestamps_refuses(tmp_path):
-    builders.build(_data(), name="toy", data_dir=tmp_path, fingerprint="f1")
-    with pytest.raises(ValueError, match="no timestamps"):
-        builders.load_with_timestamps("toy", tmp_path)
+def test_without_timestamps_read_gives_none_and_metadata_round_trips(tmp_path):
+    builders.build(
+        _data(), name="toy", data_dir=tmp_path, fingerprint="f1", extra_metadata={"k": [1, "a"]}
+    )
+    assert builders.read("toy", tmp_path)[1] is None
+    assert builders.metadata("toy", tmp_path)["k"] == [1, "a"]
+    assert builders.metadata("other", tmp_path) is None
+
+
+def test_fractional_timestamps_are_kept(tmp_path):
+    data = _data()
+    timestamps = [np.arange(len(s)) + 0.25 for s in data.sequences]
+    builders.build(data, name="toy", data_dir=tmp_path, fingerprint="f1", timestamps=timestamps)
+    _, ts = builders.read("toy", tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(ts, timestamps, strict=True))
 
 
 def test_same_fingerprint_reuses_other_fingerprint_rebuilds(tmp_path):

@@ -133,3 +133,84 @@ def test_users_too_short_are_dropped_and_counted(tmp_path):
     data = dataset.load(config, str(tmp_path / "w"))
     assert data.info["users"] == 3
     assert data.info["steps"]["short_users"]["removed_users"] == 1
+
+
+def _interactions_config(path: Path, **data):
+    config = ml100k.get_config("tiny")
+    config.data.update(source="interactions", path=str(path), **data)
+    return config
+
+
+def _write_log(path: Path, users: int = 40, seed: int = 0) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = ["user_id,item_id,timestamp"]
+    for u in range(users):
+        for t in range(int(rng.integers(4, 12))):
+            rows.append(f"u{u},i{int(rng.integers(0, 30))},{1000 * t + u}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _same_dataset(a: dataset.Dataset, b: dataset.Dataset) -> None:
+    import numpy as np
+
+    assert a.info == b.info and a.eval_splits == b.eval_splits
+    for split in a.eval_splits:
+        (ha, ta), (hb, tb) = a.split.eval_examples(split), b.split.eval_examples(split)
+        np.testing.assert_array_equal(ta, tb)
+        assert len(ha) == len(hb) and all(np.array_equal(x, y) for x, y in zip(ha, hb, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(a.split.train, b.split.train, strict=True))
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_a_current_cache_reads_no_raw_file_and_gives_the_same_data(tmp_path, monkeypatch, cold):
+    extra = {"cold_user_fraction": 0.1, "cold_item_fraction": 0.1} if cold else {}
+    config = _interactions_config(_write_log(tmp_path / "log.csv"), **extra)
+    fresh = dataset.load(config, str(tmp_path / "work"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the raw files were read or cleaned")
+
+    monkeypatch.setattr(sources, "read_source", refuse)
+    monkeypatch.setattr(dataset.preprocess, "preprocess", refuse)
+    cached = dataset.load(config, str(tmp_path / "work"))
+    _same_dataset(fresh, cached)
+    if cold:
+        assert "cold_users" in cached.eval_splits
+    # Touched, same contents: the hash matches, still no read.
+    os.utime(tmp_path / "log.csv", ns=(1, 1))
+    _same_dataset(fresh, dataset.load(config, str(tmp_path / "work")))
+
+
+def test_the_cache_keeps_id_mappings_and_features(tmp_path):
+    from distill_jax.data import builders, cache, preprocess
+
+    config = _interactions_config(_write_log(tmp_path / "log.csv"))
+    dataset.load(config, str(tmp_path / "work"))
+    raw = sources.read_source("interactions", tmp_path / "log.csv", delimiter=",")
+    want = preprocess.preprocess(raw, min_user_interactions=3)
+    (name,) = os.listdir(tmp_path / "work" / "data" / "sequences")
+    data, ts = builders.read(name, tmp_path / "work" / "data")
+    got = cache.processed(builders.metadata(name, tmp_path / "work" / "data"), data, ts)
+    assert got.item_id_to_original.tolist() == want.item_id_to_original.tolist()
+    assert got.user_original_to_id == want.user_original_to_id
+    assert got.item_original_to_id == want.item_original_to_id
+    assert got.stats == want.stats and list(got.stats) == list(want.stats)
+    assert got.item_features == want.item_features
+
+
+def test_changed_contents_or_options_rebuild(tmp_path, monkeypatch):
+    log = _write_log(tmp_path / "log.csv")
+    config = _interactions_config(log)
+    first = dataset.load(config, str(tmp_path / "work"))
+    calls = []
+    real = sources.read_source
+    monkeypatch.setattr(sources, "read_source", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _write_log(log, users=30, seed=1)
+    changed = dataset.load(config, str(tmp_path / "work"))
+    assert calls and changed.info["users"] != first.info["users"]
+    config.data.k_core = 2
+    dataset.load(config, str(tmp_path / "work"))
+    assert len(calls) == 2

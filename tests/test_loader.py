@@ -51,10 +51,8 @@ def test_every_form_gives_the_train_batches(data, causal):
     for step in [7, 0, 10, 3, 3, 5]:
         assert _equal(ds[step], expected[step])
     got_iter = list(loader.iter_dataset(_batches(data, causal), NUM_STEPS))
-    got_loader = list(loader.data_loader(_batches(data, causal), NUM_STEPS))
-    assert len(got_iter) == len(got_loader) == NUM_STEPS
+    assert len(got_iter) == NUM_STEPS
     assert all(_equal(g, e) for g, e in zip(got_iter, expected, strict=True))
-    assert all(_equal(g, e) for g, e in zip(got_loader, expected, strict=True))
 
 
 def test_the_seed_changes_the_batches(data):
@@ -67,7 +65,7 @@ def _take(iterator, n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("form", ["iter_dataset", "data_loader"])
+@pytest.mark.parametrize("form", ["iter_dataset"])
 def test_a_restored_iterator_yields_exactly_the_remaining_batches(data, causal, form):
     make = getattr(loader, form)
     expected = _expected(data, causal, range(NUM_STEPS))
@@ -84,15 +82,7 @@ def test_a_restored_iterator_yields_exactly_the_remaining_batches(data, causal, 
     assert all(_equal(g, e) for g, e in zip(rest, expected[k:], strict=True))
 
 
-def test_a_loader_state_does_not_restore_into_other_batches(data):
-    it = iter(loader.data_loader(_batches(data, True), NUM_STEPS))
-    next(it)
-    other = iter(loader.data_loader(_batches(data, True, seed=4), NUM_STEPS))
-    with pytest.raises(ValueError, match="DataSource"):
-        other.set_state(it.get_state())
-
-
-@pytest.mark.parametrize("form", ["iter_dataset", "data_loader"])
+@pytest.mark.parametrize("form", ["iter_dataset"])
 def test_the_iterator_state_round_trips_through_orbax(data, tmp_path, form):
     make = getattr(loader, form)
     expected = _expected(data, False, range(NUM_STEPS))
@@ -115,7 +105,7 @@ def test_the_iterator_state_round_trips_through_orbax(data, tmp_path, form):
     assert all(_equal(g, e) for g, e in zip(rest, expected[4:], strict=True))
 
 
-@pytest.mark.parametrize("form", ["batch_dataset", "iter_dataset", "data_loader"])
+@pytest.mark.parametrize("form", ["batch_dataset", "iter_dataset"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_process_shards_concatenate_to_the_global_batch(data, form, causal):
     expected = _expected(data, causal, range(NUM_STEPS))

@@ -8,7 +8,8 @@ when reading), hence 'users'.
 
 Layout: `<data_dir>/sequences/<name>/1.0.0/` holding `dataset_info.json`,
 `features.json`, `metadata.json` (num_items, the source's name, the
-fingerprint) and `sequences-users.array_record-00000-of-00001`.
+fingerprint, and any JSON metadata the caller adds, e.g. the id mappings and
+cleaning counts) and `sequences-users.array_record-00000-of-00001`.
 
 Atomicity: TFDS writes everything into a sibling `incomplete.XXXXXX_1.0.0/`
 directory and renames it to `1.0.0/` only after the last file is written; an
@@ -60,6 +61,9 @@ class SequenceConfig(tfds.core.BuilderConfig):
     data: _Lazy = dataclasses.field(default=None, repr=False)
     timestamps: _Lazy = dataclasses.field(default=None, repr=False)
     fingerprint: str = ""
+    # int64 (seconds) unless the source's times are fractional.
+    timestamp_dtype: Any = np.int64
+    extra_metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
 
 class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -87,7 +91,7 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "items": tfds.features.Tensor(shape=(None,), dtype=np.int32),
         }
         if cfg is not None and cfg.timestamps is not None:
-            features["timestamps"] = tfds.features.Tensor(shape=(None,), dtype=np.int64)
+            features["timestamps"] = tfds.features.Tensor(shape=(None,), dtype=cfg.timestamp_dtype)
         # Not `dataset_info_from_configs`: that expects a TFDS dataset package
         # (README.md, CITATIONS.bib, TAGS.txt beside the builder's module).
         return tfds.core.DatasetInfo(
@@ -114,7 +118,10 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise ValueError(f"Data set {cfg.name!r}: the timestamps callable returned None.")
         _check(data, timestamps, cfg.name)
         self.info.metadata.update(
-            num_items=int(data.num_items), source=data.name, fingerprint=cfg.fingerprint
+            dict(cfg.extra_metadata),
+            num_items=int(data.num_items),
+            source=data.name,
+            fingerprint=cfg.fingerprint,
         )
         return {SPLIT: self._generate_examples(data, timestamps)}
 
@@ -122,7 +129,9 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for user, seq in enumerate(data.sequences):
             example = {"user": user, "items": np.asarray(seq, np.int32)}
             if timestamps is not None:
-                example["timestamps"] = np.asarray(timestamps[user], np.int64)
+                example["timestamps"] = np.asarray(
+                    timestamps[user], self.builder_config.timestamp_dtype
+                )
             yield user, example
 
 
@@ -184,6 +193,11 @@ def dataset_dir(name: str, data_dir: os.PathLike | str) -> epath.Path:
     return epath.Path(data_dir) / SequenceBuilder.name / name / DATASET_VERSION
 
 
+def metadata(name: str, data_dir: os.PathLike | str) -> Mapping[str, Any] | None:
+    """The metadata of finished data set `name`, or None when there is none."""
+    return _metadata(dataset_dir(name, data_dir))
+
+
 def _metadata(path: epath.Path) -> Mapping[str, Any] | None:
     """The finished data set's metadata, or None when there is no finished data set."""
     # `dataset_info.json` and `metadata.json` appear together, with the
@@ -201,6 +215,7 @@ def build(
     data_dir: os.PathLike | str,
     fingerprint: str,
     timestamps: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
 ) -> str:
     """Builds data set `name` unless it exists with the same fingerprint.
 
@@ -210,7 +225,10 @@ def build(
       name: the data set's name (letters, digits, '_+-.').
       data_dir: the root of the TFDS data directory.
       fingerprint: identifies the inputs, e.g. `fingerprint(files, **options)`.
-      timestamps: optional per-user int64 timestamps aligned with the items.
+      timestamps: optional per-user timestamps aligned with the items (stored
+        as int64, or float64 when given as floats).
+      extra_metadata: JSON-serializable values stored with the records and
+        written in the same atomic step (see `metadata`).
 
     Returns:
       The data set's directory.
@@ -228,12 +246,19 @@ def build(
         # that a failed rebuild leaves no data set rather than the stale one.
         logging.info("Removing %s: fingerprint %s != %s.", path, meta, fingerprint)
         path.rmtree()
+    fractional = (
+        timestamps is not None
+        and not callable(timestamps)
+        and any(np.asarray(t).dtype.kind == "f" for t in timestamps)
+    )
     config = SequenceConfig(
         name=name,
         description=f"fingerprint {fingerprint}",
         data=data,
         timestamps=timestamps,
         fingerprint=fingerprint,
+        timestamp_dtype=np.float64 if fractional else np.int64,
+        extra_metadata=dict(extra_metadata or {}),
     )
     builder = SequenceBuilder(
         config=config, data_dir=os.fspath(data_dir), file_format="array_record"
@@ -242,10 +267,13 @@ def build(
     return os.fspath(builder.data_dir)
 
 
-def _read(
-    name: str, data_dir: os.PathLike | str, fingerprint: str | None
+def read(
+    name: str, data_dir: os.PathLike | str, *, fingerprint: str | None = None
 ) -> tuple[SequenceData, list[np.ndarray] | None]:
-    """The data set's sequences, and its timestamps when it stores them (see `load`)."""
+    """The data set's sequences, and its timestamps when it stores them (else None).
+
+    Raises as `load` does.
+    """
     path = dataset_dir(name, data_dir)
     meta = _metadata(path)
     if meta is None:
@@ -269,7 +297,7 @@ def _read(
     )
     if "timestamps" not in source.dataset_info.features:
         return data, None
-    return data, [np.asarray(r["timestamps"], np.int64) for r in records]
+    return data, [np.asarray(r["timestamps"]) for r in records]
 
 
 def load(name: str, data_dir: os.PathLike | str, *, fingerprint: str | None = None) -> SequenceData:
@@ -288,20 +316,4 @@ def load(name: str, data_dir: os.PathLike | str, *, fingerprint: str | None = No
       FileNotFoundError: no finished data set `name` under `data_dir`.
       ValueError: it was built with another fingerprint.
     """
-    return _read(name, data_dir, fingerprint)[0]
-
-
-def load_with_timestamps(
-    name: str, data_dir: os.PathLike | str, *, fingerprint: str | None = None
-) -> tuple[SequenceData, list[np.ndarray]]:
-    """Like `load`, plus each user's int64 timestamps.
-
-    Raises:
-      ValueError: the data set was built without timestamps.
-    """
-    data, timestamps = _read(name, data_dir, fingerprint)
-    if timestamps is None:
-        raise ValueError(
-            f"{dataset_dir(name, data_dir)} stores no timestamps; build it with timestamps=..."
-        )
-    return data, timestamps
+    return read(name, data_dir, fingerprint=fingerprint)[0]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 import tensorflow_datasets as tfds
 
-from distill_jax.data import builders, preprocess, sources, splits, synthetic, types
+from distill_jax.data import builders, cache, preprocess, sources, splits, synthetic, types
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "movielens", "s3rec", "interactions")
@@ -68,6 +67,48 @@ def _preprocess_options(cfg: ml_collections.ConfigDict) -> dict:
     }
 
 
+def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
+    """The cleaned data of a real source, from the built dataset when it is current.
+
+    The raw files are read and cleaned only when the dataset is missing or
+    stale (other file contents or options); otherwise neither is touched.
+    """
+    if not path.exists():
+        raise types.DataError(
+            f"config.data.path={str(path)!r} does not exist: expected the "
+            f"{cfg.source} file or folder."
+        )
+    options = {**_preprocess_options(cfg), **_reader_kwargs(cfg), "source": cfg.source}
+    files = _source_files(path)
+    listed = cache.manifest(files)
+    data_dir = cfg.cache_dir or os.path.join(workdir, "data")
+    name = f"{cfg.source}_{path.stem or path.name}".replace("-", "_").lower()
+    meta = builders.metadata(name, data_dir)
+    if cache.unchanged(meta, listed, options):
+        fp = meta["fingerprint"]  # same files, sizes, times and options: no hash needed
+    else:
+        fp = builders.fingerprint(files, cache_format=cache.FORMAT, **options)
+    current = meta is not None and meta.get("fingerprint") == fp
+    tfds.display_progress_bar(False)  # one line per build, not a progress bar per split
+    if current:
+        log.info("data: %s is current; the raw files are not read", name)
+    elif jax.process_index() == 0:
+        raw = sources.read_source(cfg.source, path, **_reader_kwargs(cfg))
+        fresh = preprocess.preprocess(raw, **_preprocess_options(cfg))
+        builders.build(
+            fresh.to_sequence_data(),
+            name=name,
+            data_dir=data_dir,
+            fingerprint=fp,
+            timestamps=fresh.timestamps,
+            extra_metadata=cache.metadata(fresh, listed, options),
+        )
+    _sync("distill_jax_data_built")
+    # Fresh or cached, the run reads the dataset back: one path, the same data.
+    data, timestamps = builders.read(name, data_dir, fingerprint=fp)
+    return cache.processed(builders.metadata(name, data_dir), data, timestamps)
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -91,31 +132,9 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         path = Path(cfg.path).expanduser()
         if cfg.source == "movielens" and cfg.download and not path.exists():
             path = sources.download_movielens(cfg.download, path)
-        raw = sources.read_source(cfg.source, path, **_reader_kwargs(cfg))
-        options = _preprocess_options(cfg)
-        processed = preprocess.preprocess(raw, **options)
-        cache = cfg.cache_dir or os.path.join(workdir, "data")
-        name = f"{cfg.source}_{path.stem or path.name}".replace("-", "_").lower()
-        fp = builders.fingerprint(
-            _source_files(path), source=cfg.source, **options, **_reader_kwargs(cfg)
-        )
-        tfds.display_progress_bar(False)  # one line per build, not a progress bar per split
-        if jax.process_index() == 0:
-            builders.build(
-                processed.to_sequence_data(),
-                name=name,
-                data_dir=cache,
-                fingerprint=fp,
-                timestamps=processed.timestamps,
-            )
-        _sync("distill_jax_data_built")
-        data = builders.load(name, cache, fingerprint=fp)
-        if data.num_items != processed.num_items or len(data.sequences) != len(processed.sequences):
-            raise types.DataError(
-                f"{cache}: the built dataset {name} does not match the "
-                "source; delete it to rebuild."
-            )
-        info = {"name": raw.name, "steps": processed.stats}
+        processed = _cached_or_built(cfg, path, workdir)
+        data = processed.to_sequence_data()
+        info = {"name": processed.name, "steps": processed.stats}
     info.update(users=data.num_users, items=data.num_items, interactions=data.num_interactions)
     if cfg.cold_user_fraction > 0 or cfg.cold_item_fraction > 0:
         if processed is None:
@@ -137,7 +156,3 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
             eval_splits.append("cold_items")
         return Dataset(split, info, tuple(eval_splits))
     return Dataset(splits.leave_one_out(data), info, ("test", "valid"))
-
-
-def num_eval_users(split, name: str) -> int:
-    return int(len(np.asarray(split.eval_examples(name)[1])))

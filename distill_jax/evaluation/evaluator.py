@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from distill_jax import sharding as sharding_lib
-from distill_jax.data import pipeline, preprocess
+from distill_jax.data import pipeline, splits
 from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation import metrics as metrics_lib
 
@@ -82,8 +82,7 @@ def model_scorer(model: nn.Module, params: Any, param_shardings: Any) -> Scorer:
 
 def popularity_counts(split: LeaveOneOut) -> np.ndarray:
     """[V+1] item counts over the training part (each user's items but the last two)."""
-    flat = np.concatenate(split.train) if split.train else np.zeros(0, np.int64)
-    return np.bincount(flat, minlength=split.num_items + 1).astype(np.float32)
+    return splits.item_popularity(split.train, split.num_items).astype(np.float32)
 
 
 def popularity_scorer(split: LeaveOneOut, mesh, max_len: int) -> Scorer:
@@ -114,7 +113,7 @@ class Evaluator:
         self.batch_size = config.eval.batch_size
         sharding_lib.check_batch_size(self.batch_size, mesh, "eval.batch_size")
         self.exclude_history = config.eval.exclude_history
-        self.is_head = preprocess.head_items(popularity_counts(split), config.eval.tail_share)
+        self.is_head = splits.head_items(popularity_counts(split), config.eval.tail_share)
         self._valid_users = None
         n_valid = config.eval.max_valid_users
         n_valid_all = len(split.eval_examples("valid")[1])
