@@ -10,8 +10,8 @@ setup(
     # benchmarks/ is a package too, but it runs from a checkout
     # (`python -m benchmarks.quality ...`), so it is not installed.
     packages=find_packages(include=["distill_jax", "distill_jax.*", "configs"]),
-    # The CPU kernel's source, compiled on first use (distill_jax/kernels).
-    package_data={"distill_jax.kernels": ["*.cc"]},
+    # The CPU kernel's source, compiled on first use (distill_jax/losses).
+    package_data={"distill_jax.losses": ["*.cc"]},
     install_requires=[
         "absl-py",
         "jax>=0.7",

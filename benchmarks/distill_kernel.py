@@ -13,9 +13,9 @@ D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
 * `plain`: what the trainer does: each product's column 0 set to -inf by a
   `jnp.where` (as `Model.logits` does), then `losses.distill_loss` (fused
   closed-form backward) under autodiff;
-* `cpu_kernel`: what the trainer does with `loss.impl='cpu_kernel'`:
-  `catalogue_losses.kernel_distill_loss` from the hidden states (XLA's
-  teacher product, then the fused C++ kernel of `distill_jax/kernels`: the
+* `cpu_kernel`: what the trainer does with `loss.form='cpu_kernel'`:
+  `losses.cpu_kernel.kernel_distill_loss` from the hidden states (XLA's
+  teacher product, then the fused C++ kernel of `distill_jax/losses/distill_rows.cc`: the
   student's logits, the loss, the logits' gradient and its two products,
   four rows at a time in cache, the padding column masked inside);
 * `row_blocks`: a `lax.scan` over blocks of `--row_block` rows, each block's
@@ -39,7 +39,8 @@ import numpy as np
 from absl import flags
 
 from benchmarks import common, machine
-from distill_jax import catalogue_losses, losses
+from distill_jax import losses
+from distill_jax.losses import cpu_kernel
 
 
 def make_inputs(rows: int, items: int, d_teacher: int, d_student: int, seed: int = 0):
@@ -65,7 +66,7 @@ def make_variant(name: str, labels: jax.Array, row_block: int):
         return losses.distill_loss(s, t, labels, temperature=1.0, alpha=0.0, where=where)
 
     def kernel_loss(hs, ws, ht, wt):
-        return catalogue_losses.kernel_distill_loss(
+        return cpu_kernel.kernel_distill_loss(
             hs, ws, None, ht, wt, None, labels, where, temperature=1.0, alpha=0.0
         )
 

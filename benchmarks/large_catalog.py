@@ -11,7 +11,7 @@ ways from the same synthetic inputs:
 * `plain`: full `[N, V+1]` logits `h @ table.T + bias` for student and
   teacher (column 0 at -inf, as `SequenceRecommender.logits` does), then
   `losses.distill_loss` (fused closed-form backward);
-* `chunked`: `catalogue_losses.chunked_distill_loss` with `--chunk_size`
+* `chunked`: `losses.chunked.chunked_distill_loss` with `--chunk_size`
   table rows per block (online logsumexp scan, re-scan backward): no more
   than an `[N, chunk_size]` block of logits exists at a time.
 
@@ -109,7 +109,8 @@ def _logits(h, table, bias):
 def _loss_fn(args, impl: str):
     import jax
 
-    from distill_jax import catalogue_losses, losses
+    from distill_jax import losses
+    from distill_jax.losses import chunked as catalogue_losses
 
     def plain(h_s, table_s, bias_s, h_t, table_t, bias_t, labels):
         t_logits = jax.lax.stop_gradient(_logits(h_t, table_t, bias_t))

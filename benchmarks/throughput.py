@@ -369,7 +369,7 @@ def main(argv: Sequence[str]) -> None:
                 "matmul_dtype": args.matmul_dtype,
                 "distill_over_parts": ratio,
                 "allocator": _allocator(),
-                "loss_impl": cfg.loss.impl,
+                "loss_form": cfg.loss.form,
             }
         )
     )
@@ -379,7 +379,7 @@ def main(argv: Sequence[str]) -> None:
         f"student d={s.embed_dim} blocks={s.num_blocks} mlp={s.mlp_dim}; B={s.batch_size}, "
         f"{len(host)} batches x {args.repeats} (mean valid targets per batch {valid:.0f}); "
         f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"allocator {_allocator()}; loss.impl={cfg.loss.impl}\n"
+        f"allocator {_allocator()}; loss.form={cfg.loss.form}\n"
     )
     print(
         "| step | ms/step (fastest pass) | valid positions/s | GFLOP/s | share of matmul rate "

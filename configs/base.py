@@ -60,8 +60,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     # Training softmaxes (cross-entropy, and both sides of the distillation
     # KL when this model is the distilled student) leave out the items each
     # target slot has already seen in its window, never the target itself,
-    # as evaluation does (eval.exclude_history). Causal models and
-    # loss.impl='plain' only.
+    # as evaluation does (eval.exclude_history). Causal models, and the loss
+    # forms that support it (distill_jax/losses: the PAIRS table).
     c.exclude_history = False
     c.update(overrides)
     return c
@@ -129,7 +129,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.student_scratch.exclude_history = -1  # -1: config.student's; 0: False; 1: True.
 
     config.distill = ml_collections.ConfigDict()
-    config.distill.mode = "soft"  # 'soft': alpha*CE + (1-alpha)*T^2*KL; 'hard': teacher top-k.
+    # What the student is taught (distill_jax/losses, TARGETS): 'soft' is
+    # alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T); 'hard' the teacher's top-hard_k.
+    config.distill.target = "soft"
     config.distill.temperature = 1.0
     config.distill.alpha = 0.0
     config.distill.hard_k = 1
@@ -142,15 +144,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     # teacher-only slot per user and epoch; distill_jax/data/pipeline.py).
     config.distill.last_item_slot = False
 
-    # How the catalogue losses are computed (distill_jax/train/steps.py):
-    # 'plain' materialises [positions, V+1] logits; 'vocab_parallel' keeps them
-    # sharded along mesh axis 'model' and reduces across shards (for item
-    # tables sharded by the 'vocab' rule); 'chunked' scans item chunks of
-    # chunk_size with an online logsumexp (catalogues too large to materialise);
-    # 'cpu_kernel' is 'plain' with the distillation loss in one fused C++ pass
-    # per row (distill_jax/kernels, built on first use; CPU backend only).
+    # How the catalogue part of every loss is computed (distill_jax/losses,
+    # FORMS; the PAIRS table says which target has which form): 'dense'
+    # materialises [positions, V+1] logits; 'vocab_parallel' keeps them sharded
+    # along mesh axis 'model' and reduces across shards (for item tables sharded
+    # by the 'vocab' rule); 'chunked' scans item chunks of chunk_size with an
+    # online logsumexp (catalogues too large to materialise); 'cpu_kernel' fuses
+    # the soft distillation loss into one C++ pass per row (built on first use;
+    # CPU backend, one device).
     config.loss = ml_collections.ConfigDict()
-    config.loss.impl = "plain"
+    config.loss.form = "dense"
     config.loss.chunk_size = 8192
 
     config.eval = ml_collections.ConfigDict()

@@ -198,7 +198,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
 
     d = config.distill
-    _expect(d.mode in ("soft", "hard"), "distill.mode", d.mode, "'soft' or 'hard'")
     _expect(d.temperature > 0, "distill.temperature", d.temperature, "a temperature > 0")
     _expect(0.0 <= d.alpha <= 1.0, "distill.alpha", d.alpha, "a weight in [0, 1]")
     _expect(
@@ -220,56 +219,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"'none' when student.embed_dim={config.student.embed_dim} > "
         f"teacher.embed_dim={config.teacher.embed_dim} ('pca' projects onto fewer directions)",
     )
-
     _expect(
         isinstance(d.last_item_slot, bool), "distill.last_item_slot", d.last_item_slot, "a bool"
     )
-    if d.last_item_slot:
-        _expect(
-            MODELS[config.student.name].is_causal,
-            "distill.last_item_slot",
-            d.last_item_slot,
-            f"False for student.name={config.student.name!r} (a teacher-only slot after the "
-            "last item needs a causal next-item student)",
-        )
-        _expect(
-            config.loss.impl in ("plain", "cpu_kernel"),
-            "distill.last_item_slot",
-            d.last_item_slot,
-            f"False with loss.impl={config.loss.impl!r} (teacher-only slots are in the "
-            "'plain' and 'cpu_kernel' losses only)",
-        )
-
-    impls = ("plain", "vocab_parallel", "chunked", "cpu_kernel")
-    _expect(config.loss.impl in impls, "loss.impl", config.loss.impl, f"one of {impls}")
-    _positive_int(config.loss, "loss", "chunk_size")
-    for key in MODEL_KEYS:
-        if config[key].exclude_history or (key == "student" and sc.exclude_history == 1):
-            name = (
-                f"{key}.exclude_history"
-                if config[key].exclude_history
-                else ("student_scratch.exclude_history")
-            )
-            _expect(
-                config.loss.impl == "plain",
-                name,
-                True,
-                f"False with loss.impl={config.loss.impl!r} (only the 'plain' loss "
-                "excludes history)",
-            )
-            _expect(
-                MODELS[config[key].name].is_causal,
-                name,
-                True,
-                f"False for {key}.name={config[key].name!r} (a bidirectional model's window "
-                "holds later items and mask tokens, not a history)",
-            )
     _expect(
-        config.loss.impl == "plain" or d.mode == "soft",
-        "loss.impl",
-        config.loss.impl,
-        "'plain' when distill.mode='hard' (only soft distillation has other forms)",
+        not d.last_item_slot or MODELS[config.student.name].is_causal,
+        "distill.last_item_slot",
+        d.last_item_slot,
+        f"False for student.name={config.student.name!r} (a teacher-only slot after the "
+        "last item needs a causal next-item student)",
     )
+    _validate_losses(config)
 
     _positive_int(config.eval, "eval", "every_steps", "batch_size")
     _expect(config.eval.patience >= 0, "eval.patience", config.eval.patience, ">= 0")
@@ -312,6 +272,72 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(config.checkpoint, "checkpoint", "every_steps")
     _expect(config.log_every_steps > 0, "log_every_steps", config.log_every_steps, "> 0")
     validate_distributed(config)
+
+
+def _validate_losses(config: ml_collections.ConfigDict) -> None:
+    """Each stage's (target, form) pair and its options against `losses.PAIRS`."""
+    from distill_jax import losses  # Late: keeps config checks import-light.
+    from distill_jax.models import MODELS
+
+    d, form = config.distill, config.loss.form
+    _expect(form in losses.FORMS, "loss.form", form, f"one of {losses.FORMS}")
+    _expect(
+        d.target in losses.TEACHER_TARGETS,
+        "distill.target",
+        d.target,
+        f"one of {losses.TEACHER_TARGETS}",
+    )
+    _expect(
+        losses.supported(d.target, form),
+        "loss.form",
+        form,
+        f"a form of config.distill.target={d.target!r}: it is not supported with "
+        f"config.loss.form={form!r}; forms for {d.target!r}: {losses.forms_for(d.target)}",
+    )
+    _positive_int(config.loss, "loss", "chunk_size")
+    if d.last_item_slot:
+        option = "teacher_only_slots"
+        _expect(
+            losses.supported(d.target, form, option),
+            "distill.last_item_slot",
+            True,
+            f"False with config.distill.target={d.target!r} and config.loss.form={form!r} "
+            f"(teacher-only slots: forms {losses.forms_for(d.target, option)})",
+        )
+    sc = config.student_scratch
+    scratch_excludes = (
+        config.student.exclude_history if sc.exclude_history == -1 else sc.exclude_history == 1
+    )
+    # (the key that sets it, the model, the target it trains with, whether it is on)
+    uses = [
+        ("teacher.exclude_history", "teacher", "label", config.teacher.exclude_history),
+        ("student.exclude_history", "student", d.target, config.student.exclude_history),
+        (
+            "student.exclude_history"
+            if sc.exclude_history == -1
+            else "student_scratch.exclude_history",
+            "student",
+            "label",
+            scratch_excludes,
+        ),
+    ]
+    for key, model, target, on in uses:
+        if not on:
+            continue
+        _expect(
+            losses.supported(target, form, "exclude_history"),
+            key,
+            True,
+            f"False with config.loss.form={form!r} for the {target!r} target (forms that "
+            f"exclude history: {losses.forms_for(target, 'exclude_history')})",
+        )
+        _expect(
+            MODELS[config[model].name].is_causal,
+            key,
+            True,
+            f"False for {model}.name={config[model].name!r} (a bidirectional model's window "
+            "holds later items and mask tokens, not a history)",
+        )
 
 
 CPU_COLLECTIVES = ("gloo", "mpi")

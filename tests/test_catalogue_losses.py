@@ -1,4 +1,4 @@
-"""Tests for distill_jax.catalogue_losses: chunked losses from hidden states.
+"""Tests for distill_jax.losses.chunked: chunked losses from hidden states.
 
 Each chunked loss is compared, value and gradient, with the plain loss of
 distill_jax.losses applied to the full logits ``h @ E.T + b`` (column 0 at
@@ -10,8 +10,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax import catalogue_losses as cl
 from distill_jax import losses
+from distill_jax.losses import chunked as cl
+
+
+def _chunked_kl_sum(hs, es, bs, ht, et, bt, where=None, *, temperature, chunk_size):
+    """Pure KD: the chunked distillation loss at alpha=0 (its label term dropped)."""
+    labels = jnp.ones(jnp.shape(hs)[:-1], jnp.int32)
+    return cl.chunked_distill_loss_sum(
+        hs,
+        es,
+        bs,
+        ht,
+        et,
+        bt,
+        labels,
+        where,
+        temperature=temperature,
+        alpha=0.0,
+        chunk_size=chunk_size,
+    )
+
 
 N, D_S, D_T = 11, 6, 10
 V1 = 37  # V + 1 rows: not a multiple of any chunk size used below
@@ -90,7 +109,7 @@ def test_kl_matches_plain(temperature, chunk_size):
     ht = np.where(valid, x["ht"], 0)
 
     def chunked(h, e, b, ht):
-        return cl.chunked_kl_distill_sum(
+        return _chunked_kl_sum(
             h, e, b, ht, x["et"], None, x["where"], temperature=temperature, chunk_size=chunk_size
         )[0]
 
@@ -273,11 +292,11 @@ def test_bad_arguments_name_what_was_expected():
     with pytest.raises(ValueError, match="bias must have shape"):
         cl.chunked_cross_entropy_sum(x["hs"], x["es"], x["bs"][:5], x["labels"], chunk_size=8)
     with pytest.raises(ValueError, match="table_t must have the student's V\\+1=37 rows"):
-        cl.chunked_kl_distill_sum(
+        _chunked_kl_sum(
             x["hs"], x["es"], None, x["ht"], x["et"][:10], None, temperature=1.0, chunk_size=8
         )
     with pytest.raises(ValueError, match="temperature"):
-        cl.chunked_kl_distill_sum(
+        _chunked_kl_sum(
             x["hs"], x["es"], None, x["ht"], x["et"], None, temperature=0.0, chunk_size=8
         )
 

@@ -33,7 +33,8 @@ def test_defaults_are_valid():
         ("student.num_blocks", 0, r"config\.student\.num_blocks=0.*> 0"),
         ("student.dtype", "float16", r"config\.student\.dtype='float16'"),
         ("stages", "teacher,distill", r"config\.stages"),
-        ("distill.mode", "medium", r"config\.distill\.mode"),
+        ("distill.target", "medium", r"config\.distill\.target='medium'.*'soft', 'hard'"),
+        ("loss.form", "plain", r"config\.loss\.form='plain'.*'dense'"),
         ("student_scratch.learning_rate", 0.0, r"config\.student_scratch\.learning_rate=0\.0"),
         ("student_scratch.dropout", 1.0, r"config\.student_scratch\.dropout=1\.0.*\[0, 1\)"),
         ("student_scratch.weight_decay", -0.5, r"config\.student_scratch\.weight_decay"),
@@ -47,7 +48,7 @@ def test_bad_value_names_key(key, value, match):
         config_lib.validate(config)
 
 
-def test_last_item_slot_needs_a_causal_student_and_the_plain_loss():
+def test_last_item_slot_needs_a_causal_student_and_a_form_with_teacher_only_slots():
     config = _cfg()
     config.distill.last_item_slot = True
     config_lib.validate(config)  # sasrec student, plain loss: fine
@@ -56,14 +57,19 @@ def test_last_item_slot_needs_a_causal_student_and_the_plain_loss():
         config_lib.validate(config)
     config = _cfg()
     config.distill.last_item_slot = True
-    config.loss.impl = "cpu_kernel"  # the fused kernel has teacher-only rows too
+    config.loss.form = "cpu_kernel"  # the fused kernel has teacher-only rows too
     config_lib.validate(config)
-    config.loss.impl = "chunked"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.distill\.last_item_slot.*plain"):
+    config.loss.form = "chunked"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"config\.distill\.last_item_slot.*'soft'.*'chunked'.*\('dense', 'cpu_kernel'\)",
+    ):
         config_lib.validate(config)
+    config.distill.target = "hard"  # the chunked hard target has them
+    config_lib.validate(config)
 
 
-def test_exclude_history_needs_a_causal_model_and_the_plain_loss():
+def test_exclude_history_needs_a_causal_model_and_a_form_that_excludes():
     config = _cfg()
     config.student.exclude_history = True
     config_lib.validate(config)  # sasrec student, plain loss: fine
@@ -72,14 +78,21 @@ def test_exclude_history_needs_a_causal_model_and_the_plain_loss():
         config_lib.validate(config)
     config = _cfg()
     config.teacher.exclude_history = True
-    config.loss.impl = "cpu_kernel"
-    with pytest.raises(config_lib.ConfigError, match=r"config\.teacher\.exclude_history.*plain"):
+    config.loss.form = "cpu_kernel"  # the teacher's cross-entropy is the dense form's
+    config_lib.validate(config)
+    config.student.exclude_history = True  # but the kernel's soft target does not exclude
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.student\.exclude_history.*'cpu_kernel'.*'soft'"
+    ):
         config_lib.validate(config)
     config = _cfg()
     config.student_scratch.exclude_history = 1
-    config.loss.impl = "chunked"
+    config.loss.form = "chunked"
+    config_lib.validate(config)
+    config.loss.form = "vocab_parallel"
     with pytest.raises(
-        config_lib.ConfigError, match=r"config\.student_scratch\.exclude_history.*plain"
+        config_lib.ConfigError,
+        match=r"config\.student_scratch\.exclude_history.*'vocab_parallel'.*'label'",
     ):
         config_lib.validate(config)
     config = _cfg()

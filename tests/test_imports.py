@@ -27,8 +27,12 @@ def _graph() -> dict[str, set[str]]:
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
-                deps.add(node.module)
-                deps.update(f"{node.module}.{a.name}" for a in node.names)
+                # `from pkg import submodule` needs the submodule, not what
+                # pkg/__init__ imports; any other name needs the module itself.
+                subs = {f"{node.module}.{a.name}" for a in node.names}
+                deps.update(subs & modules.keys())
+                if not subs <= modules.keys():
+                    deps.add(node.module)
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
         graph[name] = {d for d in deps if d in modules and d != name}

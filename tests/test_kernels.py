@@ -1,4 +1,4 @@
-"""Tests for the fused CPU kernel (distill_jax/kernels) against float64 NumPy.
+"""Tests for the fused CPU kernel (distill_jax/losses/cpu_kernel.py) against float64 NumPy.
 
 The kernel is built with the system C++ compiler on first use; without one
 these tests skip (the plain loss needs no compiler).
@@ -14,17 +14,19 @@ import ml_collections
 import numpy as np
 import pytest
 
-from distill_jax import catalogue_losses, kernels, losses
+from distill_jax import losses
 from distill_jax import sharding as sharding_lib
 from distill_jax.data import preprocess
 from distill_jax.data import synthetic as synthetic_data
+from distill_jax.losses import cpu_kernel
+from distill_jax.losses import kernel_lib as kernels
 from distill_jax.models import sasrec
 from distill_jax.train import steps
 from tests import test_train  # its tiny config and step runner
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None,
-    reason="no C++ compiler to build distill_jax/kernels/distill_rows.cc",
+    reason="no C++ compiler to build distill_jax/losses/distill_rows.cc",
 )
 
 
@@ -273,7 +275,7 @@ def test_kernel_distill_loss_from_hidden_equals_plain(temperature, alpha):
         )
 
     def kernel(h, table, bias, a):
-        return catalogue_losses.kernel_distill_loss(
+        return cpu_kernel.kernel_distill_loss(
             h,
             table,
             bias,
@@ -294,7 +296,7 @@ def test_kernel_distill_loss_from_hidden_equals_plain(temperature, alpha):
     chex.assert_trees_all_close(g_k, g_p, rtol=1e-4, atol=1e-6)
     # The teacher's tower gets no gradient.
     g_teacher = jax.grad(
-        lambda ht, tt, bt: catalogue_losses.kernel_distill_loss(
+        lambda ht, tt, bt: cpu_kernel.kernel_distill_loss(
             h_s, table_s, bias_s, ht, tt, bt, labels, where, temperature=temperature, alpha=alpha
         ),
         argnums=(0, 1, 2),
@@ -331,12 +333,12 @@ def test_unknown_impl_is_refused():
 def test_missing_compiler_names_the_config_key(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-for-distill-jax")
     monkeypatch.setenv("DISTILL_JAX_KERNEL_CACHE", str(tmp_path))
-    with pytest.raises(kernels.KernelBuildError, match=r"loss\.impl='cpu_kernel'.*\$CXX"):
+    with pytest.raises(kernels.KernelBuildError, match=r"loss\.form='cpu_kernel'.*\$CXX"):
         kernels.library_path()
 
 
 def test_distill_step_loss_cpu_kernel_equals_plain():
-    """The train step's loss and gradients are those of loss.impl='plain'."""
+    """The train step's loss and gradients are those of loss.form='dense'."""
     model_cfg = dict(
         num_items=40,
         max_len=6,
@@ -359,15 +361,15 @@ def test_distill_step_loss_cpu_kernel_equals_plain():
         "where": where.reshape(-1),
     }
     distill = ml_collections.ConfigDict(
-        dict(mode="soft", temperature=2.0, alpha=0.5, last_item_slot=False)
+        dict(target="soft", temperature=2.0, alpha=0.5, hard_k=1, last_item_slot=False)
     )
     out = {}
-    for impl in ("plain", "cpu_kernel"):
-        loss_cfg = ml_collections.ConfigDict(dict(impl=impl, chunk_size=16))
+    for impl in ("dense", "cpu_kernel"):
+        loss_cfg = ml_collections.ConfigDict(dict(form=impl, chunk_size=16))
         fn = steps.make_loss_fn(student, "distill", teacher, distill, loss_cfg)
         out[impl] = jax.value_and_grad(fn)(params, t_params, batch, jax.random.key(2))
-    np.testing.assert_allclose(out["cpu_kernel"][0], out["plain"][0], rtol=1e-5)
-    chex.assert_trees_all_close(out["cpu_kernel"][1], out["plain"][1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["cpu_kernel"][0], out["dense"][0], rtol=1e-5)
+    chex.assert_trees_all_close(out["cpu_kernel"][1], out["dense"][1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("last_item_slot", [False, True])
@@ -378,17 +380,17 @@ def test_distill_steps_cpu_kernel_equal_plain(last_item_slot):
     split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
     mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
     out = {}
-    for impl in ("plain", "cpu_kernel"):
-        loss_cfg = ml_collections.ConfigDict(dict(impl=impl, chunk_size=16))
+    for impl in ("dense", "cpu_kernel"):
+        loss_cfg = ml_collections.ConfigDict(dict(form=impl, chunk_size=16))
         out[impl] = test_train._run_steps(config, split, mesh, "distill", loss_cfg=loss_cfg)[:2]
-    np.testing.assert_allclose(out["cpu_kernel"][0], out["plain"][0], rtol=1e-5)
-    chex.assert_trees_all_close(out["cpu_kernel"][1], out["plain"][1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["cpu_kernel"][0], out["dense"][0], rtol=1e-5)
+    chex.assert_trees_all_close(out["cpu_kernel"][1], out["dense"][1], rtol=1e-4, atol=1e-5)
 
 
 def test_cpu_kernel_refuses_a_multi_device_mesh():
     config = test_train._config()
     split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
     mesh = sharding_lib.make_mesh(config.mesh)  # 8 virtual devices
-    loss_cfg = ml_collections.ConfigDict(dict(impl="cpu_kernel", chunk_size=16))
-    with pytest.raises(ValueError, match=r"config\.loss\.impl='cpu_kernel' runs on one device"):
+    loss_cfg = ml_collections.ConfigDict(dict(form="cpu_kernel", chunk_size=16))
+    with pytest.raises(ValueError, match=r"config\.loss\.form='cpu_kernel' runs on one device"):
         test_train._run_steps(config, split, mesh, "distill", loss_cfg=loss_cfg)

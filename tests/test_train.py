@@ -137,7 +137,7 @@ def test_loss_impls_match_the_plain_single_device_step(split, reference, task, i
         config.mesh, devices=jax.devices()[: mesh_shape[0] * mesh_shape[1]]
     )
     loss_cfg = config.loss.copy_and_resolve_references()
-    loss_cfg.impl = impl
+    loss_cfg.form = impl
     loss_cfg.chunk_size = 24  # 64 catalogue columns: chunks of 24, 24 and a padded 16
     want_loss, want_params = reference(task)
     got_loss, got_params, _ = _run_steps(config, split, mesh, task, loss_cfg=loss_cfg)
@@ -319,19 +319,6 @@ def test_exclude_history_loss_matches_float64_reference(split, task):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # The exclusion changes the loss, so the comparison above checks it.
     assert abs(loss(exclude=False) - want) > 1e-3
-
-
-def test_exclude_history_refuses_a_bidirectional_model_and_other_loss_impls(split):
-    config = _config()
-    sasrec = models.build_model(config.student, num_items=split.num_items, max_len=16)
-    config.loss.impl = "chunked"
-    with pytest.raises(ValueError, match=r"exclude_history.*'plain'"):
-        steps.make_loss_fn(sasrec, "train", None, config.distill, config.loss, True)
-    config = _config()
-    config.student.name = "bert4rec"
-    model = models.build_model(config.student, num_items=split.num_items, max_len=16)
-    with pytest.raises(ValueError, match=r"exclude_history.*bidirectional"):
-        steps.make_loss_fn(model, "train", None, config.distill, config.loss, True)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_losses(split):

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from distill_jax import losses
-from distill_jax import vocab_parallel as vp
+from distill_jax.losses import vocab_parallel as vp
 
 N = 16  # positions: divisible by both mesh axes below
 V_COLS = 40  # logits columns: divisible by 2, 4 and 8
@@ -62,6 +62,14 @@ def all_three(ce_sum, kl_sum, distill_sum, s, t, labels, where, alpha):
     return values, grads
 
 
+def _vp_kl_sum(s, t, *, temperature, where):
+    # Pure KD: the distillation loss at alpha=0 (its label term is dropped).
+    labels = jnp.ones(s.shape[:1], jnp.int32)
+    return vp.vocab_parallel_distill_loss_sum(
+        s, t, labels, temperature=temperature, alpha=0.0, where=where
+    )
+
+
 @pytest.mark.parametrize("mesh_shape", MESH_SHAPES)
 def test_logit_losses_match_single_device(mesh_shape):
     s, t, labels, where = make_logit_inputs()
@@ -88,7 +96,7 @@ def test_logit_losses_match_single_device(mesh_shape):
         got = jax.jit(
             lambda *a: all_three(
                 vp.vocab_parallel_cross_entropy_sum,
-                vp.vocab_parallel_kl_distill_sum,
+                _vp_kl_sum,
                 vp.vocab_parallel_distill_loss_sum,
                 *a,
             )

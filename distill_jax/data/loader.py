@@ -186,4 +186,3 @@ def iter_dataset(
     """
     ds = batch_dataset(batches, num_steps, shard_options)
     return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
-

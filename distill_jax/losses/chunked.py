@@ -38,20 +38,15 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from distill_jax import kernels, losses
+from distill_jax.losses import common
+from distill_jax.losses.common import SumAndCount
 
 __all__ = [
     "chunked_cross_entropy",
     "chunked_cross_entropy_sum",
     "chunked_distill_loss",
     "chunked_distill_loss_sum",
-    "chunked_kl_distill",
-    "chunked_kl_distill_sum",
-    "kernel_distill_loss",
-    "kernel_distill_loss_sum",
 ]
-
-SumAndCount = tuple[jax.Array, jax.Array]
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -68,6 +63,8 @@ class _Spec:
     weighted: bool
     # T == 1 as a Python number: the student's two softmaxes coincide.
     unit_temperature: bool
+    # Per-row item ids left out of every softmax (exclude_history).
+    exclude: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -82,54 +79,22 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a Python int >= 1, got {chunk_size!r}.")
 
 
-def _check_tower(prefix: str, h: jax.Array, table: jax.Array, bias: jax.Array | None) -> None:
-    """Checks one model's hidden states, item table and bias against each other."""
-    if h.ndim < 1:
-        raise ValueError(f"{prefix}hidden states must have shape [..., D], got {h.shape}.")
-    if table.ndim != 2 or table.shape[0] < 2:
-        raise ValueError(
-            f"{prefix}table must have shape [V+1, D] with V >= 1 (row 0 = padding), "
-            f"got {table.shape}."
-        )
-    if table.shape[1] != h.shape[-1]:
-        raise ValueError(
-            f"{prefix}table has width D={table.shape[1]} but the hidden states have "
-            f"D={h.shape[-1]}; expected equal."
-        )
-    if bias is not None and bias.shape != (table.shape[0],):
-        raise ValueError(
-            f"{prefix}bias must have shape [V+1]=({table.shape[0]},) to match the table, "
-            f"got {bias.shape}."
-        )
-
-
-def _check_labels(labels: jax.Array, positions: tuple[int, ...]) -> None:
-    if labels.shape != positions:
-        raise ValueError(
-            f"labels must have shape {positions} (the hidden states' leading shape), "
-            f"got {labels.shape}."
-        )
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must be integer item ids, got dtype {labels.dtype}.")
-
-
-def _prepare_where(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array:
-    """``where`` as a bool array of ``shape`` (all True when None)."""
-    if where is None:
-        return jnp.ones(shape, jnp.bool_)
-    where = jnp.asarray(where)
-    if where.shape != shape:
-        raise ValueError(
-            f"where must have shape {shape} (one flag per position), got {where.shape}."
-        )
-    if where.dtype != jnp.bool_ and not jnp.issubdtype(where.dtype, jnp.integer):
-        raise TypeError(f"where must be a boolean (or 0/1 integer) mask, got {where.dtype}.")
-    return where.astype(jnp.bool_)
-
-
 # --------------------------------------------------------------------------
 # The fused chunked loss.
 # --------------------------------------------------------------------------
+
+
+def _balanced_chunk(rows: int, chunk_size: int) -> int:
+    """The block size for `rows` table rows: at most `chunk_size`, chunks of equal size.
+
+    chunk_size is an upper bound: the rows are split into as many chunks as it
+    needs, of equal size (rounded up to 8), so that the padding stays small
+    (10,001 rows with chunk_size 8192: 2 chunks of 5,008, not 16,384 rows,
+    which made the scan 2.4x slower than the dense loss).
+    """
+    num_chunks = -(-rows // chunk_size)
+    balanced = -(-rows // num_chunks)
+    return min(chunk_size, -(-balanced // 8) * 8)
 
 
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
@@ -144,13 +109,22 @@ def _to_chunks(x: jax.Array | None, chunk_size: int) -> jax.Array | None:
     return x.reshape((x.shape[0] // chunk_size, chunk_size) + x.shape[1:])
 
 
-def _block_logits(h, table_c, bias_c, index, spec: _Spec, dtype):
-    """One ``[N, chunk_size]`` block of logits; padding and pad-row columns at -inf."""
+def _block_logits(h, table_c, bias_c, index, spec: _Spec, dtype, seen=None):
+    """One ``[N, chunk_size]`` block of logits; padding, pad-row and `seen` columns at -inf."""
     z = jnp.einsum("nd,cd->nc", h, table_c, preferred_element_type=dtype)
     z = z + bias_c.astype(dtype)
     column = index * spec.chunk_size + jnp.arange(spec.chunk_size)
     real = (column >= 1) & (column < spec.num_rows)
-    return jnp.where(real, z, -jnp.inf)
+    z = jnp.where(real, z, -jnp.inf)
+    if spec.exclude:
+        # The row's seen ids that fall in this block, scattered into an [N, C]
+        # mask (an [N, C, S] comparison would be S times larger).
+        local = seen - index * spec.chunk_size
+        local = jnp.where((local >= 0) & (local < spec.chunk_size), local, spec.chunk_size)
+        rows = jnp.arange(z.shape[0])[:, None]
+        hit = jnp.zeros(z.shape, jnp.bool_).at[rows, local].set(True, mode="drop")
+        z = jnp.where(hit, -jnp.inf, z)
+    return z
 
 
 def _finite_or_zero(m):
@@ -159,7 +133,7 @@ def _finite_or_zero(m):
     return jnp.where(jnp.isfinite(m), m, 0)
 
 
-def _forward_stats(spec: _Spec, h_s, chunks_s, h_t, chunks_t, temperature, dtype):
+def _forward_stats(spec: _Spec, h_s, chunks_s, h_t, chunks_t, temperature, dtype, seen):
     """Online logsumexp over the blocks; returns per-row statistics ``[N]`` each.
 
     Returns ``(m_z, s_z, s_b, m_t, s_a, cross)`` where, over all real columns,
@@ -175,7 +149,7 @@ def _forward_stats(spec: _Spec, h_s, chunks_s, h_t, chunks_t, temperature, dtype
     def body(carry, xs):
         m_z, s_z, s_b, m_t, s_a, cross = carry
         index, table_s, bias_s, table_t, bias_t = xs
-        z = _block_logits(h_s, table_s, bias_s, index, spec, dtype)
+        z = _block_logits(h_s, table_s, bias_s, index, spec, dtype, seen)
         new_m_z = jnp.maximum(m_z, jnp.max(z, axis=-1))
         shift_z = _finite_or_zero(new_m_z)
         zs = z - shift_z[:, None]
@@ -185,7 +159,7 @@ def _forward_stats(spec: _Spec, h_s, chunks_s, h_t, chunks_t, temperature, dtype
                 s_b = s_b * jnp.exp((m_z - shift_z) / temperature) + jnp.sum(
                     jnp.exp(zs / temperature), axis=-1
                 )
-            t = _block_logits(h_t, table_t, bias_t, index, spec, dtype)
+            t = _block_logits(h_t, table_t, bias_t, index, spec, dtype, seen)
             new_m_t = jnp.maximum(m_t, jnp.max(t, axis=-1))
             shift_t = _finite_or_zero(new_m_t)
             rescale = jnp.exp((m_t - shift_t) / temperature)
@@ -205,32 +179,41 @@ def _forward_stats(spec: _Spec, h_s, chunks_s, h_t, chunks_t, temperature, dtype
 
 
 def _label_logits(h, table, bias, labels, dtype):
-    """``z[n, labels[n]]`` from one row gather: O(N·D), no block needed."""
+    """``z[n, labels[n]]`` (labels ``[N]`` or ``[N, K]``) from row gathers: no block needed."""
     # mode="fill" gives NaN for an out-of-range label at a valid position: loud.
     rows = jnp.take(table, labels, axis=0, mode="fill", fill_value=jnp.nan)
-    z_y = jnp.einsum("nd,nd->n", h, rows, preferred_element_type=dtype)
+    z_y = jnp.einsum("nd,n...d->n...", h, rows, preferred_element_type=dtype)
     z_y = z_y + jnp.take(bias, labels, mode="fill", fill_value=jnp.nan).astype(dtype)
     # The padding column is -inf: a valid label 0 costs +inf, as in the plain loss.
     return jnp.where(labels == 0, -jnp.inf, z_y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_total(spec, h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, temp, alpha):
+def _chunked_total(
+    spec, h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, seen, temp, alpha
+):
     total, _ = _chunked_fwd(
-        spec, h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, temp, alpha
+        spec, h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, seen, temp, alpha
     )
     return total
 
 
-def _chunked_fwd(spec, h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, temp, alpha):
+def _chunked_fwd(
+    spec, h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, seen, temp, alpha
+):
     dtype = alpha.dtype
     chunks_s = (_to_chunks(table_s, spec.chunk_size), _to_chunks(bias_s, spec.chunk_size))
     chunks_t = (_to_chunks(table_t, spec.chunk_size), _to_chunks(bias_t, spec.chunk_size))
-    m_z, s_z, s_b, m_t, s_a, cross = _forward_stats(spec, h_s, chunks_s, h_t, chunks_t, temp, dtype)
+    m_z, s_z, s_b, m_t, s_a, cross = _forward_stats(
+        spec, h_s, chunks_s, h_t, chunks_t, temp, dtype, seen
+    )
     log_s_z, log_s_b, log_s_a = jnp.log(s_z), jnp.log(s_b), jnp.log(s_a)
     ce_total = kd_total = jnp.zeros((), dtype)
     if spec.use_ce:
-        ce = m_z + log_s_z - _label_logits(h_s, table_s, bias_s, labels, dtype)
+        z_y = _label_logits(h_s, table_s, bias_s, labels, dtype)
+        # K labels per row (a teacher's top-k) weigh 1/K each.
+        z_y = z_y if labels.ndim == 1 else jnp.mean(z_y, axis=-1)
+        ce = m_z + log_s_z - z_y
         ce_total = jnp.sum(jnp.where(valid, ce, 0))
     if spec.use_kl:
         # KL(p‖q) = Σ p·(t − z)/T + (m_z − m_t)/T − log s_a + log s_b, with
@@ -239,21 +222,18 @@ def _chunked_fwd(spec, h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid
         # T² keeps the gradient's scale roughly independent of T (Hinton et al. 2015).
         kd_total = jnp.square(temp) * jnp.sum(jnp.where(valid, kl, 0))
     if spec.weighted:
-        # A term with weight 0 is dropped outright, so that e.g. pure KD (alpha=0)
-        # is not turned into NaN by 0·inf from a label on a -inf column.
-        total = jnp.where(alpha == 0, 0, alpha * ce_total) + jnp.where(
-            alpha == 1, 0, (1 - alpha) * kd_total
-        )
+        total = common.weighted_total(ce_total, kd_total, alpha)
     else:
         total = ce_total + kd_total
     stats = (m_z + log_s_z, m_z, log_s_b, m_t, log_s_a)
-    residuals = (h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, temp, alpha, stats)
+    residuals = (h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, seen, temp, alpha)
+    residuals = residuals + (stats,)
     return total, (residuals, ce_total - kd_total)
 
 
 def _chunked_bwd(spec, res, g):
     residuals, dtotal_dalpha = res
-    h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, temp, alpha, stats = residuals
+    h_s, table_s, bias_s, h_t, table_t, bias_t, labels, valid, seen, temp, alpha, stats = residuals
     lse_z, m_z, log_s_b, m_t, log_s_a = (x[:, None] for x in stats)
     dtype = alpha.dtype
     w_ce = alpha if spec.weighted else 1
@@ -263,15 +243,18 @@ def _chunked_bwd(spec, res, g):
 
     def body(dh, xs):
         index, tab_s, b_s, tab_t, b_t = xs
-        z = _block_logits(h_s, tab_s, b_s, index, spec, dtype)
+        z = _block_logits(h_s, tab_s, b_s, index, spec, dtype, seen)
         grad = jnp.zeros_like(z)
         if spec.use_ce:
             column = index * spec.chunk_size + jnp.arange(spec.chunk_size)
-            onehot = labels[:, None] == column
+            if labels.ndim == 1:
+                onehot = labels[:, None] == column
+            else:
+                onehot = jnp.mean(labels[:, :, None] == column, axis=1, dtype=dtype)
             grad = w_ce * (jnp.exp(z - lse_z) - onehot)
         if spec.use_kl:
             q = jnp.exp(z - lse_z) if spec.unit_temperature else jnp.exp((z - m_z) / temp - log_s_b)
-            t = _block_logits(h_t, tab_t, b_t, index, spec, dtype)
+            t = _block_logits(h_t, tab_t, b_t, index, spec, dtype, seen)
             p = jnp.exp((t - m_t) / temp - log_s_a)
             grad = grad + (w_kl * temp) * (q - p)
         grad = grad * scale
@@ -293,7 +276,8 @@ def _chunked_bwd(spec, res, g):
     # Teacher, labels, mask and temperature get no cotangent (None = zero);
     # alpha's exact derivative (CE − T²·KL) is free, so give it.
     d_alpha = (g * dtotal_dalpha).astype(alpha.dtype)
-    return (dh.astype(h_s.dtype), d_table, d_bias, None, None, None, None, None, None, d_alpha)
+    no_cotangent = (None,) * 7  # teacher (3), labels, valid, seen, temperature
+    return (dh.astype(h_s.dtype), d_table, d_bias, *no_cotangent, d_alpha)
 
 
 _chunked_total.defvjp(_chunked_fwd, _chunked_bwd)
@@ -314,24 +298,20 @@ def _run(
     chunk_size,
     use_ce,
     use_kl,
+    seen=None,
+    num_valid_rows=None,
 ) -> SumAndCount:
     """Checks and flattens the arguments, pads the tables, calls the fused core."""
     _check_chunk_size(chunk_size)
     h_s, tab_s = jnp.asarray(h_student), jnp.asarray(table_s)
     b_s = None if bias_s is None else jnp.asarray(bias_s)
-    _check_tower("student " if use_kl else "", h_s, tab_s, b_s)
+    common.check_tower("student " if use_kl else "", h_s, tab_s, b_s)
     positions = h_s.shape[:-1]
     num_rows = tab_s.shape[0]
-    valid = _prepare_where(where, positions).reshape(-1)
+    valid = common.rows_where(where, positions).reshape(-1)
     dtype = functools.reduce(jnp.promote_types, [h_s.dtype, tab_s.dtype, jnp.float32])
-    # chunk_size is an upper bound: the rows are split into as many chunks as
-    # it needs, of equal size (rounded up to 8), so that the padding stays
-    # small (10,001 rows with chunk_size 8192: 2 chunks of 5,008, not 16,384
-    # rows, which made the scan 2.4x slower than the plain loss).
-    num_chunks = -(-num_rows // chunk_size)
-    balanced = -(-num_rows // num_chunks)
-    chunk_size = min(chunk_size, -(-balanced // 8) * 8)
-    padded_rows = num_chunks * chunk_size
+    chunk_size = _balanced_chunk(num_rows, chunk_size)
+    padded_rows = -(-num_rows // chunk_size) * chunk_size
 
     def prepare(h, table, bias):
         # Zero masked positions' hidden states (O(N·D)) so garbage there, even
@@ -345,7 +325,7 @@ def _run(
     if use_kl:
         h_t, tab_t = jnp.asarray(h_teacher), jnp.asarray(table_t)
         b_t = None if bias_t is None else jnp.asarray(bias_t)
-        _check_tower("teacher ", h_t, tab_t, b_t)
+        common.check_tower("teacher ", h_t, tab_t, b_t)
         if h_t.shape[:-1] != positions:
             raise ValueError(
                 f"h_teacher must have the leading shape {positions} of h_student, "
@@ -360,16 +340,32 @@ def _run(
     flat_labels = None
     if use_ce:
         labels = jnp.asarray(labels)
-        _check_labels(labels, positions)
+        k = () if labels.ndim == len(positions) else labels.shape[-1:]
+        common.check_labels(labels, positions + k, "the hidden states' leading shape")
         # Masked labels may be out of range (e.g. -1 padding); point them at a real row.
-        flat_labels = jnp.where(valid, labels.reshape(-1), 1)
+        flat = labels.reshape((-1,) + k)
+        flat_labels = jnp.where(valid.reshape((-1,) + (1,) * len(k)), flat, 1)
+    flat_seen = None
+    if seen is not None:
+        seen = jnp.asarray(seen)
+        if seen.ndim != len(positions) + 1 or seen.shape[:-1] != positions:
+            raise ValueError(
+                f"seen must have shape {positions} + (S,) (item ids to leave out per "
+                f"position), got {seen.shape}."
+            )
+        flat_seen = seen.reshape(-1, seen.shape[-1]).astype(jnp.int32)
+    if num_valid_rows is not None and not 2 <= num_valid_rows <= num_rows:
+        raise ValueError(
+            f"num_valid_rows={num_valid_rows} must be in [2, {num_rows}] (the table's rows)."
+        )
     spec = _Spec(
-        num_rows=num_rows,
+        num_rows=num_rows if num_valid_rows is None else int(num_valid_rows),
         chunk_size=int(chunk_size),
         use_ce=use_ce,
         use_kl=use_kl,
         weighted=use_ce and use_kl,
         unit_temperature=isinstance(temperature, numbers.Real) and temperature == 1,
+        exclude=flat_seen is not None,
     )
     total = _chunked_total(
         spec,
@@ -381,6 +377,7 @@ def _run(
         b_t,
         flat_labels,
         valid,
+        flat_seen,
         jax.lax.stop_gradient(jnp.asarray(temperature, dtype)),
         jnp.asarray(alpha, dtype),
     )
@@ -400,6 +397,8 @@ def chunked_cross_entropy_sum(
     where: ArrayLike | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    seen: ArrayLike | None = None,
+    num_valid_rows: int | None = None,
 ) -> SumAndCount:
     """Softmax cross-entropy of ``h @ table.T + bias`` summed over valid positions.
 
@@ -409,10 +408,15 @@ def chunked_cross_entropy_sum(
 
     Args:
       h: ``[..., D]`` hidden states.
-      table: ``[V+1, D]`` item table; row 0 is padding and never scored.
-      bias: optional ``[V+1]`` output bias (None means zero).
-      labels: ``[...]`` integer target ids in ``[1, V]``.
+      table: ``[R, D]`` item table, ``R >= V+1``; row 0 is padding and never scored.
+      bias: optional ``[R]`` output bias (None means zero).
+      labels: ``[...]`` integer target ids in ``[1, V]``, or ``[..., K]``: K
+        targets per position, each weighing 1/K.
       where: optional ``[...]`` boolean mask of valid positions.
+      seen: optional ``[..., S]`` item ids each position leaves out of every
+        softmax (exclude_history; never its label; 0 is ignored).
+      num_valid_rows: rows of the table that are the catalogue (V+1); rows at
+        or beyond it (a sharded table's padding) score -inf. None: all rows.
       chunk_size: table rows per block of logits (a Python int >= 1).
 
     Returns:
@@ -429,55 +433,8 @@ def chunked_cross_entropy_sum(
         chunk_size=chunk_size,
         use_ce=True,
         use_kl=False,
-    )
-
-
-def chunked_kl_distill_sum(
-    h_student: ArrayLike,
-    table_s: ArrayLike,
-    bias_s: ArrayLike | None,
-    h_teacher: ArrayLike,
-    table_t: ArrayLike,
-    bias_t: ArrayLike | None,
-    where: ArrayLike | None = None,
-    *,
-    temperature: float | ArrayLike,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> SumAndCount:
-    """``T² · KL(softmax(t/T) ‖ softmax(s/T))`` summed over valid positions.
-
-    ``s = h_student @ table_s.T + bias_s`` and ``t = h_teacher @ table_t.T +
-    bias_t``, both with column 0 at -inf, are never formed whole. Equal in value
-    and gradient to ``losses.kl_distill_sum`` on those logits.
-
-    Args:
-      h_student: ``[..., D_s]`` student hidden states.
-      table_s: ``[V+1, D_s]`` student item table.
-      bias_s: optional ``[V+1]`` student output bias (None means zero).
-      h_teacher: ``[..., D_t]`` teacher hidden states; receive no gradient.
-      table_t: ``[V+1, D_t]`` teacher item table; receives no gradient.
-      bias_t: optional ``[V+1]`` teacher output bias; receives no gradient.
-      where: optional ``[...]`` boolean mask of valid positions.
-      temperature: softening temperature ``T > 0``; receives no gradient.
-      chunk_size: table rows per block of logits (a Python int >= 1).
-
-    Returns:
-      ``(sum, count)`` scalars.
-    """
-    losses._check_temperature(temperature)
-    return _run(
-        h_student=h_student,
-        table_s=table_s,
-        bias_s=bias_s,
-        h_teacher=h_teacher,
-        table_t=table_t,
-        bias_t=bias_t,
-        where=where,
-        temperature=temperature,
-        alpha=0.0,
-        chunk_size=chunk_size,
-        use_ce=False,
-        use_kl=True,
+        seen=seen,
+        num_valid_rows=num_valid_rows,
     )
 
 
@@ -494,31 +451,38 @@ def chunked_distill_loss_sum(
     temperature: float | ArrayLike,
     alpha: float | ArrayLike,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    seen: ArrayLike | None = None,
+    num_valid_rows: int | None = None,
 ) -> SumAndCount:
     """``alpha·CE + (1 − alpha)·T²·KL`` from hidden states, summed over valid positions.
 
     Equal in value and gradient to ``losses.distill_loss_sum`` on the full
-    student and teacher logits (see :func:`chunked_kl_distill_sum`), including
-    the derivative with respect to ``alpha``.
+    student and teacher logits (``h @ table.T + bias`` of each, column 0 at
+    -inf, the ``seen`` columns of both at -inf), including the derivative
+    with respect to ``alpha``.
 
     Args:
       h_student: ``[..., D_s]`` student hidden states.
-      table_s: ``[V+1, D_s]`` student item table.
-      bias_s: optional ``[V+1]`` student output bias (None means zero).
+      table_s: ``[R, D_s]`` student item table.
+      bias_s: optional ``[R]`` student output bias (None means zero).
       h_teacher: ``[..., D_t]`` teacher hidden states; receive no gradient.
-      table_t: ``[V+1, D_t]`` teacher item table; receives no gradient.
-      bias_t: optional ``[V+1]`` teacher output bias; receives no gradient.
+      table_t: ``[R, D_t]`` teacher item table; receives no gradient.
+      bias_t: optional ``[R]`` teacher output bias; receives no gradient.
       labels: ``[...]`` integer target ids in ``[1, V]``.
       where: optional ``[...]`` boolean mask of valid positions.
       temperature: softening temperature ``T > 0``; receives no gradient.
       alpha: weight of the hard-label term, in ``[0, 1]``.
+      seen: optional ``[..., S]`` item ids each position leaves out of every
+        softmax (exclude_history; never its label; 0 is ignored).
+      num_valid_rows: rows of the table that are the catalogue (V+1); rows at
+        or beyond it (a sharded table's padding) score -inf. None: all rows.
       chunk_size: table rows per block of logits (a Python int >= 1).
 
     Returns:
       ``(sum, count)`` scalars.
     """
-    losses._check_temperature(temperature)
-    losses._check_alpha(alpha)
+    common.check_temperature(temperature)
+    common.check_alpha(alpha)
     return _run(
         h_student=h_student,
         table_s=table_s,
@@ -533,29 +497,73 @@ def chunked_distill_loss_sum(
         chunk_size=chunk_size,
         use_ce=True,
         use_kl=True,
+        seen=seen,
+        num_valid_rows=num_valid_rows,
     )
 
 
-def _mean(sum_and_count: SumAndCount) -> jax.Array:
-    total, count = sum_and_count
-    # max(count, 1): an all-masked batch gives exactly 0 (total is 0), not NaN.
-    return total / jnp.maximum(count, 1)
-
-
-def chunked_cross_entropy(
+def chunked_top_k(
     h: ArrayLike,
     table: ArrayLike,
     bias: ArrayLike | None,
-    labels: ArrayLike,
-    where: ArrayLike | None = None,
+    k: int,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    seen: ArrayLike | None = None,
+    num_valid_rows: int | None = None,
 ) -> jax.Array:
-    """Mean of :func:`chunked_cross_entropy_sum` over valid positions (0.0 if none)."""
-    return _mean(chunked_cross_entropy_sum(h, table, bias, labels, where, chunk_size=chunk_size))
+    """int32 ``[..., k]``: each position's k best items of ``h @ table.T + bias``.
+
+    A running top-k merged block by block, so the logits are never whole; the
+    ids are those `jax.lax.top_k` gives on the full logits (column 0, pad rows
+    and ``seen`` columns at -inf; ties to the lower id). No gradient.
+    """
+    _check_chunk_size(chunk_size)
+    h, table = jax.lax.stop_gradient(jnp.asarray(h)), jax.lax.stop_gradient(jnp.asarray(table))
+    bias = jnp.zeros(table.shape[:1], table.dtype) if bias is None else jnp.asarray(bias)
+    bias = jax.lax.stop_gradient(bias)
+    common.check_tower("", h, table, bias)
+    positions, rows = h.shape[:-1], table.shape[0]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k < rows:
+        raise ValueError(f"k must be a Python int in [1, {rows - 1}], got {k!r}.")
+    dtype = functools.reduce(jnp.promote_types, [h.dtype, table.dtype, jnp.float32])
+    chunk = max(_balanced_chunk(rows, chunk_size), k)
+    padded = -(-rows // chunk) * chunk
+    spec = _Spec(
+        num_rows=rows if num_valid_rows is None else int(num_valid_rows),
+        chunk_size=chunk,
+        use_ce=False,
+        use_kl=False,
+        weighted=False,
+        unit_temperature=True,
+        exclude=seen is not None,
+    )
+    flat_h = h.reshape(-1, h.shape[-1])
+    flat_seen = None if seen is None else jnp.asarray(seen).reshape(flat_h.shape[0], -1)
+    n = flat_h.shape[0]
+
+    def body(carry, xs):
+        best, ids = carry
+        index, tab, b = xs
+        z = _block_logits(flat_h, tab, b, index, spec, dtype, flat_seen)
+        vals, local = jax.lax.top_k(z, k)
+        # Earlier blocks first: among equal scores the lower id wins, as in top_k.
+        both = jnp.concatenate([best, vals], axis=1)
+        both_ids = jnp.concatenate([ids, local + index * chunk], axis=1)
+        top, where = jax.lax.top_k(both, k)
+        return (top, jnp.take_along_axis(both_ids, where, axis=1)), None
+
+    init = (jnp.full((n, k), -jnp.inf, dtype), jnp.zeros((n, k), jnp.int32))
+    xs = (
+        jnp.arange(padded // chunk),
+        _to_chunks(_pad_rows(table, padded), chunk),
+        _to_chunks(_pad_rows(bias, padded), chunk),
+    )
+    (_, ids), _ = jax.lax.scan(body, init, xs)
+    return ids.astype(jnp.int32).reshape(positions + (k,))
 
 
-def chunked_kl_distill(
+def chunked_hard_label_distill_sum(
     h_student: ArrayLike,
     table_s: ArrayLike,
     bias_s: ArrayLike | None,
@@ -564,213 +572,54 @@ def chunked_kl_distill(
     bias_t: ArrayLike | None,
     where: ArrayLike | None = None,
     *,
-    temperature: float | ArrayLike,
+    k: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> jax.Array:
-    """Mean of :func:`chunked_kl_distill_sum` over valid positions (0.0 if none)."""
-    return _mean(
-        chunked_kl_distill_sum(
-            h_student,
-            table_s,
-            bias_s,
-            h_teacher,
-            table_t,
-            bias_t,
-            where,
-            temperature=temperature,
-            chunk_size=chunk_size,
-        )
-    )
-
-
-def chunked_distill_loss(
-    h_student: ArrayLike,
-    table_s: ArrayLike,
-    bias_s: ArrayLike | None,
-    h_teacher: ArrayLike,
-    table_t: ArrayLike,
-    bias_t: ArrayLike | None,
-    labels: ArrayLike,
-    where: ArrayLike | None = None,
-    *,
-    temperature: float | ArrayLike,
-    alpha: float | ArrayLike,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> jax.Array:
-    """Mean of :func:`chunked_distill_loss_sum` over valid positions (0.0 if none)."""
-    return _mean(
-        chunked_distill_loss_sum(
-            h_student,
-            table_s,
-            bias_s,
-            h_teacher,
-            table_t,
-            bias_t,
-            labels,
-            where,
-            temperature=temperature,
-            alpha=alpha,
-            chunk_size=chunk_size,
-        )
-    )
-
-
-# --------------------------------------------------------------------------
-# The fused CPU kernel (distill_jax/kernels) from hidden states: the teacher's
-# product is XLA's; the student's (narrow) logits, the softmaxes, KL, the
-# logits' gradient and its products with the table and the hidden states are
-# the kernel's, and the backward pass applies the loss's scale to those small
-# results (dh, dE, db), never to [N, V].
-# --------------------------------------------------------------------------
-
-
-def _kernel_rows(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha, grad):
-    return kernels.distill_rows_hidden(
-        h,
-        table,
-        bias,
-        t_logits,
-        t_bias,
-        labels,
-        valid,
-        labelled,
-        temp,
-        alpha,
-        mask_first=True,
-        with_grad=grad,
-    )
-
-
-@jax.custom_vjp
-def _kernel_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
-    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
-    ce, kl = _kernel_rows(*args, grad=False)
-    return losses.kernel_total(ce, kl, valid, labelled, temp, alpha)[0]
-
-
-def _kernel_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
-    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
-    # The kernel returns the logits' gradient already multiplied out: grad @
-    # table, grad.T @ h and grad.sum(0); the [N, V] gradient is never stored.
-    ce, kl, d_h, d_table, bias_grad = _kernel_rows(*args, grad=True)
-    total, dtotal_dalpha = losses.kernel_total(ce, kl, valid, labelled, temp, alpha)
-    return total, (d_h, d_table, bias_grad, dtotal_dalpha)
-
-
-def _kernel_bwd(residuals, g):
-    d_h, d_table, bias_grad, dtotal_dalpha = residuals
-    return (
-        g * d_h,
-        g * d_table,
-        g * bias_grad,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        g * dtotal_dalpha,
-    )
-
-
-_kernel_total.defvjp(_kernel_fwd, _kernel_bwd)
-
-
-def kernel_distill_loss_sum(
-    h_student: ArrayLike,
-    table_s: ArrayLike,
-    bias_s: ArrayLike | None,
-    h_teacher: ArrayLike,
-    table_t: ArrayLike,
-    bias_t: ArrayLike | None,
-    labels: ArrayLike,
-    where: ArrayLike | None = None,
-    label_where: ArrayLike | None = None,
-    *,
-    temperature: float | ArrayLike,
-    alpha: float | ArrayLike,
+    seen: ArrayLike | None = None,
+    num_valid_rows: int | None = None,
 ) -> SumAndCount:
-    """``alpha·CE + (1 − alpha)·T²·KL`` from hidden states through the CPU kernel.
+    """Cross-entropy against the teacher's top-k items (1/k each), from hidden states.
 
-    Equal in value and gradient (``h_student``, ``table_s``, ``bias_s``,
-    ``alpha``) to ``losses.distill_loss_sum`` on the full logits (column 0 at
-    -inf), computed in float32. The teacher's catalogue product is an XLA
-    matrix multiply; the student's logits, softmaxes, KL, the gradient with
-    respect to the logits and its products with the student's table and
-    hidden states are the fused kernel of :mod:`distill_jax.kernels`
-    (``distill_rows_hidden``: four rows at a time in cache, built on first
-    use; CPU backend only).
+    Equal in value and gradient to ``losses.hard_label_distill_sum`` on the
+    full logits: the teacher's top-k come from :func:`chunked_top_k`, the
+    student's cross-entropy to them from the chunked scan.
 
-    Args: as :func:`chunked_distill_loss_sum`, and ``label_where``, an
-      optional ``[...]`` mask of the valid positions that carry a label (the
-      others add their KL term alone; see ``losses.distill_loss_sum``).
+    Args: as :func:`chunked_distill_loss_sum` without labels, temperature and
+      alpha, and ``k``, the number of teacher items to imitate.
 
     Returns:
       ``(sum, count)`` scalars.
     """
-    losses._check_temperature(temperature)
-    losses._check_alpha(alpha)
-    h_s, table_s = jnp.asarray(h_student), jnp.asarray(table_s)
-    h_t, table_t = jnp.asarray(h_teacher), jax.lax.stop_gradient(jnp.asarray(table_t, jnp.float32))
-    _check_tower("student ", h_s, table_s, None if bias_s is None else jnp.asarray(bias_s))
-    _check_tower("teacher ", h_t, table_t, None if bias_t is None else jnp.asarray(bias_t))
-    if table_s.shape[0] != table_t.shape[0] or h_s.shape[:-1] != h_t.shape[:-1]:
-        raise ValueError(
-            f"teacher and student must share positions and catalogue: hidden states "
-            f"{h_t.shape} and {h_s.shape}, tables {table_t.shape} and {table_s.shape}."
-        )
-    labels = jnp.asarray(labels)
-    _check_labels(labels, h_s.shape[:-1])
-    valid = _prepare_where(where, labels.shape)
-    labelled = valid if label_where is None else valid & _prepare_where(label_where, labels.shape)
-    f32 = jnp.float32
-    items = table_s.shape[0]
-    zeros = jnp.zeros((items,), f32)
-    # The teacher's product (no gradient); its bias is added inside the kernel.
-    t_logits = jax.lax.stop_gradient(h_t.reshape(-1, h_t.shape[-1]).astype(f32) @ table_t.T)
-    total = _kernel_total(
-        h_s.reshape(-1, h_s.shape[-1]).astype(f32),
-        table_s.astype(f32),
-        zeros if bias_s is None else jnp.asarray(bias_s, f32),
-        t_logits,
-        jax.lax.stop_gradient(zeros if bias_t is None else jnp.asarray(bias_t, f32)),
-        labels.reshape(-1),
-        valid.reshape(-1),
-        labelled.reshape(-1),
-        jax.lax.stop_gradient(jnp.asarray(temperature, f32)),
-        jnp.asarray(alpha, f32),
+    top = chunked_top_k(
+        h_teacher,
+        table_t,
+        bias_t,
+        k,
+        chunk_size=chunk_size,
+        seen=seen,
+        num_valid_rows=num_valid_rows,
     )
-    dtype = losses._compute_dtype(h_s)
-    return total.astype(dtype), jnp.sum(valid, dtype=dtype)
+    return chunked_cross_entropy_sum(
+        h_student,
+        table_s,
+        bias_s,
+        top,
+        where,
+        chunk_size=chunk_size,
+        seen=seen,
+        num_valid_rows=num_valid_rows,
+    )
 
 
-def kernel_distill_loss(
-    h_student: ArrayLike,
-    table_s: ArrayLike,
-    bias_s: ArrayLike | None,
-    h_teacher: ArrayLike,
-    table_t: ArrayLike,
-    bias_t: ArrayLike | None,
-    labels: ArrayLike,
-    where: ArrayLike | None = None,
-    label_where: ArrayLike | None = None,
-    *,
-    temperature: float | ArrayLike,
-    alpha: float | ArrayLike,
-) -> jax.Array:
-    """Mean of :func:`kernel_distill_loss_sum` over valid positions (0.0 if none)."""
-    return _mean(
-        kernel_distill_loss_sum(
-            h_student,
-            table_s,
-            bias_s,
-            h_teacher,
-            table_t,
-            bias_t,
-            labels,
-            where,
-            label_where,
-            temperature=temperature,
-            alpha=alpha,
-        )
-    )
+def chunked_cross_entropy(*args, **kwargs) -> jax.Array:
+    """Mean of :func:`chunked_cross_entropy_sum` over valid positions (0.0 if none)."""
+    return common.mean(chunked_cross_entropy_sum(*args, **kwargs))
+
+
+def chunked_distill_loss(*args, **kwargs) -> jax.Array:
+    """Mean of :func:`chunked_distill_loss_sum` over valid positions (0.0 if none)."""
+    return common.mean(chunked_distill_loss_sum(*args, **kwargs))
+
+
+def chunked_hard_label_distill(*args, **kwargs) -> jax.Array:
+    """Mean of :func:`chunked_hard_label_distill_sum` over valid positions (0.0 if none)."""
+    return common.mean(chunked_hard_label_distill_sum(*args, **kwargs))

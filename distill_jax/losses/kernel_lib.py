@@ -8,7 +8,7 @@ pass over each row where XLA's CPU backend makes about ten (BENCHMARKS.md,
 uses it. `distill_rows_hidden` does the same from the student's hidden states
 and table, computing the (narrow) student's logits itself, a few rows at a
 time in cache, so they never go through memory; the trainer's
-`config.loss.impl='cpu_kernel'` uses it. Both run their rows on XLA's own CPU
+`config.loss.form='cpu_kernel'` uses it. Both run their rows on XLA's own CPU
 thread pool.
 
 The shared library is built with the system C++ compiler (``$CXX``, else
@@ -81,9 +81,9 @@ def _compiler() -> str:
     path = shutil.which(cxx)
     if path is None:
         raise KernelBuildError(
-            f"config.loss.impl='cpu_kernel' needs a C++20 compiler to build "
+            f"config.loss.form='cpu_kernel' needs a C++20 compiler to build "
             f"{_SOURCE}, and {cxx!r} (from $CXX, default 'c++') is not on PATH. "
-            "Install one (e.g. `apt-get install g++`) or set config.loss.impl='plain'."
+            "Install one (e.g. `apt-get install g++`) or set config.loss.form='dense'."
         )
     return path
 

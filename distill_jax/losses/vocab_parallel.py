@@ -38,19 +38,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from distill_jax import losses
+from distill_jax.losses import common
+from distill_jax.losses.common import SumAndCount
 
 __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_cross_entropy_sum",
     "vocab_parallel_distill_loss",
     "vocab_parallel_distill_loss_sum",
-    "vocab_parallel_kl_distill",
-    "vocab_parallel_kl_distill_sum",
     "vocab_parallel_logits",
 ]
 
-SumAndCount = tuple[jax.Array, jax.Array]
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
 
 DATA, MODEL = "data", "model"
@@ -108,6 +106,7 @@ def vocab_parallel_logits(
     bias: ArrayLike | None = None,
     *,
     mesh: Mesh | None = None,
+    num_valid_rows: int | None = None,
 ) -> jax.Array:
     """Catalogue logits ``hidden @ table.T + bias``, sharded ``P('data', 'model')``.
 
@@ -125,6 +124,9 @@ def vocab_parallel_logits(
       bias: optional ``[V+1]`` output bias.
       mesh: a mesh with axes ``('data', 'model')``; None means the mesh set
         by ``jax.set_mesh``.
+      num_valid_rows: table rows that are the catalogue (V+1) when the table
+        already carries padding rows (a model built for a sharded mesh);
+        their columns are -inf too. None: every row.
 
     Returns:
       ``[N, V']`` float32 (at least) logits, ``V'`` = ``V+1`` rounded up to a
@@ -138,6 +140,7 @@ def vocab_parallel_logits(
             f"{hidden.shape} and {table.shape}."
         )
     num_rows = table.shape[0]
+    valid_rows = num_rows if num_valid_rows is None else int(num_valid_rows)
     bias = jnp.zeros((num_rows,), table.dtype) if bias is None else jnp.asarray(bias)
     if bias.shape != (num_rows,):
         raise ValueError(
@@ -158,7 +161,7 @@ def vocab_parallel_logits(
         z = jnp.einsum("nd,vd->nv", h, tab, preferred_element_type=dtype) + b.astype(dtype)
         column = jax.lax.axis_index(MODEL) * block + jnp.arange(block)
         # Padding column 0 and the pad rows can never be predicted.
-        return jnp.where((column >= 1) & (column < num_rows), z, -jnp.inf)
+        return jnp.where((column >= 1) & (column < valid_rows), z, -jnp.inf)
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(P(DATA, None), P(MODEL, None), P(MODEL)), out_specs=BLOCKS
@@ -410,42 +413,6 @@ def vocab_parallel_cross_entropy_sum(
     )
 
 
-def vocab_parallel_kl_distill_sum(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    where: ArrayLike | None = None,
-    mesh: Mesh | None = None,
-) -> SumAndCount:
-    """``T² · KL(softmax(t/T) ‖ softmax(s/T))`` over vocab-sharded logits, summed.
-
-    Equal in value and gradient to ``losses.kl_distill_sum``.
-
-    Args:
-      student_logits: ``[N, V']`` student logits, sharded ``P('data', 'model')``.
-      teacher_logits: ``[N, V']`` teacher logits, same layout; no gradient.
-      temperature: softening temperature ``T > 0``; receives no gradient.
-      where: optional ``[N]`` boolean mask of valid positions.
-      mesh: a ``('data', 'model')`` mesh; None means the one set by
-        ``jax.set_mesh``.
-
-    Returns:
-      ``(sum, count)`` scalars, replicated.
-    """
-    losses._check_temperature(temperature)
-    return _run(
-        student=student_logits,
-        teacher=teacher_logits,
-        where=where,
-        temperature=temperature,
-        alpha=0.0,
-        mesh=mesh,
-        use_ce=False,
-        use_kl=True,
-    )
-
-
 def vocab_parallel_distill_loss_sum(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -474,8 +441,8 @@ def vocab_parallel_distill_loss_sum(
     Returns:
       ``(sum, count)`` scalars, replicated.
     """
-    losses._check_temperature(temperature)
-    losses._check_alpha(alpha)
+    common.check_temperature(temperature)
+    common.check_alpha(alpha)
     return _run(
         student=student_logits,
         teacher=teacher_logits,
@@ -489,12 +456,6 @@ def vocab_parallel_distill_loss_sum(
     )
 
 
-def _mean(sum_and_count: SumAndCount) -> jax.Array:
-    total, count = sum_and_count
-    # max(count, 1): an all-masked batch gives exactly 0 (total is 0), not NaN.
-    return total / jnp.maximum(count, 1)
-
-
 def vocab_parallel_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -503,23 +464,7 @@ def vocab_parallel_cross_entropy(
     mesh: Mesh | None = None,
 ) -> jax.Array:
     """Mean of :func:`vocab_parallel_cross_entropy_sum` (0.0 if nothing is valid)."""
-    return _mean(vocab_parallel_cross_entropy_sum(logits, labels, where=where, mesh=mesh))
-
-
-def vocab_parallel_kl_distill(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    where: ArrayLike | None = None,
-    mesh: Mesh | None = None,
-) -> jax.Array:
-    """Mean of :func:`vocab_parallel_kl_distill_sum` (0.0 if nothing is valid)."""
-    return _mean(
-        vocab_parallel_kl_distill_sum(
-            student_logits, teacher_logits, temperature=temperature, where=where, mesh=mesh
-        )
-    )
+    return common.mean(vocab_parallel_cross_entropy_sum(logits, labels, where=where, mesh=mesh))
 
 
 def vocab_parallel_distill_loss(
@@ -533,7 +478,7 @@ def vocab_parallel_distill_loss(
     mesh: Mesh | None = None,
 ) -> jax.Array:
     """Mean of :func:`vocab_parallel_distill_loss_sum` (0.0 if nothing is valid)."""
-    return _mean(
+    return common.mean(
         vocab_parallel_distill_loss_sum(
             student_logits,
             teacher_logits,

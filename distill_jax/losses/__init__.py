@@ -1,0 +1,286 @@
+"""Catalogue losses: what is taught (the target) × how the catalogue is computed (the form).
+
+A **target** says what the student learns at each slot:
+
+* ``label``: the held-out next item (cross-entropy): teachers and the
+  student trained alone;
+* ``soft``: ``alpha·CE + (1 − alpha)·T²·KL(teacher_T ‖ student_T)``;
+* ``hard``: cross-entropy against the teacher's top-k items (1/k each).
+
+A **form** says how the ``[N, V]`` part is computed from the student's hidden
+states and item table:
+
+* ``dense``: the full logits (`dense.py`; the default);
+* ``chunked``: a scan over item chunks, never more than ``[N, chunk]``
+  logits (`chunked.py`);
+* ``vocab_parallel``: logits sharded along the mesh axis 'model', reduced
+  with shard_map, never gathered (`vocab_parallel.py`);
+* ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`).
+
+`PAIRS` is the one table of the (target, form) pairs that exist, with the
+options each supports: ``exclude_history`` (each slot's already-seen window
+items left out of every softmax, never its target) and ``teacher_only_slots``
+(slots the teacher alone supervises: `config.distill.last_item_slot`).
+Config validation refuses any other pair or option by name; the trainer calls
+`compute`. A new target or form is one function and one line of `PAIRS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from distill_jax.losses import chunked, cpu_kernel, vocab_parallel
+from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count
+from distill_jax.losses.dense import (
+    binary_distill,
+    binary_distill_sum,
+    cross_entropy,
+    cross_entropy_sum,
+    distill_loss,
+    distill_loss_sum,
+    exclude_columns,
+    hard_label_distill,
+    hard_label_distill_sum,
+    kl_distill,
+    kl_distill_sum,
+)
+
+__all__ = [
+    "FORMS",
+    "PAIRS",
+    "TARGETS",
+    "LossInputs",
+    "Pair",
+    "SumAndCount",
+    "binary_distill",
+    "binary_distill_sum",
+    "compute",
+    "cross_entropy",
+    "cross_entropy_sum",
+    "distill_loss",
+    "distill_loss_sum",
+    "exclude_columns",
+    "hard_label_distill",
+    "hard_label_distill_sum",
+    "kl_distill",
+    "kl_distill_sum",
+    "masked_mean",
+    "masked_sum_and_count",
+    "supported",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+    """What one train step hands a loss, at its packed target slots.
+
+    Attributes:
+      hidden: ``[N, D]`` student hidden states (gradients flow).
+      table, bias: the student's item table ``[R, D]`` and output bias ``[R]``
+        (``R >= V+1``: padding rows on a vocab-sharded mesh).
+      logits: ``() -> [N, R]`` the student's logits (the model's own `logits`).
+      labels: ``[N]`` target ids; where: ``[N]`` the slots that have one.
+      num_valid_rows: V+1, the table rows that are the catalogue.
+      teacher_hidden, teacher_table, teacher_bias, teacher_logits: the
+        teacher's, under stop_gradient (None without a teacher).
+      kd_where: ``[N]`` the slots the teacher supervises, a superset of
+        `where` (teacher-only slots), or None when they are `where`.
+      seen: ``[N, S]`` ids each slot leaves out (exclude_history), or None.
+    """
+
+    hidden: jax.Array
+    table: jax.Array
+    bias: jax.Array
+    logits: Callable[[], jax.Array]
+    labels: jax.Array
+    where: jax.Array
+    num_valid_rows: int
+    teacher_hidden: jax.Array | None = None
+    teacher_table: jax.Array | None = None
+    teacher_bias: jax.Array | None = None
+    teacher_logits: Callable[[], jax.Array] | None = None
+    kd_where: jax.Array | None = None
+    seen: jax.Array | None = None
+
+    def student_logits(self) -> jax.Array:
+        z = self.logits()
+        return z if self.seen is None else exclude_columns(z, self.seen)
+
+    def teacher_logits_excluded(self) -> jax.Array:
+        t = jax.lax.stop_gradient(self.teacher_logits())
+        return t if self.seen is None else exclude_columns(t, self.seen)
+
+    @property
+    def teacher_where(self) -> jax.Array:
+        return self.where if self.kd_where is None else self.kd_where
+
+    @property
+    def label_where(self) -> jax.Array | None:
+        # With teacher-only slots, only `where` carries a label.
+        return None if self.kd_where is None else self.where
+
+    def teacher_tower(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.teacher_hidden, self.teacher_table, self.teacher_bias
+
+
+# Settings every pair may read: temperature, alpha, k (hard), chunk_size.
+Settings = dict[str, Any]
+
+
+def _label_dense(x: LossInputs, s: Settings) -> jax.Array:
+    return cross_entropy(x.student_logits(), x.labels, where=x.where)
+
+
+def _label_chunked(x: LossInputs, s: Settings) -> jax.Array:
+    return chunked.chunked_cross_entropy(
+        x.hidden,
+        x.table,
+        x.bias,
+        x.labels,
+        x.where,
+        chunk_size=s["chunk_size"],
+        seen=x.seen,
+        num_valid_rows=x.num_valid_rows,
+    )
+
+
+def _vp_logits(hidden, table, bias, num_valid_rows) -> jax.Array:
+    return vocab_parallel.vocab_parallel_logits(hidden, table, bias, num_valid_rows=num_valid_rows)
+
+
+def _label_vocab_parallel(x: LossInputs, s: Settings) -> jax.Array:
+    logits = _vp_logits(x.hidden, x.table, x.bias, x.num_valid_rows)
+    return vocab_parallel.vocab_parallel_cross_entropy(logits, x.labels, where=x.where)
+
+
+def _soft_dense(x: LossInputs, s: Settings) -> jax.Array:
+    return distill_loss(
+        x.student_logits(),
+        x.teacher_logits_excluded(),
+        x.labels,
+        temperature=s["temperature"],
+        alpha=s["alpha"],
+        where=x.teacher_where,
+        label_where=x.label_where,
+    )
+
+
+def _soft_chunked(x: LossInputs, s: Settings) -> jax.Array:
+    return chunked.chunked_distill_loss(
+        x.hidden,
+        x.table,
+        x.bias,
+        *x.teacher_tower(),
+        x.labels,
+        x.where,
+        temperature=s["temperature"],
+        alpha=s["alpha"],
+        chunk_size=s["chunk_size"],
+        seen=x.seen,
+        num_valid_rows=x.num_valid_rows,
+    )
+
+
+def _soft_vocab_parallel(x: LossInputs, s: Settings) -> jax.Array:
+    logits = _vp_logits(x.hidden, x.table, x.bias, x.num_valid_rows)
+    t_logits = jax.lax.stop_gradient(
+        _vp_logits(x.teacher_hidden, x.teacher_table, x.teacher_bias, x.num_valid_rows)
+    )
+    return vocab_parallel.vocab_parallel_distill_loss(
+        logits,
+        t_logits,
+        x.labels,
+        temperature=s["temperature"],
+        alpha=s["alpha"],
+        where=x.where,
+    )
+
+
+def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+    return cpu_kernel.kernel_distill_loss(
+        x.hidden,
+        x.table,
+        x.bias,
+        *x.teacher_tower(),
+        x.labels,
+        x.teacher_where,
+        x.label_where,
+        temperature=s["temperature"],
+        alpha=s["alpha"],
+    )
+
+
+def _hard_dense(x: LossInputs, s: Settings) -> jax.Array:
+    return hard_label_distill(
+        x.student_logits(), x.teacher_logits_excluded(), k=s["k"], where=x.teacher_where
+    )
+
+
+def _hard_chunked(x: LossInputs, s: Settings) -> jax.Array:
+    return chunked.chunked_hard_label_distill(
+        x.hidden,
+        x.table,
+        x.bias,
+        *x.teacher_tower(),
+        x.teacher_where,
+        k=s["k"],
+        chunk_size=s["chunk_size"],
+        seen=x.seen,
+        num_valid_rows=x.num_valid_rows,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One (target, form) that exists: its function and the options it supports."""
+
+    fn: Callable[[LossInputs, Settings], jax.Array]
+    exclude_history: bool = False
+    teacher_only_slots: bool = False
+    # Runs on one device only (one custom call over whole arrays).
+    single_device: bool = False
+
+
+TARGETS = ("label", "soft", "hard")
+FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel")
+# Targets that need a teacher; 'label' trains teachers and the scratch student.
+TEACHER_TARGETS = ("soft", "hard")
+
+PAIRS: dict[tuple[str, str], Pair] = {
+    ("label", "dense"): Pair(_label_dense, exclude_history=True),
+    ("label", "chunked"): Pair(_label_chunked, exclude_history=True),
+    ("label", "vocab_parallel"): Pair(_label_vocab_parallel),
+    # The kernel fuses the distillation loss; cross-entropy is the dense form's.
+    ("label", "cpu_kernel"): Pair(_label_dense, exclude_history=True),
+    ("soft", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
+    ("soft", "chunked"): Pair(_soft_chunked, exclude_history=True),
+    ("soft", "vocab_parallel"): Pair(_soft_vocab_parallel),
+    ("soft", "cpu_kernel"): Pair(_soft_cpu_kernel, teacher_only_slots=True, single_device=True),
+    ("hard", "dense"): Pair(_hard_dense, exclude_history=True, teacher_only_slots=True),
+    ("hard", "chunked"): Pair(_hard_chunked, exclude_history=True, teacher_only_slots=True),
+}
+
+
+def supported(target: str, form: str, option: str | None = None) -> bool:
+    """Whether the pair exists (and, given `option`, supports it)."""
+    pair = PAIRS.get((target, form))
+    return pair is not None and (option is None or getattr(pair, option))
+
+
+def forms_for(target: str, option: str | None = None) -> tuple[str, ...]:
+    """The forms `target` exists in (with `option`, if given), in `FORMS` order."""
+    return tuple(f for f in FORMS if supported(target, f, option))
+
+
+def compute(target: str, form: str, inputs: LossInputs, settings: Settings) -> jax.Array:
+    """The mean loss of `target` in `form` over the slots (0.0 when none is valid)."""
+    pair = PAIRS.get((target, form))
+    if pair is None:
+        raise ValueError(
+            f"target {target!r} has no form {form!r}; forms for it: {forms_for(target)}."
+        )
+    return pair.fn(inputs, settings)

@@ -1,0 +1,249 @@
+"""The cpu_kernel form: the distillation loss through the fused C++ CPU kernel.
+
+The teacher's catalogue product is XLA's; the student's (narrow) logits, the
+softmaxes, the KL, the logits' gradient and its products with the table and
+the hidden states are the kernel's (`kernel_lib.distill_rows_hidden`), and
+the backward pass applies the loss's scale to those small results (dh, dE,
+db), never to ``[N, V]``. `logits_distill_total` is the same loss from given
+logits (`kernel_lib.distill_rows`), behind `dense.distill_loss(impl=...)`.
+Values and gradients equal the dense form's; CPU backend only, float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from distill_jax.losses import common, kernel_lib
+from distill_jax.losses.common import SumAndCount
+
+__all__ = ["kernel_distill_loss", "kernel_distill_loss_sum", "logits_distill_total"]
+
+
+# The same loss through the CPU kernel (distill_jax/losses/kernel_lib.py): its forward pass
+# also writes the gradient, which the backward pass only scales.
+
+
+def kernel_total(ce, kl, valid, labelled, temperature, alpha):
+    """(alpha·ΣCE + (1 − alpha)·T²·ΣKL, its derivative in alpha) from kernel rows."""
+    ce_total = jnp.sum(jnp.where(labelled, ce, 0))
+    kd_total = jnp.square(temperature) * jnp.sum(jnp.where(valid, kl, 0))
+    return common.weighted_total(ce_total, kd_total, alpha), ce_total - kd_total
+
+
+def _logit_rows(s, t, labels, valid, labelled, temperature, alpha, with_grad):
+    zeros = jnp.zeros(s.shape[-1], jnp.float32)
+    return kernel_lib.distill_rows(
+        s,
+        zeros,
+        t,
+        zeros,
+        labels,
+        valid,
+        labelled,
+        temperature,
+        alpha,
+        mask_first=False,
+        with_grad=with_grad,
+    )
+
+
+@jax.custom_vjp
+def _kernel_distill_total(s, t, labels, valid, labelled, temperature, alpha):
+    ce, kl = _logit_rows(s, t, labels, valid, labelled, temperature, alpha, False)
+    return kernel_total(ce, kl, valid, labelled, temperature, alpha)[0]
+
+
+def _kernel_distill_fwd(s, t, labels, valid, labelled, temperature, alpha):
+    ce, kl, grad, _ = _logit_rows(s, t, labels, valid, labelled, temperature, alpha, True)
+    total, dtotal_dalpha = kernel_total(ce, kl, valid, labelled, temperature, alpha)
+    return total, (grad, dtotal_dalpha)
+
+
+def _kernel_distill_bwd(residuals, g):
+    # Every float operand is float32 here (the caller casts), so are these.
+    grad, dtotal_dalpha = residuals
+    return g * grad, None, None, None, None, None, g * dtotal_dalpha
+
+
+_kernel_distill_total.defvjp(_kernel_distill_fwd, _kernel_distill_bwd)
+
+
+def logits_distill_total(s, t, labels, valid, label_valid, temperature, alpha) -> jax.Array:
+    """``alpha·ΣCE + (1 − alpha)·T²·ΣKL`` of given logits through the kernel (float32)."""
+    items = s.shape[-1]
+    rows = jnp.ones(labels.shape, bool) if valid is None else valid
+    # float32 in and out of the kernel; autodiff casts the gradient back.
+    return _kernel_distill_total(
+        s.reshape(-1, items).astype(jnp.float32),
+        jax.lax.stop_gradient(t).reshape(-1, items).astype(jnp.float32),
+        labels.reshape(-1),
+        rows.reshape(-1),
+        (rows if label_valid is None else label_valid).reshape(-1),
+        jax.lax.stop_gradient(jnp.asarray(temperature, jnp.float32)),
+        jnp.asarray(alpha, jnp.float32),
+    )
+
+
+# --------------------------------------------------------------------------
+# The fused CPU kernel (distill_jax/losses/kernel_lib.py) from hidden states: the teacher's
+# product is XLA's; the student's (narrow) logits, the softmaxes, KL, the
+# logits' gradient and its products with the table and the hidden states are
+# the kernel's, and the backward pass applies the loss's scale to those small
+# results (dh, dE, db), never to [N, V].
+# --------------------------------------------------------------------------
+
+
+def _hidden_rows(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha, grad):
+    return kernel_lib.distill_rows_hidden(
+        h,
+        table,
+        bias,
+        t_logits,
+        t_bias,
+        labels,
+        valid,
+        labelled,
+        temp,
+        alpha,
+        mask_first=True,
+        with_grad=grad,
+    )
+
+
+@jax.custom_vjp
+def _hidden_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
+    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
+    ce, kl = _hidden_rows(*args, grad=False)
+    return kernel_total(ce, kl, valid, labelled, temp, alpha)[0]
+
+
+def _hidden_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
+    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
+    # The kernel returns the logits' gradient already multiplied out: grad @
+    # table, grad.T @ h and grad.sum(0); the [N, V] gradient is never stored.
+    ce, kl, d_h, d_table, bias_grad = _hidden_rows(*args, grad=True)
+    total, dtotal_dalpha = kernel_total(ce, kl, valid, labelled, temp, alpha)
+    return total, (d_h, d_table, bias_grad, dtotal_dalpha)
+
+
+def _hidden_bwd(residuals, g):
+    d_h, d_table, bias_grad, dtotal_dalpha = residuals
+    return (
+        g * d_h,
+        g * d_table,
+        g * bias_grad,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        g * dtotal_dalpha,
+    )
+
+
+_hidden_total.defvjp(_hidden_fwd, _hidden_bwd)
+
+
+def kernel_distill_loss_sum(
+    h_student: ArrayLike,
+    table_s: ArrayLike,
+    bias_s: ArrayLike | None,
+    h_teacher: ArrayLike,
+    table_t: ArrayLike,
+    bias_t: ArrayLike | None,
+    labels: ArrayLike,
+    where: ArrayLike | None = None,
+    label_where: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike,
+    alpha: float | ArrayLike,
+) -> SumAndCount:
+    """``alpha·CE + (1 − alpha)·T²·KL`` from hidden states through the CPU kernel.
+
+    Equal in value and gradient (``h_student``, ``table_s``, ``bias_s``,
+    ``alpha``) to ``losses.distill_loss_sum`` on the full logits (column 0 at
+    -inf), computed in float32. The teacher's catalogue product is an XLA
+    matrix multiply; the student's logits, softmaxes, KL, the gradient with
+    respect to the logits and its products with the student's table and
+    hidden states are the fused kernel of :mod:`distill_jax.losses.kernel_lib`
+    (``distill_rows_hidden``: four rows at a time in cache, built on first
+    use; CPU backend only).
+
+    Args: as :func:`chunked_distill_loss_sum`, and ``label_where``, an
+      optional ``[...]`` mask of the valid positions that carry a label (the
+      others add their KL term alone; see ``losses.distill_loss_sum``).
+
+    Returns:
+      ``(sum, count)`` scalars.
+    """
+    common.check_temperature(temperature)
+    common.check_alpha(alpha)
+    h_s, table_s = jnp.asarray(h_student), jnp.asarray(table_s)
+    h_t, table_t = jnp.asarray(h_teacher), jax.lax.stop_gradient(jnp.asarray(table_t, jnp.float32))
+    common.check_tower("student ", h_s, table_s, None if bias_s is None else jnp.asarray(bias_s))
+    common.check_tower("teacher ", h_t, table_t, None if bias_t is None else jnp.asarray(bias_t))
+    if table_s.shape[0] != table_t.shape[0] or h_s.shape[:-1] != h_t.shape[:-1]:
+        raise ValueError(
+            f"teacher and student must share positions and catalogue: hidden states "
+            f"{h_t.shape} and {h_s.shape}, tables {table_t.shape} and {table_s.shape}."
+        )
+    labels = jnp.asarray(labels)
+    common.check_labels(labels, h_s.shape[:-1], "the hidden states' leading shape")
+    valid = common.rows_where(where, labels.shape)
+    labelled = (
+        valid if label_where is None else valid & common.rows_where(label_where, labels.shape)
+    )
+    f32 = jnp.float32
+    items = table_s.shape[0]
+    zeros = jnp.zeros((items,), f32)
+    # The teacher's product (no gradient); its bias is added inside the kernel.
+    t_logits = jax.lax.stop_gradient(h_t.reshape(-1, h_t.shape[-1]).astype(f32) @ table_t.T)
+    total = _hidden_total(
+        h_s.reshape(-1, h_s.shape[-1]).astype(f32),
+        table_s.astype(f32),
+        zeros if bias_s is None else jnp.asarray(bias_s, f32),
+        t_logits,
+        jax.lax.stop_gradient(zeros if bias_t is None else jnp.asarray(bias_t, f32)),
+        labels.reshape(-1),
+        valid.reshape(-1),
+        labelled.reshape(-1),
+        jax.lax.stop_gradient(jnp.asarray(temperature, f32)),
+        jnp.asarray(alpha, f32),
+    )
+    dtype = common.compute_dtype(h_s)
+    return total.astype(dtype), jnp.sum(valid, dtype=dtype)
+
+
+def kernel_distill_loss(
+    h_student: ArrayLike,
+    table_s: ArrayLike,
+    bias_s: ArrayLike | None,
+    h_teacher: ArrayLike,
+    table_t: ArrayLike,
+    bias_t: ArrayLike | None,
+    labels: ArrayLike,
+    where: ArrayLike | None = None,
+    label_where: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike,
+    alpha: float | ArrayLike,
+) -> jax.Array:
+    """Mean of :func:`kernel_distill_loss_sum` over valid positions (0.0 if none)."""
+    return common.mean(
+        kernel_distill_loss_sum(
+            h_student,
+            table_s,
+            bias_s,
+            h_teacher,
+            table_t,
+            bias_t,
+            labels,
+            where,
+            label_where,
+            temperature=temperature,
+            alpha=alpha,
+        )
+    )
