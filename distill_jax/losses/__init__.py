@@ -201,6 +201,12 @@ def _soft_vocab_parallel(x: LossInputs, s: Settings) -> jax.Array:
 
 
 def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+    if x.table.shape[0] != x.num_valid_rows:
+        # Never on one device, where tables are not padded; say so if it happens.
+        raise ValueError(
+            f"the cpu_kernel form scores every table row, but the table has "
+            f"{x.table.shape[0]} rows for a catalogue of {x.num_valid_rows}."
+        )
     return cpu_kernel.kernel_distill_loss(
         x.hidden,
         x.table,
