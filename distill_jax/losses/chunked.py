@@ -610,16 +610,10 @@ def chunked_hard_label_distill_sum(
     )
 
 
-def chunked_cross_entropy(*args, **kwargs) -> jax.Array:
-    """Mean of :func:`chunked_cross_entropy_sum` over valid positions (0.0 if none)."""
-    return common.mean(chunked_cross_entropy_sum(*args, **kwargs))
+chunked_cross_entropy = common.mean_of(chunked_cross_entropy_sum)
 
 
-def chunked_distill_loss(*args, **kwargs) -> jax.Array:
-    """Mean of :func:`chunked_distill_loss_sum` over valid positions (0.0 if none)."""
-    return common.mean(chunked_distill_loss_sum(*args, **kwargs))
+chunked_distill_loss = common.mean_of(chunked_distill_loss_sum)
 
 
-def chunked_hard_label_distill(*args, **kwargs) -> jax.Array:
-    """Mean of :func:`chunked_hard_label_distill_sum` over valid positions (0.0 if none)."""
-    return common.mean(chunked_hard_label_distill_sum(*args, **kwargs))
+chunked_hard_label_distill = common.mean_of(chunked_hard_label_distill_sum)

@@ -18,7 +18,9 @@ Conventions of every loss in this package:
 
 from __future__ import annotations
 
+import functools
 import numbers
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +196,18 @@ def weighted_total(ce_total: jax.Array, kd_total: jax.Array, alpha: jax.Array) -
     return jnp.where(alpha == 0, 0, alpha * ce_total) + jnp.where(
         alpha == 1, 0, (1 - alpha) * kd_total
     )
+
+
+def mean_of(sum_fn: Callable[..., SumAndCount]) -> Callable[..., jax.Array]:
+    """The mean form of a ``foo_sum`` loss: same arguments, exactly 0.0 when nothing is valid."""
+
+    @functools.wraps(sum_fn)
+    def mean_fn(*args, **kwargs) -> jax.Array:
+        return mean(sum_fn(*args, **kwargs))
+
+    mean_fn.__name__ = mean_fn.__qualname__ = sum_fn.__name__.removesuffix("_sum")
+    mean_fn.__doc__ = (
+        f"Mean over valid positions of :func:`{sum_fn.__name__}` (same arguments); "
+        "exactly 0.0, with zero gradients, when no position is valid."
+    )
+    return mean_fn

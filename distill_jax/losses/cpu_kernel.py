@@ -217,33 +217,4 @@ def kernel_distill_loss_sum(
     return total.astype(dtype), jnp.sum(valid, dtype=dtype)
 
 
-def kernel_distill_loss(
-    h_student: ArrayLike,
-    table_s: ArrayLike,
-    bias_s: ArrayLike | None,
-    h_teacher: ArrayLike,
-    table_t: ArrayLike,
-    bias_t: ArrayLike | None,
-    labels: ArrayLike,
-    where: ArrayLike | None = None,
-    label_where: ArrayLike | None = None,
-    *,
-    temperature: float | ArrayLike,
-    alpha: float | ArrayLike,
-) -> jax.Array:
-    """Mean of :func:`kernel_distill_loss_sum` over valid positions (0.0 if none)."""
-    return common.mean(
-        kernel_distill_loss_sum(
-            h_student,
-            table_s,
-            bias_s,
-            h_teacher,
-            table_t,
-            bias_t,
-            labels,
-            where,
-            label_where,
-            temperature=temperature,
-            alpha=alpha,
-        )
-    )
+kernel_distill_loss = common.mean_of(kernel_distill_loss_sum)

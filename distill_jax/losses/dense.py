@@ -77,15 +77,7 @@ def cross_entropy_sum(
     return masked_sum_and_count(nll, valid)
 
 
-def cross_entropy(
-    logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None
-) -> jax.Array:
-    """Mean softmax cross-entropy over valid positions (0.0 if none).
-
-    Arguments are those of :func:`cross_entropy_sum`. Returns a scalar, exactly
-    0.0 (with zero gradients) when no position is valid.
-    """
-    return common.mean(cross_entropy_sum(logits, labels, where=where))
+cross_entropy = common.mean_of(cross_entropy_sum)
 
 
 # --------------------------------------------------------------------------
@@ -126,21 +118,7 @@ def kl_distill_sum(
     return jnp.square(temperature) * total, count
 
 
-def kl_distill(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    where: ArrayLike | None = None,
-) -> jax.Array:
-    """Mean of ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` over valid positions.
-
-    Arguments are those of :func:`kl_distill_sum`. Returns a scalar, exactly
-    0.0 (with zero gradients) when no position is valid.
-    """
-    return common.mean(
-        kl_distill_sum(student_logits, teacher_logits, temperature=temperature, where=where)
-    )
+kl_distill = common.mean_of(kl_distill_sum)
 
 
 # --------------------------------------------------------------------------
@@ -321,34 +299,7 @@ def distill_loss_sum(
     return total, count
 
 
-def distill_loss(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    alpha: float | ArrayLike,
-    where: ArrayLike | None = None,
-    label_where: ArrayLike | None = None,
-    impl: str = "xla",
-) -> jax.Array:
-    """Fused mean of ``alpha·CE + (1 − alpha)·T²·KL`` over valid positions.
-
-    Arguments are those of :func:`distill_loss_sum`. Returns a scalar, exactly
-    0.0 (with zero gradients) when no position is valid.
-    """
-    return common.mean(
-        distill_loss_sum(
-            student_logits,
-            teacher_logits,
-            labels,
-            temperature=temperature,
-            alpha=alpha,
-            where=where,
-            label_where=label_where,
-            impl=impl,
-        )
-    )
+distill_loss = common.mean_of(distill_loss_sum)
 
 
 # --------------------------------------------------------------------------
@@ -391,19 +342,7 @@ def hard_label_distill_sum(
     return masked_sum_and_count(nll, valid)
 
 
-def hard_label_distill(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    k: int = 1,
-    where: ArrayLike | None = None,
-) -> jax.Array:
-    """Mean cross-entropy against the teacher's top-k items (weight 1/k each).
-
-    Arguments are those of :func:`hard_label_distill_sum`. Returns a scalar, exactly
-    0.0 (with zero gradients) when no position is valid.
-    """
-    return common.mean(hard_label_distill_sum(student_logits, teacher_logits, k=k, where=where))
+hard_label_distill = common.mean_of(hard_label_distill_sum)
 
 
 # --------------------------------------------------------------------------
@@ -463,27 +402,4 @@ def binary_distill_sum(
     return masked_sum_and_count(loss, valid)
 
 
-def binary_distill(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    alpha: float | ArrayLike,
-    where: ArrayLike | None = None,
-) -> jax.Array:
-    """Mean of ``alpha·BCE + (1 − alpha)·T²·KL`` for sigmoid outputs.
-
-    Arguments are those of :func:`binary_distill_sum`. Returns a scalar, exactly
-    0.0 (with zero gradients) when no position is valid.
-    """
-    return common.mean(
-        binary_distill_sum(
-            student_logits,
-            teacher_logits,
-            labels,
-            temperature=temperature,
-            alpha=alpha,
-            where=where,
-        )
-    )
+binary_distill = common.mean_of(binary_distill_sum)

@@ -456,36 +456,7 @@ def vocab_parallel_distill_loss_sum(
     )
 
 
-def vocab_parallel_cross_entropy(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    where: ArrayLike | None = None,
-    mesh: Mesh | None = None,
-) -> jax.Array:
-    """Mean of :func:`vocab_parallel_cross_entropy_sum` (0.0 if nothing is valid)."""
-    return common.mean(vocab_parallel_cross_entropy_sum(logits, labels, where=where, mesh=mesh))
+vocab_parallel_cross_entropy = common.mean_of(vocab_parallel_cross_entropy_sum)
 
 
-def vocab_parallel_distill_loss(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    temperature: float | ArrayLike,
-    alpha: float | ArrayLike,
-    where: ArrayLike | None = None,
-    mesh: Mesh | None = None,
-) -> jax.Array:
-    """Mean of :func:`vocab_parallel_distill_loss_sum` (0.0 if nothing is valid)."""
-    return common.mean(
-        vocab_parallel_distill_loss_sum(
-            student_logits,
-            teacher_logits,
-            labels,
-            temperature=temperature,
-            alpha=alpha,
-            where=where,
-            mesh=mesh,
-        )
-    )
+vocab_parallel_distill_loss = common.mean_of(vocab_parallel_distill_loss_sum)
