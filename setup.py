@@ -26,6 +26,10 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
         "pyarrow>=15",
+        # int8 students (distill_jax/compress/quantize.py).
+        "qwix>=0.1.8",
+        # jax.export's serializer (the exported artefact, distill_jax/compress/export.py).
+        "flatbuffers>=24",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],

@@ -31,6 +31,16 @@ def parse_variants(file: str, arg: str | None, known: tuple[str, ...]) -> list[s
     return variants
 
 
+def tiny_compress(config: ml_collections.ConfigDict) -> None:
+    """The `tiny` variants' compress stage: a rank below d=8, a few fine-tuning steps."""
+    config.compress.update(
+        variants="pruned50,int8,int8_qat,lowrank4",
+        finetune_steps=10,
+        warmup_steps=2,
+        prune_every_steps=2,
+    )
+
+
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """One model's subtree: architecture plus its own optimisation settings."""
     c = ml_collections.ConfigDict()
@@ -41,6 +51,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     c.mlp_dim = 256
     c.dropout = 0.2
     c.dtype = "float32"  # Compute dtype; parameters stay float32.
+    # 0: a full [V+1, D] item table; r in [1, D): factorised [V+1, r] x [r, D]
+    # (what the compress stage's low-rank student sets; models/base.py).
+    c.item_rank = 0
     # Shared with the other model: checked equal at start-up. max_len is the
     # input window; num_items = -1 takes the catalogue size from the data.
     c.max_len = 50
@@ -72,7 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     # Comma-separated stages of the main job, run in this order.
-    config.stages = "popularity,teacher,student_kd,student_scratch,report"
+    config.stages = "popularity,teacher,student_kd,student_scratch,compress,export,report"
 
     config.data = ml_collections.ConfigDict()
     # 'synthetic' (generated), 'movielens' (a MovieLens folder: 100K, 1M/10M or
@@ -188,6 +201,37 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distributed.process_id = -1  # -1 = from env / auto; else in [0, num_processes).
     config.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives: 'gloo' or 'mpi'.
     config.distributed.initialization_timeout = 300  # Seconds to wait for every process.
+
+    # The compress stage: smaller variants of a trained student, each evaluated
+    # and reported as '<source>_<variant>' (distill_jax/compress).
+    config.compress = ml_collections.ConfigDict()
+    config.compress.source = "student_kd"  # The trained stage to compress.
+    # Comma-separated: pruned<percent> (magnitude pruning), int8 (post-training),
+    # int8_qat (quantization-aware fine-tuning, then int8), lowrank<rank>
+    # (item table factorized by truncated SVD). '' makes none.
+    config.compress.variants = "pruned50,pruned80,int8,int8_qat,lowrank8"
+    # Fine-tuning of pruned, int8_qat and lowrank variants, with the source's
+    # loss (distillation for student_kd): steps (0 = none: one-shot), peak
+    # learning rate (linear warm-up, cosine decay).
+    config.compress.finetune_steps = 200
+    config.compress.learning_rate = 1e-3
+    config.compress.warmup_steps = 20
+    # Pruning: one magnitude threshold over all matrices ('global') or one per
+    # matrix ('layer'); whether the item table is cut too; the cubic schedule
+    # reaches its target at this share of the fine-tuning; masks every N steps.
+    config.compress.prune_scope = "global"
+    config.compress.prune_item_table = True
+    config.compress.prune_end_fraction = 0.75
+    config.compress.prune_every_steps = 10
+    # int8: also quantize the inputs of every matrix product (per token).
+    config.compress.quantize_activations = False
+
+    # The export stage: WORKDIR/export/, an artefact distill_jax.recommend serves.
+    config.export = ml_collections.ConfigDict()
+    # A trained stage or a compress variant's report name, e.g. 'student_kd_int8'.
+    config.export.model = "student_kd_int8"
+    config.export.top_k = 10  # Recommendations per history.
+    config.export.popular_items = 100  # Kept for the fallback of an empty history.
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 200

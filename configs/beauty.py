@@ -64,4 +64,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.every_steps = config.checkpoint.every_steps = 20
         config.eval.latency_repeats = 3
         config.log_every_steps = 10
+        base.tiny_compress(config)
     return config

@@ -43,4 +43,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.every_steps = 10
         config.checkpoint.every_steps = 10
         config.log_every_steps = 10
+        base.tiny_compress(config)
     return config

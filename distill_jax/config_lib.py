@@ -5,7 +5,16 @@ from typing import Any
 import ml_collections
 
 MODEL_KEYS = ("teacher", "student")
-KNOWN_STAGES = ("popularity", "teacher", "student_kd", "student_scratch", "report")
+KNOWN_STAGES = (
+    "popularity",
+    "teacher",
+    "student_kd",
+    "student_scratch",
+    "compress",
+    "export",
+    "report",
+)
+TRAINED_STAGES = ("teacher", "student_kd", "student_scratch")
 SHARED_MODEL_KEYS = ("max_len", "num_items")
 # config.student_scratch: the scratch student's own optimisation settings.
 SCRATCH_KEYS = ("learning_rate", "dropout", "weight_decay", "exclude_history")
@@ -269,9 +278,105 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for axis in ("data", "model"):
         v = config.mesh[axis]
         _expect(v == -1 or v >= 1, f"mesh.{axis}", v, "-1 (fill) or a positive axis size")
+    _validate_compress(config, stages)
     _positive_int(config.checkpoint, "checkpoint", "every_steps")
     _expect(config.log_every_steps > 0, "log_every_steps", config.log_every_steps, "> 0")
     validate_distributed(config)
+
+
+def _validate_compress(config: ml_collections.ConfigDict, stages: list[str]) -> None:
+    """config.compress and config.export, and the stages they need before them."""
+    from distill_jax import compress
+
+    c = config.compress
+    _expect(
+        c.source in ("student_kd", "student_scratch"),
+        "compress.source",
+        c.source,
+        "'student_kd' or 'student_scratch' (a trained student)",
+    )
+    try:
+        variants = compress.parse_variants(c.variants)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _expect(
+        isinstance(c.finetune_steps, int) and c.finetune_steps >= 0,
+        "compress.finetune_steps",
+        c.finetune_steps,
+        "an integer >= 0 (0 = no fine-tuning)",
+    )
+    _expect(c.learning_rate > 0, "compress.learning_rate", c.learning_rate, "> 0")
+    _expect(
+        c.finetune_steps == 0 or 0 <= c.warmup_steps < c.finetune_steps,
+        "compress.warmup_steps",
+        c.warmup_steps,
+        f"in [0, compress.finetune_steps={c.finetune_steps})",
+    )
+    from distill_jax.compress.prune import SCOPES
+
+    _expect(c.prune_scope in SCOPES, "compress.prune_scope", c.prune_scope, f"one of {SCOPES}")
+    _expect(
+        0.0 < c.prune_end_fraction <= 1.0,
+        "compress.prune_end_fraction",
+        c.prune_end_fraction,
+        "a share in (0, 1]",
+    )
+    _positive_int(c, "compress", "prune_every_steps")
+    for v in variants:
+        if v.kind == "lowrank":
+            _expect(
+                0 < v.amount < config.student.embed_dim,
+                "compress.variants",
+                c.variants,
+                f"{v.name}: a rank in [1, student.embed_dim={config.student.embed_dim})",
+            )
+        if v.kind in ("int8", "int8_qat"):
+            _expect(
+                config.student.dtype == "float32",
+                "compress.variants",
+                c.variants,
+                f"{v.name}: student.dtype='float32' (int8 weights dequantize to float32)",
+            )
+    _expect(
+        config.student.item_rank == 0 or not any(v.kind == "lowrank" for v in variants),
+        "compress.variants",
+        c.variants,
+        "no lowrank variant when student.item_rank > 0 (the table is already factorized)",
+    )
+    _expect(
+        config.student.item_rank == 0 or config.distill.init_from_teacher == "none",
+        "student.item_rank",
+        config.student.item_rank,
+        "0 with distill.init_from_teacher='pca' (pca initialises a full table)",
+    )
+    for key in MODEL_KEYS:
+        r = config[key].item_rank
+        _expect(
+            isinstance(r, int) and 0 <= r < config[key].embed_dim,
+            f"{key}.item_rank",
+            r,
+            f"0 or a rank in [1, {key}.embed_dim={config[key].embed_dim})",
+        )
+    if "compress" in stages:
+        _expect(
+            c.source in stages[: stages.index("compress")],
+            "stages",
+            config.stages,
+            f"compress.source={c.source!r} among the stages before 'compress'",
+        )
+    e = config.export
+    _positive_int(e, "export", "top_k", "popular_items")
+    if "export" in stages:
+        exportable = list(TRAINED_STAGES) + compress.variant_names(config)
+        _expect(e.model in exportable, "export.model", e.model, f"one of {exportable}")
+        before = stages[: stages.index("export")]
+        needs = "compress" if e.model not in TRAINED_STAGES else e.model
+        _expect(
+            needs in before,
+            "stages",
+            config.stages,
+            f"{needs!r} before 'export' (export.model={e.model!r})",
+        )
 
 
 def _validate_losses(config: ml_collections.ConfigDict) -> None:

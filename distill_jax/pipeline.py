@@ -9,20 +9,23 @@ import json
 import logging
 import os
 import time
-from typing import Any
 
 import ml_collections
 
-from distill_jax import config_lib, distributed, models
+from distill_jax import config_lib, distributed
 from distill_jax import sharding as sharding_lib
+from distill_jax import workdir as workdir_lib
+from distill_jax.compress import stage as compress_stage
 from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation.evaluator import Evaluator
 from distill_jax.train import loop
 from distill_jax.train import state as state_lib
-from distill_jax.train.checkpoint import StageCheckpointer
 
 log = logging.getLogger(__name__)
+# Benchmarks and tests build models and read finished stages through these.
+build = workdir_lib.build
+load_best_params = workdir_lib.load_best_params
 
 # stage -> (its model's config subtree, its teacher's stage or None)
 STAGES = {
@@ -42,69 +45,6 @@ def _check_catalogue(config: ml_collections.ConfigDict, num_items: int) -> None:
             )
 
 
-def _write_json(path: str, obj: Any) -> None:
-    """Process 0 writes atomically (temp file + rename): readers never see half a file.
-
-    Every process calls this: the others wait until the file exists, because
-    they read it next (a later stage's `_finished` check) and would otherwise
-    take a different branch from process 0 and hang in a collective.
-    """
-    if distributed.is_main_process():
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)  # insertion order: steps stay in run order
-        os.replace(tmp, path)
-    distributed.barrier(f"distill_jax_wrote_{path}")
-
-
-def build(config: ml_collections.ConfigDict, key: str, num_items: int, stage: str = "", mesh=None):
-    """The model of `stage` (config subtree `key`; see config_lib.stage_model_config).
-
-    With a `mesh`, the item table is padded to the number of pieces the sharding
-    rules split the catalogue into, so that any catalogue size divides.
-    """
-    mcfg = config_lib.stage_model_config(config, stage, key)
-    return models.build_model(
-        mcfg,
-        num_items=num_items,
-        max_len=mcfg.max_len,
-        key_prefix=key,
-        vocab_shards=1 if mesh is None else sharding_lib.vocab_shards(config, mesh),
-    )
-
-
-def load_best_params(model, config, mesh, stage_dir: str):
-    """The best parameters a finished stage saved, laid out by the sharding rules."""
-    shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
-    abstract = state_lib.abstract_params(model)
-    ckpt = StageCheckpointer(stage_dir)
-    try:
-        params, _ = ckpt.restore_best(abstract, shardings)
-    finally:
-        ckpt.close()
-    return params, shardings
-
-
-def _stage_dir(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, stage)
-
-
-def _finished(workdir: str, stage: str) -> bool:
-    return os.path.exists(os.path.join(_stage_dir(workdir, stage), "result.json"))
-
-
-def _cost(evaluator: Evaluator, scorer, counts: tuple[int, int], config) -> dict:
-    return {
-        "params": counts[0],
-        "param_bytes": counts[1],
-        "flops_per_sequence": scorer.flops_per_sequence,
-        "latency_top10": {
-            f"batch_{b}": evaluator.latency(scorer, b, config.eval.latency_repeats)
-            for b in config.eval.latency_batch_sizes
-        },
-    }
-
-
 def run_stage(
     stage: str,
     config: ml_collections.ConfigDict,
@@ -118,7 +58,7 @@ def run_stage(
     Returns:
       The stage's result dict, or None if it stopped before finishing.
     """
-    stage_dir = _stage_dir(workdir, stage)
+    stage_dir = workdir_lib.stage_dir(workdir, stage)
     result_path = os.path.join(stage_dir, "result.json")
     if os.path.exists(result_path):
         log.info("[%s] finished earlier; skipping (%s)", stage, result_path)
@@ -138,29 +78,29 @@ def run_stage(
             "train_seconds": 0.0,
             "eval_seconds": time.time() - t0,
             "teacher": None,
-            "cost": _cost(evaluator, scorer, (0, 0), config),
+            "cost": workdir_lib.cost(evaluator, scorer, (0, 0), config),
         }
-        _write_json(result_path, result)
-        log.info("[%s] test %s", stage, _brief(metrics["test"]))
+        workdir_lib.write_json(result_path, result)
+        log.info("[%s] test %s", stage, workdir_lib.brief(metrics["test"]))
         return result
     key, teacher_stage = STAGES[stage]
     mcfg = config_lib.stage_model_config(config, stage, key)
-    model = build(config, key, split.num_items, stage, mesh)
+    model = workdir_lib.build(config, key, split.num_items, stage, mesh)
     teacher = t_scorer = None
     # The scratch student is compared with the teacher too, when there is one.
     t_stage = teacher_stage or ("teacher" if stage != "teacher" else None)
-    if t_stage is not None and _finished(workdir, t_stage):
-        t_model = build(config, STAGES[t_stage][0], split.num_items, mesh=mesh)
-        t_params, t_shardings = load_best_params(
-            t_model, config, mesh, _stage_dir(workdir, t_stage)
+    if t_stage is not None and workdir_lib.finished(workdir, t_stage):
+        t_model = workdir_lib.build(config, STAGES[t_stage][0], split.num_items, mesh=mesh)
+        t_params, t_shardings = workdir_lib.load_best_params(
+            t_model, config, mesh, workdir_lib.stage_dir(workdir, t_stage)
         )
         teacher = loop.Teacher(model=t_model, params=t_params, shardings=t_shardings)
         t_scorer = evaluator_lib.model_scorer(t_model, t_params, t_shardings)
     elif teacher_stage is not None:
         raise FileNotFoundError(
             f"Stage {stage!r} needs a finished {teacher_stage!r} stage in "
-            f"{_stage_dir(workdir, teacher_stage)}; add '{teacher_stage}' to config.stages "
-            f"before '{stage}'."
+            f"{workdir_lib.stage_dir(workdir, teacher_stage)}; add '{teacher_stage}' to "
+            f"config.stages before '{stage}'."
         )
     res = loop.train_stage(
         name=stage,
@@ -192,21 +132,13 @@ def run_stage(
         "steps_run": res.steps_run,
         "stopped_early": res.stopped_early,
         "teacher": teacher_stage,
-        "cost": _cost(evaluator, scorer, counts, config),
+        "cost": workdir_lib.cost(evaluator, scorer, counts, config),
     }
     if t_scorer is not None and t_scorer.causal == scorer.causal:
         result["agreement_with_teacher"] = {"test": evaluator.agreement(t_scorer, scorer, "test")}
-    _write_json(result_path, result)
-    log.info("[%s] test %s", stage, _brief(metrics["test"]))
+    workdir_lib.write_json(result_path, result)
+    log.info("[%s] test %s", stage, workdir_lib.brief(metrics["test"]))
     return result
-
-
-def _brief(m: dict) -> str:
-    return " ".join(
-        f"{k}={m[k]:.4f}"
-        for k in ("hr@10", "ndcg@10", "mrr", "coverage@10", "tail_ndcg@10")
-        if k in m
-    )
 
 
 def _report_md(report: dict) -> str:
@@ -221,17 +153,17 @@ def _report_md(report: dict) -> str:
         "tail = targets outside the head items that make "
         f"{report['config']['eval']['tail_share']:.0%} of training interactions.",
         "",
-        "| model | arch | params | "
+        "| model | arch | params | KiB | "
         + " | ".join(cols)
         + " | valid ndcg@10 | top-10 ms (b=1 / b=256) | train s |",
-        "|---|---|---:|" + "---:|" * len(cols) + "---:|---:|---:|",
+        "|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|",
     ]
     for name, r in report["models"].items():
         test = r["metrics"]["test"]
         lat = r.get("cost", {}).get("latency_top10", {})
         lat_s = " / ".join(f"{v['p50_ms']:.2f}" for v in lat.values()) or "-"
         lines.append(
-            f"| {name} | {r['model']} | {r['params']:,} | "
+            f"| {name} | {r['model']} | {r['params']:,} | {r.get('param_bytes', 0) / 1024:.1f} | "
             + " | ".join(f"{test[c]:.4f}" for c in cols)
             + f" | {r['metrics']['valid']['ndcg@10']:.4f} | {lat_s} | {r['train_seconds']:.1f} |"
         )
@@ -259,7 +191,57 @@ def _report_md(report: dict) -> str:
             )
             + ".",
         ]
+    lines += _compression_md(report)
     return "\n".join(lines) + "\n"
+
+
+def _method_md(c: dict) -> str:
+    if c["method"] == "pruned":
+        sp = c.get("sparsity", {})
+        table = "item table included" if c.get("item_table_pruned") else "item table kept"
+        return (
+            f"{sp.get('prunable', 0):.1%} of the {sp.get('prunable_weights', 0):,} prunable "
+            f"weights are zero ({c.get('scope')} magnitude, {table})"
+        )
+    if c["method"] == "lowrank":
+        svd = c["svd"]
+        return f"item table at rank {svd['rank']} (the SVD keeps {svd['energy']:.1%} of its energy)"
+    if c["method"] == "int8":
+        return f"int8 weights; activations {c.get('activations')}"
+    return f"int8 after quantization-aware fine-tuning; activations {c.get('activations')}"
+
+
+def _compression_md(report: dict) -> list[str]:
+    """What each compressed variant is, and the exported artefact."""
+    lines = []
+    for name, r in report["models"].items():
+        c = r.get("compression")
+        if not c:
+            continue
+        what = _method_md(c)
+        lines.append(
+            f"- {name}: {what}; {c['finetune_steps']} fine-tuning steps for the fine-tuned "
+            f"methods; {c['bytes_vs_source']:.2f} x the source's bytes."
+        )
+    if lines:
+        lines = ["", "Compressed variants (each evaluated like the models above):", "", *lines]
+    e = report.get("export")
+    if e:
+        lat = "; ".join(
+            f"{b.replace('_', ' ')}: {v['artifact']['p50_ms']:.2f} ms against "
+            f"{v['in_process']['p50_ms']:.2f} ms in process ({v['ratio_p50']:.2f} x)"
+            for b, v in e["latency_top_k"].items()
+        )
+        s = e["same_top_k"]
+        lines += [
+            "",
+            f"Exported {e['model']} to {e['directory']} ({e['bytes_on_disk']:,} bytes): the "
+            f"same ranked top-k as in process for {s['identical_share']:.1%} of "
+            f"{s['users']:,} test users (same set {s['same_set_share']:.1%}). Top-k p50 latency, "
+            f"{lat}. Serve it with `python -m distill_jax.recommend --artifact={e['directory']} "
+            "--history=ID,ID,...`.",
+        ]
+    return lines
 
 
 def run(
@@ -280,19 +262,30 @@ def run(
         dict(mesh.shape),
     )
     results = {}
-    report = None
+    report = exported = None
     for stage in config_lib.stages(config):
         if stage == "report":
             report = {
                 "config": json.loads(config.to_json_best_effort()),
                 "dataset": data.info,
                 "models": results,
+                "export": exported,
             }
-            _write_json(os.path.join(workdir, "report.json"), report)
+            workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
             if distributed.is_main_process():
                 with open(os.path.join(workdir, "report.md"), "w") as f:
                     f.write(_report_md(report))
             log.info("report written to %s", os.path.join(workdir, "report.md"))
+            continue
+        if stage == "compress":
+            variants = compress_stage.run_compress(config, data, mesh, workdir, stop_at_step)
+            if variants is None:
+                log.info("stopped during stage compress; re-run to resume")
+                return None
+            results.update(variants)
+            continue
+        if stage == "export":
+            exported = compress_stage.run_export(config, data, mesh, workdir)
             continue
         result = run_stage(stage, config, data, mesh, workdir, stop_at_step)
         if result is None:

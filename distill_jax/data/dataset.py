@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 
 from distill_jax.data import builders, cache, preprocess, sources, splits, synthetic, types
@@ -32,11 +33,14 @@ class Dataset:
       split: leave-one-out, or cold-start when a cold fraction is set.
       info: name, users, items, interactions, and per-step counts (`steps`).
       eval_splits: the splits to report ('test', 'valid', and cold slices).
+      item_id_to_original: [V+1] item id -> the data's own item id (entry 0 a
+        placeholder); the synthetic data's own ids are the item ids.
     """
 
     split: types.LeaveOneOut | types.ColdStartSplit
     info: dict
     eval_splits: tuple[str, ...]
+    item_id_to_original: np.ndarray
 
 
 def _reader_kwargs(cfg: ml_collections.ConfigDict) -> dict:
@@ -106,7 +110,7 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
     _sync("distill_jax_data_built")
     # Fresh or cached, the run reads the dataset back: one path, the same data.
     data, timestamps = builders.read(name, data_dir, fingerprint=fp)
-    return cache.processed(builders.metadata(name, data_dir), data, timestamps)
+    return cache.processed(builders.metadata(name, data_dir), data, timestamps), fp
 
 
 def _sync(name: str) -> None:
@@ -121,8 +125,11 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
     cfg = config.data
     if cfg.source == "synthetic":
         data = synthetic.generate(cfg.synthetic, config.seed)
-        info = {"name": data.name, "steps": {}}
+        fp = builders.fingerprint(seed=config.seed, **cfg.synthetic.to_dict())
+        info = {"name": data.name, "steps": {}, "fingerprint": fp}
         processed = None
+        item_ids = np.arange(data.num_items + 1, dtype=np.int64)
+        item_ids[0] = -1
     else:
         if not cfg.path:
             raise types.DataError(
@@ -132,9 +139,10 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         path = Path(cfg.path).expanduser()
         if cfg.source == "movielens" and cfg.download and not path.exists():
             path = sources.download_movielens(cfg.download, path)
-        processed = _cached_or_built(cfg, path, workdir)
+        processed, fp = _cached_or_built(cfg, path, workdir)
         data = processed.to_sequence_data()
-        info = {"name": processed.name, "steps": processed.stats}
+        info = {"name": processed.name, "steps": processed.stats, "fingerprint": fp}
+        item_ids = processed.item_id_to_original
     info.update(users=data.num_users, items=data.num_items, interactions=data.num_interactions)
     if cfg.cold_user_fraction > 0 or cfg.cold_item_fraction > 0:
         if processed is None:
@@ -154,5 +162,5 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
             eval_splits.append("cold_users")
         if len(split.cold_item_targets):
             eval_splits.append("cold_items")
-        return Dataset(split, info, tuple(eval_splits))
-    return Dataset(splits.leave_one_out(data), info, ("test", "valid"))
+        return Dataset(split, info, tuple(eval_splits), item_ids)
+    return Dataset(splits.leave_one_out(data), info, ("test", "valid"), item_ids)

@@ -126,6 +126,7 @@ def build_model(
         dropout_rate=float(cfg.dropout),
         dtype=DTYPES[cfg.dtype],
         table_rows=table_rows,
+        item_rank=cfg.item_rank,
     )
 
 

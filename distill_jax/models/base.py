@@ -48,6 +48,7 @@ from distill_jax.models.layers import (
     Dropout,
     TransformerBlock,
     attention_mask,
+    compute_dtype,
     embedding_lookup,
     layer_norm,
     partitioned,
@@ -70,6 +71,10 @@ class SequenceRecommender(nn.Module):
       dtype: Compute dtype; parameters stay float32, logits are float32.
       table_rows: rows of the item table and output bias: 0 means V+1;
         more pads the catalogue to a multiple of the mesh's ``model`` axis.
+      item_rank: 0 keeps a full ``[table_rows, D]`` item table; r > 0 stores
+        it as ``item_embedding [table_rows, r] @ item_projection [r, D]``
+        (the low-rank student of ``distill_jax.compress.lowrank``), which
+        also makes the catalogue product ``(V+1) x r`` instead of ``(V+1) x D``.
 
     Subclasses set the two class flags; the trainer, the evaluator and the
     teacher initialisation use only the methods and flags defined here.
@@ -88,6 +93,7 @@ class SequenceRecommender(nn.Module):
     dropout_rate: float
     dtype: Dtype = jnp.float32
     table_rows: int = 0
+    item_rank: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -96,14 +102,21 @@ class SequenceRecommender(nn.Module):
 
     @staticmethod
     def item_table(params: Any) -> tuple[jax.Array, jax.Array]:
-        """The tied item table ``[num_rows, D]`` and output bias ``[num_rows]`` of ``params``."""
-        return params["item_embedding"], params["output_bias"]
+        """The tied item table ``[num_rows, D]`` and output bias ``[num_rows]`` of ``params``.
+
+        A low-rank table (``item_rank > 0``) is returned as the product of its factors.
+        """
+        table = params["item_embedding"]
+        if "item_projection" in params:
+            table = table @ params["item_projection"]
+        return table, params["output_bias"]
 
     def param_counts(self, params: Any) -> tuple[int, int]:
         """(parameter scalars, bytes) of ``params``, padding rows of the item table left out."""
         count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
         size = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
-        table, bias = self.item_table(params)
+        # The stored rows (width r for a low-rank table), not their product.
+        table, bias = params["item_embedding"], params["output_bias"]
         pad = self.num_rows - (self.num_items + 1)
         return (
             int(count - pad * (table.shape[1] + 1)),
@@ -120,12 +133,28 @@ class SequenceRecommender(nn.Module):
         # Std D^-1/2: with the tied output, logits of a unit-scale final
         # LayerNorm output then start at unit scale.
         init = nn.initializers.normal(stddev=self.embed_dim**-0.5)
-        self.item_embedding = self.param(
-            "item_embedding",
-            partitioned(init, ("vocab", "embed")),
-            (self.num_rows, self.embed_dim),
-            jnp.float32,
-        )
+        if self.item_rank:
+            # Rows of unit-scale factors times a projection of std r^-1/2 keep
+            # the product at the full table's scale.
+            self.item_embedding = self.param(
+                "item_embedding",
+                partitioned(init, ("vocab", None)),
+                (self.num_rows, self.item_rank),
+                jnp.float32,
+            )
+            self.item_projection = self.param(
+                "item_projection",
+                partitioned(nn.initializers.normal(stddev=self.item_rank**-0.5), (None, "embed")),
+                (self.item_rank, self.embed_dim),
+                jnp.float32,
+            )
+        else:
+            self.item_embedding = self.param(
+                "item_embedding",
+                partitioned(init, ("vocab", "embed")),
+                (self.num_rows, self.embed_dim),
+                jnp.float32,
+            )
         self.position_embedding = self.param(
             "position_embedding",
             partitioned(init, ("pos", "embed")),
@@ -163,18 +192,24 @@ class SequenceRecommender(nn.Module):
             raise ValueError(f"input length {length} exceeds the model's max_len={self.max_len}")
         if self.uses_mask_token:
             is_mask = (items == self.num_items + 1)[..., None]
-            x = embedding_lookup(self.item_embedding, jnp.where(is_mask[..., 0], 0, items))
+            x = self._item_rows(jnp.where(is_mask[..., 0], 0, items))
             x = jnp.where(is_mask, self.mask_embedding, x)
         else:
             # Out-of-range ids give NaN rows: a mask token fed to a causal
             # model shows up loudly instead of as a silently wrong row.
-            x = embedding_lookup(self.item_embedding, items)
+            x = self._item_rows(items)
             if self.num_rows > self.num_items + 1:
                 # Padding rows must stay as loud as a missing row would be.
                 x = jnp.where((items > self.num_items)[..., None], jnp.nan, x)
         positions = self.position_embedding[:length][::-1]
         # sqrt(D) puts the residual stream at unit scale, like the blocks' outputs.
         return ((x + positions) * self.embed_dim**0.5).astype(self.dtype)
+
+    def _item_rows(self, ids: jax.Array) -> jax.Array:
+        rows = embedding_lookup(self.item_embedding, ids)
+        if self.item_rank:
+            rows = rows @ self.item_projection
+        return rows
 
     def __call__(self, items: jax.Array, *, train: bool) -> jax.Array:
         """Encodes a batch of left-padded sequences.
@@ -206,12 +241,18 @@ class SequenceRecommender(nn.Module):
           ``[..., num_rows]`` float32 logits (``[..., V+1]`` unless the table is
           padded); column 0 (padding) and every padding row are -inf.
         """
-        table = self.item_embedding.astype(self.dtype)
+        table = compute_dtype(self.item_embedding, self.dtype)
+        hidden = hidden.astype(self.dtype)
+        if self.item_rank:
+            # h @ (U W)^T = (h @ W^T) @ U^T: the catalogue product is (V+1) x r.
+            hidden = jnp.einsum(
+                "...d,rd->...r", hidden, self.item_projection.astype(self.dtype)
+            ).astype(self.dtype)
         # Accumulate in float32 even for bfloat16 compute: logits feed softmaxes
         # over the whole catalog, where bfloat16 rounding would show.
         scores = jnp.einsum(
             "...d,vd->...v",
-            hidden.astype(self.dtype),
+            hidden,
             table,
             preferred_element_type=jnp.float32,
         )

@@ -55,7 +55,12 @@ def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
 
 
 def explicit_sharding(x: jax.Array) -> NamedSharding | None:
-    """``x``'s sharding when it is traced under explicit mesh axes, else None."""
+    """``x``'s sharding when it is traced under explicit mesh axes, else None.
+
+    None also for a quantized weight (qwix's int8 values with scales, not an array).
+    """
+    if not isinstance(x, jax.Array):
+        return None
     sharding = jax.typeof(x).sharding
     mesh = sharding.mesh
     if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
@@ -83,6 +88,8 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     Returns:
       ``ids.shape + (D,)`` rows of ``table``.
     """
+    if hasattr(table, "array") and hasattr(table.array, "qvalue"):
+        return _quantized_rows(table.array, ids)
     table_sharding = explicit_sharding(table)
     ids_sharding = explicit_sharding(ids)
     if table_sharding is None and ids_sharding is None:
@@ -91,6 +98,29 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     feature_spec = _spec(table, table_sharding)[1] if table_sharding else None
     out = PartitionSpec(*ids_spec, feature_spec)
     return table.at[ids].get(out_sharding=out, mode="fill")
+
+
+def compute_dtype(weight: Any, dtype: Dtype) -> Any:
+    """``weight`` in the compute dtype; a no-op (not a copy) when it already is.
+
+    A qwix int8 weight keeps its int8 values: the quantized product dequantizes it.
+    """
+    return weight if weight.dtype == dtype else weight.astype(dtype)
+
+
+def _quantized_rows(qtable: Any, ids: jax.Array) -> jax.Array:
+    """Rows of an int8 table (qwix's post-training quantized item table).
+
+    The catalogue scores quantize the tied table with one scale per row, so a
+    row is its int8 values times that row's scale: the same numbers the scores use.
+    """
+    values = jnp.take(qtable.qvalue, ids, axis=0, mode="fill", fill_value=0)
+    scale = qtable.scale
+    if scale.shape[0] == qtable.qvalue.shape[0]:
+        scale = jnp.take(scale, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    if getattr(qtable, "zero_point", None) is not None:
+        raise ValueError("an asymmetric (zero-point) quantized item table is not supported")
+    return values.astype(scale.dtype) * scale
 
 
 class Dense(nn.Module):
@@ -139,7 +169,7 @@ class Dense(nn.Module):
             )
         y = jax.lax.dot_general(
             x.astype(self.dtype),
-            kernel.astype(self.dtype),
+            compute_dtype(kernel, self.dtype),
             ((tuple(range(batch_dims, x.ndim)), in_axes), ((), ())),
             out_sharding=out_sharding,
         )

@@ -81,6 +81,9 @@ def train_stage(
     mesh,
     teacher: Teacher | None = None,
     stop_at_step: int | None = None,
+    init_params: Any = None,
+    then: Any = None,
+    select_from_step: int = 0,
 ) -> StageResult:
     """Trains `model` (with `teacher`: by distillation), resuming from `workdir`.
 
@@ -95,6 +98,12 @@ def train_stage(
       teacher: a frozen teacher, for distillation; None trains on labels only.
       stop_at_step: stop (as if pre-empted) after saving the checkpoint of this
         step; a later call resumes. For job schedulers with time limits, and tests.
+      init_params: start from these (unboxed) parameters instead of a random
+        (or teacher-projected) initialisation: fine-tuning a compressed model.
+      then: an optax transformation chained after the optimiser (pruning).
+      select_from_step: evaluations before this step are logged but never
+        chosen as the best, nor counted towards early stopping (e.g. before a
+        pruning schedule reaches its target sparsity).
 
     Returns:
       The best parameters and how the stage went.
@@ -117,8 +126,18 @@ def train_stage(
     )
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))
-    state, shardings = state_lib.create_state(model, mcfg, mesh, rule_pairs, init_rng)
-    if teacher is not None and config.distill.init_from_teacher != "none":
+    state, shardings = state_lib.create_state(model, mcfg, mesh, rule_pairs, init_rng, then)
+    if init_params is not None:
+        # A copy: the state's buffers are donated to the train step, and the
+        # caller's params (a compress source) are used again after this stage.
+        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
+            jax.device_put(init_params, shardings.params)
+        )
+        state = state.replace(
+            params=params,
+            opt_state=jax.jit(state.tx.init, out_shardings=shardings.opt_state)(params),
+        )
+    elif teacher is not None and config.distill.init_from_teacher != "none":
         state = state.replace(
             params=teacher_init.initial_params(
                 config.distill.init_from_teacher,
@@ -218,13 +237,14 @@ def train_stage(
             scorer.params = state.params
             valid = evaluator.evaluate(scorer, "valid")
             writer.scalars(step, valid, "valid")
-            improved = valid[SELECT_METRIC] > meta["best_metric"]
+            selectable = step >= select_from_step
+            improved = selectable and valid[SELECT_METRIC] > meta["best_metric"]
             if improved:
                 meta.update(
                     best_metric=valid[SELECT_METRIC], best_step=step, best_valid=valid, bad_evals=0
                 )
                 best_params = copy_params(state.params)
-            else:
+            elif selectable:
                 meta["bad_evals"] += 1
             log.info(
                 "[%s] step %d valid %s%s",

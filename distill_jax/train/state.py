@@ -16,8 +16,14 @@ class TrainState(train_state.TrainState):
     """flax's TrainState: step, params, opt_state (apply_fn and tx are static)."""
 
 
-def make_optimizer(mcfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay to 1% of the peak rate."""
+def make_optimizer(
+    mcfg: ml_collections.ConfigDict, then: optax.GradientTransformation | None = None
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine decay to 1% of the peak rate.
+
+    `then` is chained after it: it sees AdamW's updates (e.g. the pruning
+    transformation of ``compress.prune``, which keeps cut weights at zero).
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=mcfg.learning_rate,
@@ -28,9 +34,10 @@ def make_optimizer(mcfg: ml_collections.ConfigDict) -> optax.GradientTransformat
     # Decay matrices only: shrinking LayerNorm scales and biases only hurts.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=mcfg.weight_decay, mask=decay_mask)
+    parts = [adamw] if then is None else [adamw, then]
     if mcfg.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(mcfg.grad_clip_norm), adamw)
-    return adamw
+        parts.insert(0, optax.clip_by_global_norm(mcfg.grad_clip_norm))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 def _dummy_inputs(model: nn.Module) -> jax.Array:
@@ -55,14 +62,21 @@ def param_shardings(model: nn.Module, mesh, rule_pairs) -> Any:
 
 
 def create_state(
-    model: nn.Module, mcfg: ml_collections.ConfigDict, mesh, rule_pairs, rng: jax.Array
+    model: nn.Module,
+    mcfg: ml_collections.ConfigDict,
+    mesh,
+    rule_pairs,
+    rng: jax.Array,
+    then: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, Any]:
     """Initialises the train state directly in its sharded layout.
+
+    `then` is chained after the optimiser (see :func:`make_optimizer`).
 
     Returns:
       (state, shardings): the state and the NamedSharding of each of its leaves.
     """
-    tx = make_optimizer(mcfg)
+    tx = make_optimizer(mcfg, then)
     init = init_params_fn(model)
 
     def init_state(rng):

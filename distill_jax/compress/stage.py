@@ -1,0 +1,356 @@
+"""The compress and export stages of the main job.
+
+compress: for each variant of `config.compress.variants`, start from the
+best parameters of `config.compress.source`, make the variant (with a short
+fine-tuning on the source's loss where the method has one, resumable like
+any stage, in `WORKDIR/compress/<variant>/`), and evaluate it with the same
+evaluator as every other model. Each variant's `result.json` carries a
+`compression` entry: what was done and what it gained.
+
+export: `config.export.model` (a trained stage or a variant) as a
+self-contained artefact in `WORKDIR/export/` (see `export.py`), checked
+against the in-process model and timed beside it.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from distill_jax import compress, config_lib, models
+from distill_jax import sharding as sharding_lib
+from distill_jax import workdir as workdir_lib
+from distill_jax.compress import export as export_lib
+from distill_jax.compress import lowrank, prune, quantize
+from distill_jax.data import dataset as dataset_lib
+from distill_jax.evaluation import evaluator as evaluator_lib
+from distill_jax.evaluation.evaluator import Evaluator, Scorer
+from distill_jax.train import loop
+from distill_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+# The trained stages a compress source or an export may come from, and their teacher.
+TEACHER_OF = {"teacher": None, "student_kd": "teacher", "student_scratch": None}
+
+
+@dataclasses.dataclass
+class _Source:
+    """The trained student every variant starts from."""
+
+    stage: str
+    mcfg: ml_collections.ConfigDict  # its model config (scratch overrides applied)
+    model: models.SequenceRecommender
+    params: Any  # its best params, on the mesh
+    teacher: loop.Teacher | None  # the distillation teacher of its stage, if any
+
+
+@dataclasses.dataclass
+class Made:
+    """A model ready to evaluate or export, and what compression did to it."""
+
+    scorer: Scorer
+    counts: tuple[int, int]  # (parameter scalars, bytes in memory)
+    info: dict
+    train_seconds: float = 0.0
+    finished: bool = True
+
+
+def _trained(config, stage: str, num_items: int, mesh, workdir: str):
+    if not workdir_lib.finished(workdir, stage):
+        raise FileNotFoundError(
+            f"needs a finished {stage!r} stage in {workdir_lib.stage_dir(workdir, stage)}; "
+            f"add '{stage}' to config.stages before it."
+        )
+    key = "teacher" if stage == "teacher" else "student"
+    model = workdir_lib.build(config, key, num_items, stage, mesh)
+    params, shardings = workdir_lib.load_best_params(
+        model, config, mesh, workdir_lib.stage_dir(workdir, stage)
+    )
+    return model, params, shardings
+
+
+def _source(config, split, mesh, workdir: str) -> _Source:
+    stage = config.compress.source
+    model, params, shardings = _trained(config, stage, split.num_items, mesh, workdir)
+    teacher = None
+    if TEACHER_OF[stage] is not None:
+        t_model, t_params, t_shardings = _trained(
+            config, TEACHER_OF[stage], split.num_items, mesh, workdir
+        )
+        teacher = loop.Teacher(model=t_model, params=t_params, shardings=t_shardings)
+    mcfg = config_lib.stage_model_config(config, stage, "student")
+    return _Source(stage, mcfg, model, params, teacher)
+
+
+def _finetune_config(config, src: _Source) -> ml_collections.ConfigDict:
+    mcfg = src.mcfg.copy_and_resolve_references()
+    c = config.compress
+    mcfg.update(num_steps=c.finetune_steps, learning_rate=c.learning_rate)
+    mcfg.warmup_steps = c.warmup_steps
+    return mcfg
+
+
+def _finetune(name, model, init_params, config, split, mesh, vdir, src, stop_at_step, **kw):
+    return loop.train_stage(
+        name=name,
+        model=model,
+        mcfg=_finetune_config(config, src),
+        config=config,
+        split=split,
+        workdir=vdir,
+        mesh=mesh,
+        teacher=src.teacher,
+        stop_at_step=stop_at_step,
+        init_params=init_params,
+        **kw,
+    )
+
+
+def _replicated_scorer(model, params, mesh) -> Scorer:
+    # Quantized trees have no logical axis names: they are small and replicated.
+    rep = sharding_lib.replicated(mesh)
+    params = jax.device_put(params, rep)
+    return evaluator_lib.model_scorer(model, params, jax.tree.map(lambda _: rep, params))
+
+
+def make_variant(
+    variant: compress.Variant,
+    config: ml_collections.ConfigDict,
+    split,
+    mesh,
+    workdir: str,
+    src: _Source,
+    stop_at_step: int | None = None,
+) -> Made:
+    """Makes (or, once fine-tuned, restores) one variant of the source student."""
+    c = config.compress
+    name = f"{src.stage}_{variant.name}"
+    vdir = os.path.join(workdir, "compress", variant.name)
+    os.makedirs(vdir, exist_ok=True)
+    steps = c.finetune_steps
+    rules = sharding_lib.rules(config)
+    info: dict[str, Any] = {"method": variant.kind, "source": src.stage, "finetune_steps": steps}
+    train_seconds, finished = 0.0, True
+
+    if variant.kind == "pruned":
+        target = variant.amount / 100.0
+        which = prune.prunable(src.params, c.prune_item_table)
+        if steps == 0:
+            ones = jax.tree.map(lambda p: np.ones(p.shape, bool), src.params)
+            masks = prune.magnitude_masks(src.params, ones, which, target, c.prune_scope)
+            params = jax.tree.map(lambda p, m: p * m, src.params, masks)
+        else:
+            end = max(1, round(c.prune_end_fraction * steps))
+            then = prune.prune_updates(
+                which,
+                target=target,
+                end_step=end,
+                update_every=c.prune_every_steps,
+                scope=c.prune_scope,
+            )
+            res = _finetune(
+                name,
+                src.model,
+                src.params,
+                config,
+                split,
+                mesh,
+                vdir,
+                src,
+                stop_at_step,
+                then=then,
+                select_from_step=end,
+            )
+            params, train_seconds, finished = res.params, res.train_seconds, res.finished
+        model = src.model
+        if finished:
+            info["sparsity"] = prune.sparsity_report(params, which)
+            info.update(scope=c.prune_scope, item_table_pruned=c.prune_item_table)
+        scorer = evaluator_lib.model_scorer(
+            model, params, state_lib.param_shardings(model, mesh, rules)
+        )
+        counts = model.param_counts(params) if finished else (0, 0)
+        if finished:
+            info["nonzero_params"] = int(
+                sum(np.count_nonzero(np.asarray(x)) for x in jax.tree.leaves(params))
+            )
+    elif variant.kind == "lowrank":
+        mcfg = src.mcfg.copy_and_resolve_references()
+        mcfg.item_rank = variant.amount
+        model = models.build_model(
+            mcfg,
+            num_items=split.num_items,
+            max_len=mcfg.max_len,
+            key_prefix="student",
+            vocab_shards=sharding_lib.vocab_shards(config, mesh),
+        )
+        shardings = state_lib.param_shardings(model, mesh, rules)
+        factored, svd = lowrank.factorize(
+            jax.device_get(src.params), variant.amount, split.num_items
+        )
+        params = jax.device_put(factored, shardings)
+        info["svd"] = svd
+        if steps:
+            res = _finetune(name, model, params, config, split, mesh, vdir, src, stop_at_step)
+            params, train_seconds, finished = res.params, res.train_seconds, res.finished
+        scorer = evaluator_lib.model_scorer(model, params, shardings)
+        counts = model.param_counts(params) if finished else (0, 0)
+    else:  # int8, int8_qat
+        params = src.params
+        if variant.kind == "int8_qat" and steps:
+            qat = quantize.qat_model(src.model, c.quantize_activations)
+            res = _finetune(name, qat, params, config, split, mesh, vdir, src, stop_at_step)
+            params, train_seconds, finished = res.params, res.train_seconds, res.finished
+        scorer, counts = None, (0, 0)
+        if finished:
+            qmodel, qparams = quantize.ptq(src.model, params, c.quantize_activations)
+            scorer = _replicated_scorer(qmodel, qparams, mesh)
+            counts = (src.model.param_counts(src.params)[0], quantize.param_bytes(qparams))
+            info.update(
+                weights="int8, one float32 scale per output channel (item table: per item)",
+                activations="int8 per token" if c.quantize_activations else "float32",
+            )
+    return Made(scorer, counts, info, train_seconds, finished)
+
+
+def _evaluate(evaluator: Evaluator, made: Made, data, config, t_scorer) -> dict:
+    t0 = time.time()
+    metrics = {s: evaluator.evaluate(made.scorer, s) for s in data.eval_splits}
+    out = {
+        "metrics": metrics,
+        "eval_seconds": time.time() - t0,
+        "cost": workdir_lib.cost(evaluator, made.scorer, made.counts, config),
+    }
+    if t_scorer is not None and t_scorer.causal == made.scorer.causal:
+        out["agreement_with_teacher"] = {"test": evaluator.agreement(t_scorer, made.scorer, "test")}
+    return out
+
+
+def run_compress(
+    config: ml_collections.ConfigDict,
+    data: dataset_lib.Dataset,
+    mesh,
+    workdir: str,
+    stop_at_step: int | None = None,
+) -> dict[str, dict] | None:
+    """Every configured variant's result (report name -> result), or None if stopped."""
+    variants = compress.parse_variants(config.compress.variants)
+    results: dict[str, dict] = {}
+    pending = []
+    for v in variants:
+        path = os.path.join(workdir, "compress", v.name, "result.json")
+        if os.path.exists(path):
+            log.info("[compress] %s finished earlier; skipping (%s)", v.name, path)
+            results[f"{config.compress.source}_{v.name}"] = workdir_lib.read_json(path)
+        else:
+            pending.append(v)
+    if not pending:
+        return results
+    src = _source(config, data.split, mesh, workdir)
+    evaluator = Evaluator(data.split, config, mesh)
+    t_scorer = None
+    if src.teacher is not None:
+        t_scorer = evaluator_lib.model_scorer(
+            src.teacher.model, src.teacher.params, src.teacher.shardings
+        )
+    src_counts = src.model.param_counts(src.params)
+    for v in pending:
+        name = f"{src.stage}_{v.name}"
+        log.info("[compress] %s", name)
+        made = make_variant(v, config, data.split, mesh, workdir, src, stop_at_step)
+        if not made.finished:
+            return None
+        made.info["bytes_vs_source"] = made.counts[1] / src_counts[1]
+        result = {
+            "model": config.student.name,
+            "params": made.counts[0],
+            "param_bytes": made.counts[1],
+            "train_seconds": made.train_seconds,
+            "teacher": TEACHER_OF[src.stage],
+            "compression": made.info,
+            **_evaluate(evaluator, made, data, config, t_scorer),
+        }
+        workdir_lib.write_json(os.path.join(workdir, "compress", v.name, "result.json"), result)
+        log.info("[compress] %s test %s", name, workdir_lib.brief(result["metrics"]["test"]))
+        results[name] = result
+    return results
+
+
+def exported_scorer(config, data, mesh, workdir: str) -> tuple[Scorer, dict]:
+    """The scorer of `config.export.model` and where it came from."""
+    name = config.export.model
+    if name in config_lib.TRAINED_STAGES:
+        model, params, shardings = _trained(config, name, data.split.num_items, mesh, workdir)
+        return evaluator_lib.model_scorer(model, params, shardings), workdir_lib.read_json(
+            os.path.join(workdir_lib.stage_dir(workdir, name), "result.json")
+        )
+    prefix = config.compress.source + "_"
+    variant = {v.name: v for v in compress.parse_variants(config.compress.variants)}[
+        name[len(prefix) :]
+    ]
+    result_path = os.path.join(workdir, "compress", variant.name, "result.json")
+    if not os.path.exists(result_path):
+        raise FileNotFoundError(
+            f"config.export.model={name!r} needs the compress stage to have made it "
+            f"({result_path} is missing); add 'compress' to config.stages before 'export'."
+        )
+    src = _source(config, data.split, mesh, workdir)
+    made = make_variant(variant, config, data.split, mesh, workdir, src)
+    return made.scorer, workdir_lib.read_json(result_path)
+
+
+def run_export(
+    config: ml_collections.ConfigDict, data: dataset_lib.Dataset, mesh, workdir: str
+) -> dict:
+    """Writes `WORKDIR/export/` (once) and returns what it measured."""
+    out_dir = os.path.join(workdir, "export")
+    result_path = os.path.join(out_dir, "result.json")
+    if os.path.exists(result_path):
+        log.info("[export] finished earlier; skipping (%s)", result_path)
+        return workdir_lib.read_json(result_path)
+    scorer, made_result = exported_scorer(config, data, mesh, workdir)
+    popular = np.argsort(-evaluator_lib.popularity_counts(data.split)[1:], kind="stable") + 1
+    provenance = {
+        "model": config.export.model,
+        "config": config.to_dict(),
+        "data": {k: v for k, v in data.info.items() if k != "steps"},
+        "commit": export_lib.git_commit(),
+        "metrics": made_result.get("metrics", {}).get("test", {}),
+    }
+    manifest = export_lib.write_artifact(
+        out_dir,
+        scorer,
+        num_items=data.split.num_items,
+        top_k=config.export.top_k,
+        exclude_history=config.eval.exclude_history,
+        item_id_to_original=data.item_id_to_original,
+        popular_items=popular[: config.export.popular_items],
+        provenance=provenance,
+    )
+    histories, _ = data.split.eval_examples("test")
+    check = export_lib.compare(out_dir, scorer, histories, data.split.num_items, config)
+    timing = export_lib.latency(out_dir, scorer, histories, data.split.num_items, config)
+    result = {
+        "model": config.export.model,
+        "directory": out_dir,
+        "bytes_on_disk": manifest["bytes_on_disk"],
+        "same_top_k": check,
+        "latency_top_k": timing,
+    }
+    workdir_lib.write_json(result_path, result)
+    log.info(
+        "[export] %s -> %s (%d bytes); same top-%d as in process on %.1f%% of %d test users",
+        config.export.model,
+        out_dir,
+        manifest["bytes_on_disk"],
+        config.export.top_k,
+        100 * check["identical_share"],
+        check["users"],
+    )
+    return result
