@@ -235,7 +235,8 @@ def _compression_md(report: dict) -> list[str]:
         s = e["same_top_k"]
         lines += [
             "",
-            f"Exported {e['model']} to {e['directory']} ({e['bytes_on_disk']:,} bytes): the "
+            f"Exported {e['model']} to {e['directory']} "
+            f"({e['bytes_on_disk']['total']:,} bytes): the "
             f"same ranked top-k as in process for {s['identical_share']:.1%} of "
             f"{s['users']:,} test users (same set {s['same_set_share']:.1%}). Top-k p50 latency, "
             f"{lat}. Serve it with `python -m distill_jax.recommend --artifact={e['directory']} "

@@ -92,6 +92,7 @@ class Recommender:
             self.exported = jax.export.deserialize(bytearray(blob))
         except Exception as e:  # the deserializer raises several kinds for a damaged file
             raise ArtifactError(f"{function_path} is not a jax.export artefact: {e}") from None
+        self.weights = [jax.device_put(w) for w in _weights(directory, manifest)]
         # jit: one dispatch per call instead of re-binding the exported module.
         self._call = jax.jit(self.exported.call)
         self.manifest = manifest
@@ -104,12 +105,12 @@ class Recommender:
 
     def call(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The exported function on `history [B, N]` int32 artefact ids (left-padded with 0)."""
-        ids, scores = self._call(np.asarray(history, np.int32))
+        ids, scores = self._call(self.weights, np.asarray(history, np.int32))
         return np.asarray(ids), np.asarray(scores)
 
     def call_device(self, history: Any) -> tuple[Any, Any]:
         """`call` on an array already on the device, results left there (for timing)."""
-        return self._call(history)
+        return self._call(self.weights, history)
 
     def _internal(self, history: Iterable[Any]) -> tuple[list[int], list[str]]:
         known, unknown = [], []
@@ -150,7 +151,7 @@ class Recommender:
                 keep = np.isfinite(scores[row])  # fewer candidates than K: -inf rows
                 notes = []
                 if unknown:
-                    notes.append(f"{len(unknown)} unknown id(s) skipped")
+                    notes.append(f"unknown ids skipped: {', '.join(unknown)}")
                 if len(known) > self.max_len:
                     notes.append(f"scored on the newest {self.max_len} of {len(known)} items")
                 out[i] = Recommendation(
@@ -170,6 +171,35 @@ class Recommender:
     def recommend(self, history: Sequence[Any]) -> Recommendation:
         """The top-K for one history of the data's own item ids, oldest first."""
         return self.recommend_many([history])[0]
+
+
+def _weights(directory: str, manifest: dict) -> list[np.ndarray]:
+    """The weight arrays, in the exported function's order, in their served dtypes."""
+    spec = manifest["weights"]
+    path = os.path.join(directory, spec["file"])
+    try:
+        archive = np.load(path, allow_pickle=False)  # never unpickles
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist (the artefact's weights).") from None
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"{path} is not a NumPy weights archive: {e}") from None
+    out = []
+    with archive:
+        for entry in spec["arrays"]:
+            if entry["name"] not in archive.files:
+                raise ArtifactError(f"{path}: weight {entry['name']!r} is missing")
+            a = archive[entry["name"]]
+            if list(a.shape) != entry["shape"] or str(a.dtype) != entry["stored"]:
+                raise ArtifactError(
+                    f"{path}: weight {entry['name']!r} is {a.dtype}{list(a.shape)}; "
+                    f"artifact.json says {entry['stored']}{entry['shape']}"
+                )
+            if entry["dtype"] == "bfloat16":  # stored as bfloat16 bits, served as float32
+                import ml_dtypes  # a dependency of jax
+
+                a = a.view(ml_dtypes.bfloat16).astype(np.float32)
+            out.append(a)
+    return out
 
 
 def load(directory: str) -> Recommender:
@@ -247,8 +277,6 @@ def _main(argv: list[str]) -> int:
         rec = load(args.artifact)
         if args.history is not None:
             r = rec.recommend(parse_history(args.history, "--history"))
-            if r.unknown:
-                print(f"unknown ids skipped: {', '.join(r.unknown)}")
             if r.note:
                 print(r.note)
             for rank, (item, score) in enumerate(zip(r.items, r.scores, strict=True), start=1):

@@ -9,6 +9,7 @@ import types
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from configs import synthetic
 from distill_jax import pipeline
@@ -43,12 +44,24 @@ def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
     assert d["users"] == config.data.synthetic.num_users
     assert d["items"] == config.data.synthetic.num_items
     assert d["interactions"] > 3 * d["users"]
-    assert set(report["models"]) == {"popularity", "teacher", "student_kd", "student_scratch"}
+    variants = {
+        "student_kd_pruned50",
+        "student_kd_int8",
+        "student_kd_int8_qat",
+        "student_kd_lowrank4",
+    }
+    assert set(report["models"]) == {
+        "popularity",
+        "teacher",
+        "student_kd",
+        "student_scratch",
+        *variants,
+    }
     for name, m in report["models"].items():
         if name == "popularity":
             continue
         assert isinstance(m["params"], int) and m["params"] > 0
-        assert m["train_seconds"] > 0
+        assert m["train_seconds"] > 0 or name == "student_kd_int8"  # post-training
         lat = m["cost"]["latency_top10"]
         assert set(lat) == {"batch_1", "batch_256"}
         assert 0 < lat["batch_1"]["p50_ms"] <= lat["batch_1"]["p99_ms"]
@@ -63,6 +76,31 @@ def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
     assert "student_kd" in md and "ndcg@10" in md
     # Something was learnt: the teacher beats the chance level of ranking (10 / V).
     assert models["teacher"]["metrics"]["test"]["hr@10"] > 1.5 * 10 / d["items"]
+    # The compressed variants: what each did, measured.
+    pruned = models["student_kd_pruned50"]["compression"]
+    assert pruned["sparsity"]["prunable"] == pytest.approx(0.5, abs=1e-3)
+    int8 = models["student_kd_int8"]
+    assert int8["param_bytes"] < 0.6 * models["student_kd"]["param_bytes"]
+    low = models["student_kd_lowrank4"]
+    assert low["params"] < models["student_kd"]["params"] and low["compression"]["svd"]["rank"] == 4
+    # The default run ends with a servable artefact, and it serves.
+    e = report["export"]
+    assert e["model"] == config.export.model and e["same_top_k"]["identical_share"] == 1.0
+    served = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill_jax.recommend",
+            f"--artifact={workdir / 'export'}",
+            "--history=1,2,3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr
+    assert len(served.stdout.strip().splitlines()) == config.export.top_k
+    assert "student_kd_int8" in md and "Exported" in md
 
     # A re-run in the same workdir skips finished stages and gives the same report.
     again = pipeline.run(config, str(workdir))

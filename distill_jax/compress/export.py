@@ -1,24 +1,27 @@
 """A servable artefact: the recommend function as StableHLO, and what it needs to be used.
 
-`WORKDIR/export/` holds two files:
+`WORKDIR/export/` holds three files:
 
-* `recommend.jaxexport`: ``jax.export`` of ``recommend(history [B, N] int32)
-  -> (ids [B, K] int32, scores [B, K] float32)``, B and N symbolic. The
-  weights are constants inside it (int8 ones stay int8). The history is the
-  user's items in our item ids, oldest first, left-padded with 0; the model
-  scores the newest ``max_len`` of them and, as in evaluation, none of the N
-  is recommended.
-* `artifact.json`: the input contract, the map from our item ids back to the
-  data's own ids, the most popular items (the fallback for an empty
-  history), and where the model came from (config, data fingerprint, commit,
-  test metrics).
+* `recommend.jaxexport`: ``jax.export`` of ``recommend(weights, history [B, N]
+  int32) -> (ids [B, K] int32, scores [B, K] float32)``, B and N symbolic.
+  The history is the user's items in our item ids, oldest first, left-padded
+  with 0; the model scores the newest ``max_len`` of them and, as in
+  evaluation, none of the N is recommended.
+* `weights.npz`: the weights, a flat list of arrays (int8 ones stay int8;
+  float32 arrays whose values are exact bfloat16 numbers, like the int8
+  student's scales and output bias, are stored as bfloat16 bits).
+* `artifact.json`: the input contract, each weight's stored and served
+  dtype, the map from our item ids back to the data's own ids, the most
+  popular items (the fallback for an empty history), and where the model
+  came from (config, data fingerprint, commit, test metrics).
 
-Both are plain data: loading them (``distill_jax.recommend``) deserializes
-StableHLO and JSON and never unpickles anything. Copy the directory
-anywhere jax runs; nothing else of ours is needed.
+The weights are arguments, not constants of the module: with constants,
+tracing folded the int8 table's dequantization into a float32 copy.
+All three are plain data: loading them (``distill_jax.recommend``)
+deserializes StableHLO, a NumPy archive without pickles, and JSON. Copy the
+directory anywhere jax runs; nothing else of ours is needed.
 """
 
-import functools
 import json
 import os
 import subprocess
@@ -27,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from distill_jax.data import pipeline
@@ -36,6 +40,7 @@ from distill_jax.evaluation.evaluator import Scorer
 FORMAT = "distill_jax.recommender"
 VERSION = 1
 FUNCTION_FILE = "recommend.jaxexport"
+WEIGHTS_FILE = "weights.npz"
 MANIFEST_FILE = "artifact.json"
 # Lowered for each: the artefact runs on a CPU, a GPU or a TPU host alike.
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -68,14 +73,31 @@ def recommend_function(scorer: Scorer, num_items: int, top_k: int, exclude_histo
 
 def export(
     scorer: Scorer, num_items: int, top_k: int, exclude_history: bool
-) -> jax.export.Exported:
-    """The recommend function, exported with a symbolic batch and history length."""
-    fn = functools.partial(
-        recommend_function(scorer, num_items, top_k, exclude_history),
-        jax.device_get(scorer.params),  # constants of the exported module
-    )
-    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, n"), jnp.int32)
-    return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
+) -> tuple[jax.export.Exported, list[np.ndarray]]:
+    """The recommend function of (flat weights, history), exported; and the weights.
+
+    The weights are a flat list, so that loading needs no pytree types of
+    ours or of qwix: only arrays.
+    """
+    leaves, treedef = jax.tree.flatten(jax.device_get(scorer.params))
+    leaves = [np.asarray(x) for x in leaves]
+    recommend = recommend_function(scorer, num_items, top_k, exclude_history)
+
+    def fn(weights, history):
+        return recommend(jax.tree.unflatten(treedef, weights), history)
+
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    history = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, n"), jnp.int32)
+    return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(specs, history), leaves
+
+
+def _stored(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """(what is written, its served dtype): bfloat16 bits where that loses nothing."""
+    if x.dtype == np.float32 and x.size:
+        half = x.astype(ml_dtypes.bfloat16)
+        if np.array_equal(half.astype(np.float32), x):
+            return half.view(np.uint16), "bfloat16"
+    return x, str(x.dtype)
 
 
 def _original(value: Any) -> Any:
@@ -111,11 +133,20 @@ def write_artifact(
 ) -> dict:
     """Writes the artefact (both files atomically) and returns its manifest."""
     os.makedirs(out_dir, exist_ok=True)
-    blob = export(scorer, num_items, top_k, exclude_history).serialize()
+    exported, leaves = export(scorer, num_items, top_k, exclude_history)
+    blob = exported.serialize()
+    stored = [_stored(x) for x in leaves]
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "function": FUNCTION_FILE,
+        "weights": {
+            "file": WEIGHTS_FILE,
+            "arrays": [
+                {"name": f"w{i:04d}", "stored": str(a.dtype), "dtype": d, "shape": list(a.shape)}
+                for i, (a, d) in enumerate(stored)
+            ],
+        },
         "platforms": list(PLATFORMS),
         "jax_version": jax.__version__,
         "input": {
@@ -142,6 +173,11 @@ def write_artifact(
         "provenance": provenance,
         "function_bytes": len(blob),
     }
+    tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **{f"w{i:04d}": a for i, (a, _) in enumerate(stored)})
+    os.replace(tmp, os.path.join(out_dir, WEIGHTS_FILE))
+    # The manifest last: a directory with a manifest is a complete artefact.
     for name, data, mode in (
         (FUNCTION_FILE, bytes(blob), "wb"),
         (MANIFEST_FILE, json.dumps(manifest, indent=1, default=str), "w"),
@@ -150,9 +186,9 @@ def write_artifact(
         with open(tmp, mode) as f:
             f.write(data)
         os.replace(tmp, os.path.join(out_dir, name))
-    manifest["bytes_on_disk"] = sum(
-        os.path.getsize(os.path.join(out_dir, n)) for n in (FUNCTION_FILE, MANIFEST_FILE)
-    )
+    files = (FUNCTION_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+    manifest["bytes_on_disk"] = {n: os.path.getsize(os.path.join(out_dir, n)) for n in files}
+    manifest["bytes_on_disk"]["total"] = sum(manifest["bytes_on_disk"].values())
     return manifest
 
 

@@ -8,6 +8,10 @@ gathers rows and their scales). Activations stay float32 unless
 ``config.compress.quantize_activations``, which quantizes the inputs of those
 products per token (dynamic scales).
 
+The per-channel scales and the output bias are rounded to bfloat16 numbers
+(held as float32): a relative change below 2^-8 of each, and the artefact
+stores them in half the bytes.
+
 Quantization-aware fine-tuning trains the float weights through qwix's
 quantized-training provider: the forward pass sees the int8-rounded weights,
 the gradient passes straight through, and the result is then quantized with
@@ -62,7 +66,20 @@ def ptq(model: SequenceRecommender, params: Any, activations: bool = False) -> t
         lambda: qmodel.init({"params": jax.random.key(0)}, dummy, method=_encode_and_score)
     )["params"]
     qparams = qwix.quantize_params(jax.tree.map(jnp.asarray, jax.device_get(params)), abstract)
-    return qmodel, nn.unbox(qparams)
+    return qmodel, jax.tree_util.tree_map_with_path(_compact, nn.unbox(qparams))
+
+
+def _compact(path, leaf):
+    # The per-channel scales and the output bias are the int8 student's
+    # largest float arrays (one number per item each): rounded to bfloat16
+    # numbers (8 significant bits), the artefact stores them in 2 bytes
+    # (export.py) and serves exactly what is evaluated here.
+    last = path[-1]
+    is_scale = isinstance(last, jax.tree_util.GetAttrKey) and last.name == "scale"
+    is_bias = len(path) == 1 and getattr(last, "key", None) == "output_bias"
+    if is_scale or is_bias:
+        return leaf.astype(jnp.bfloat16).astype(jnp.float32)
+    return leaf
 
 
 def qat_model(model: SequenceRecommender, activations: bool = False) -> SequenceRecommender:

@@ -340,6 +340,7 @@ def run_export(
         "model": config.export.model,
         "directory": out_dir,
         "bytes_on_disk": manifest["bytes_on_disk"],
+        "param_bytes": made_result.get("param_bytes"),
         "same_top_k": check,
         "latency_top_k": timing,
     }
@@ -348,7 +349,7 @@ def run_export(
         "[export] %s -> %s (%d bytes); same top-%d as in process on %.1f%% of %d test users",
         config.export.model,
         out_dir,
-        manifest["bytes_on_disk"],
+        manifest["bytes_on_disk"]["total"],
         config.export.top_k,
         100 * check["identical_share"],
         check["users"],
