@@ -482,3 +482,27 @@ def test_main_without_the_report_stage_says_so(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "No table: seeds [0] wrote no report" in out
     assert (tmp_path / "seed_0" / "popularity" / "result.json").exists()
+
+
+def test_compress_benchmark_tabulates_every_model_and_the_targets(tmp_path, capsys):
+    from benchmarks import compress
+
+    compress.main(
+        ["compress", "--config=configs/synthetic.py:tiny", f"--workdir={tmp_path}", "--repeats=2"]
+    )
+    out = capsys.readouterr().out
+    rows = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    names = [r["model"] for r in rows]
+    assert names == [
+        "teacher",
+        "student_kd",
+        "student_kd_pruned50",
+        "student_kd_int8",
+        "student_kd_int8_qat",
+        "student_kd_lowrank4",
+    ]
+    for r in rows:
+        assert r["same_top_k"] == 1.0 and r["artifact_bytes"] > 0
+        assert set(r["latency"]) == {"batch_1", "batch_256"}
+        assert (tmp_path / "benchmark_export" / r["model"] / "weights.npz").exists()
+    assert "| student_kd_int8 |" in out and "target <= 1/3" in out

@@ -282,9 +282,17 @@ def run_compress(
     return results
 
 
-def exported_scorer(config, data, mesh, workdir: str) -> tuple[Scorer, dict]:
-    """The scorer of `config.export.model` and where it came from."""
-    name = config.export.model
+def result_path(config, workdir: str, name: str) -> str:
+    """Where the result.json of a trained stage or a variant (its report name) lives."""
+    if name in config_lib.TRAINED_STAGES:
+        return os.path.join(workdir_lib.stage_dir(workdir, name), "result.json")
+    return os.path.join(
+        workdir, "compress", name.removeprefix(config.compress.source + "_"), "result.json"
+    )
+
+
+def scorer_for(config, data, mesh, workdir: str, name: str) -> tuple[Scorer, dict]:
+    """The scorer of a trained stage or a made variant (its report name), and its result."""
     if name in config_lib.TRAINED_STAGES:
         model, params, shardings = _trained(config, name, data.split.num_items, mesh, workdir)
         return evaluator_lib.model_scorer(model, params, shardings), workdir_lib.read_json(
@@ -297,7 +305,7 @@ def exported_scorer(config, data, mesh, workdir: str) -> tuple[Scorer, dict]:
     result_path = os.path.join(workdir, "compress", variant.name, "result.json")
     if not os.path.exists(result_path):
         raise FileNotFoundError(
-            f"config.export.model={name!r} needs the compress stage to have made it "
+            f"{name!r} needs the compress stage to have made it "
             f"({result_path} is missing); add 'compress' to config.stages before 'export'."
         )
     src = _source(config, data.split, mesh, workdir)
@@ -305,19 +313,17 @@ def exported_scorer(config, data, mesh, workdir: str) -> tuple[Scorer, dict]:
     return made.scorer, workdir_lib.read_json(result_path)
 
 
-def run_export(
-    config: ml_collections.ConfigDict, data: dataset_lib.Dataset, mesh, workdir: str
-) -> dict:
-    """Writes `WORKDIR/export/` (once) and returns what it measured."""
-    out_dir = os.path.join(workdir, "export")
-    result_path = os.path.join(out_dir, "result.json")
-    if os.path.exists(result_path):
-        log.info("[export] finished earlier; skipping (%s)", result_path)
-        return workdir_lib.read_json(result_path)
-    scorer, made_result = exported_scorer(config, data, mesh, workdir)
+def export_model(config, data, mesh, workdir: str, name: str, out_dir: str) -> dict:
+    """Writes the artefact of `name` (a trained stage or a variant) to `out_dir`; measures it.
+
+    Returns what it measured: bytes on disk, the share of test users whose
+    top-K is the same as in process, and the artefact's latency beside the
+    in-process model's.
+    """
+    scorer, made_result = scorer_for(config, data, mesh, workdir, name)
     popular = np.argsort(-evaluator_lib.popularity_counts(data.split)[1:], kind="stable") + 1
     provenance = {
-        "model": config.export.model,
+        "model": name,
         "config": config.to_dict(),
         "data": {k: v for k, v in data.info.items() if k != "steps"},
         "commit": export_lib.git_commit(),
@@ -334,22 +340,35 @@ def run_export(
         provenance=provenance,
     )
     histories, _ = data.split.eval_examples("test")
-    check = export_lib.compare(out_dir, scorer, histories, data.split.num_items, config)
-    timing = export_lib.latency(out_dir, scorer, histories, data.split.num_items, config)
-    result = {
-        "model": config.export.model,
+    return {
+        "model": name,
         "directory": out_dir,
         "bytes_on_disk": manifest["bytes_on_disk"],
         "param_bytes": made_result.get("param_bytes"),
-        "same_top_k": check,
-        "latency_top_k": timing,
+        "same_top_k": export_lib.compare(out_dir, scorer, histories, data.split.num_items, config),
+        "latency_top_k": export_lib.latency(
+            out_dir, scorer, histories, data.split.num_items, config
+        ),
     }
+
+
+def run_export(
+    config: ml_collections.ConfigDict, data: dataset_lib.Dataset, mesh, workdir: str
+) -> dict:
+    """Writes `WORKDIR/export/` (once) and returns what it measured."""
+    out_dir = os.path.join(workdir, "export")
+    result_path = os.path.join(out_dir, "result.json")
+    if os.path.exists(result_path):
+        log.info("[export] finished earlier; skipping (%s)", result_path)
+        return workdir_lib.read_json(result_path)
+    result = export_model(config, data, mesh, workdir, config.export.model, out_dir)
     workdir_lib.write_json(result_path, result)
+    check = result["same_top_k"]
     log.info(
         "[export] %s -> %s (%d bytes); same top-%d as in process on %.1f%% of %d test users",
         config.export.model,
         out_dir,
-        manifest["bytes_on_disk"]["total"],
+        result["bytes_on_disk"]["total"],
         config.export.top_k,
         100 * check["identical_share"],
         check["users"],
