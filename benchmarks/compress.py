@@ -69,7 +69,11 @@ def _targets(rows: dict, exported_name: str) -> list[str]:
     def rel(name):
         return rows[name]["ndcg@10"] / kd["ndcg@10"] - 1.0
 
-    for name, limit in (("student_kd_int8", 0.02), ("student_kd_int8_qat", 0.02)):
+    for name, limit in (
+        ("student_kd_int8", 0.02),
+        ("student_kd_int8_act", 0.02),
+        ("student_kd_int8_qat", 0.02),
+    ):
         if name in rows:
             out.append(
                 f"{name}: NDCG@10 {rel(name):+.2%} relative to student_kd (target within "

@@ -330,7 +330,7 @@ def _validate_compress(config: ml_collections.ConfigDict, stages: list[str]) -> 
                 c.variants,
                 f"{v.name}: a rank in [1, student.embed_dim={config.student.embed_dim})",
             )
-        if v.kind in ("int8", "int8_qat"):
+        if v.kind.startswith("int8"):
             _expect(
                 config.student.dtype == "float32",
                 "compress.variants",
@@ -357,12 +357,14 @@ def _validate_compress(config: ml_collections.ConfigDict, stages: list[str]) -> 
             r,
             f"0 or a rank in [1, {key}.embed_dim={config[key].embed_dim})",
         )
-    if "compress" in stages:
+    # A stage a later one reads from runs before it, or finished in the
+    # workdir earlier (checked when the later stage starts).
+    if "compress" in stages and c.source in stages:
         _expect(
-            c.source in stages[: stages.index("compress")],
+            stages.index(c.source) < stages.index("compress"),
             "stages",
             config.stages,
-            f"compress.source={c.source!r} among the stages before 'compress'",
+            f"compress.source={c.source!r} before 'compress'",
         )
     e = config.export
     _positive_int(e, "export", "top_k", "popular_items")
@@ -372,7 +374,7 @@ def _validate_compress(config: ml_collections.ConfigDict, stages: list[str]) -> 
         before = stages[: stages.index("export")]
         needs = "compress" if e.model not in TRAINED_STAGES else e.model
         _expect(
-            needs in before,
+            needs not in stages or needs in before,
             "stages",
             config.stages,
             f"{needs!r} before 'export' (export.model={e.model!r})",

@@ -206,7 +206,7 @@ def _method_md(c: dict) -> str:
     if c["method"] == "lowrank":
         svd = c["svd"]
         return f"item table at rank {svd['rank']} (the SVD keeps {svd['energy']:.1%} of its energy)"
-    if c["method"] == "int8":
+    if c["method"] in ("int8", "int8_act"):
         return f"int8 weights; activations {c.get('activations')}"
     return f"int8 after quantization-aware fine-tuning; activations {c.get('activations')}"
 

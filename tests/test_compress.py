@@ -174,6 +174,28 @@ def test_int8_ptq_quantizes_every_matrix_and_the_item_table_per_row(name):
     assert quantize.param_bytes(qparams) < 0.6 * quantize.param_bytes(params)
 
 
+def test_int8_activations_quantize_the_inputs_of_every_product_too():
+    model = _model()
+    rng = np.random.default_rng(6)
+    x = _inputs(model, rng)
+    params = nn.unbox(model.init({"params": jax.random.key(3)}, x, train=False))["params"]
+    weights_only = quantize.ptq(model, params)
+    both = quantize.ptq(model, params, activations=True)
+
+    def int8_products(qmodel, qparams):
+        text = jax.jit(lambda p: _scores(qmodel, p, x)).lower(qparams).as_text()
+        return sum(
+            "xi8>" in line.split("->")[0] for line in text.splitlines() if "dot_general" in line
+        )
+
+    # Weights only: the products take dequantized weights; with activations,
+    # int8 x int8 products appear.
+    assert int8_products(*weights_only) == 0 < int8_products(*both)
+    a = np.asarray(_scores(model, params, x))[:, 1:]
+    b = np.asarray(_scores(*both, x))[:, 1:]
+    assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(a))
+
+
 def test_qat_model_trains_the_float_tree_and_its_forward_sees_int8_weights():
     model = _model()
     rng = np.random.default_rng(5)
@@ -205,7 +227,10 @@ def test_qat_model_trains_the_float_tree_and_its_forward_sees_int8_weights():
         ({"compress.warmup_steps": 10}, r"compress\.warmup_steps"),
         ({"export.model": "student_kd_pruned80"}, r"export\.model"),
         ({"stages": "teacher,compress,student_kd"}, r"config\.stages.*compress\.source"),
-        ({"stages": "teacher,student_kd,export"}, r"config\.stages.*'compress' before 'export'"),
+        (
+            {"stages": "teacher,student_kd,export,compress"},
+            r"config\.stages.*'compress' before 'export'",
+        ),
         ({"student.item_rank": 8}, r"student\.item_rank"),
     ],
 )
@@ -231,6 +256,7 @@ def test_variant_names():
     assert compress.variant_names(config) == [
         "student_kd_pruned50",
         "student_kd_int8",
+        "student_kd_int8_act",
         "student_kd_int8_qat",
         "student_kd_lowrank4",
     ]

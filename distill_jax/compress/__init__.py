@@ -5,6 +5,8 @@ The compress stage makes variants of a trained student (``config.compress``):
 * ``pruned<P>``: P% of its matrices' weights cut by L1 magnitude, gradually,
   during a distillation fine-tuning (``prune.py``);
 * ``int8``: int8 weights, post-training (``quantize.py``, qwix);
+* ``int8_act``: int8 weights and int8 inputs of every matrix product
+  (dynamic per-token scales), post-training;
 * ``int8_qat``: int8 after a quantization-aware distillation fine-tuning;
 * ``lowrank<R>``: its item table factorized to rank R by truncated SVD, then
   fine-tuned (``lowrank.py``).
@@ -20,8 +22,8 @@ import re
 
 import ml_collections
 
-KINDS = ("pruned", "int8", "int8_qat", "lowrank")
-_PATTERN = re.compile(r"^(pruned)(\d+)$|^(lowrank)(\d+)$|^(int8_qat)$|^(int8)$")
+KINDS = ("pruned", "int8", "int8_act", "int8_qat", "lowrank")
+_PATTERN = re.compile(r"^(pruned)(\d+)$|^(lowrank)(\d+)$|^(int8_qat)$|^(int8_act)$|^(int8)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +36,8 @@ class Variant:
 
     @property
     def fine_tuned(self) -> bool:
-        """Whether the variant trains (int8 alone is post-training)."""
-        return self.kind != "int8"
+        """Whether the variant trains (int8 and int8_act are post-training)."""
+        return self.kind not in ("int8", "int8_act")
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -46,7 +48,8 @@ def parse_variants(text: str) -> list[Variant]:
         if m is None:
             raise ValueError(
                 f"config.compress.variants: {name!r} is not a variant; expected "
-                "pruned<percent> (e.g. pruned50), int8, int8_qat or lowrank<rank> (e.g. lowrank8)"
+                "pruned<percent> (e.g. pruned50), int8, int8_act, int8_qat or lowrank<rank> "
+                "(e.g. lowrank8)"
             )
         groups = [g for g in m.groups() if g is not None]
         kind, amount = groups[0], int(groups[1]) if len(groups) > 1 else 0

@@ -5,8 +5,8 @@ output channel (absmax calibration): the attention and MLP kernels, and the
 tied item table, whose scale is per item row, so that the embedding lookup
 and the catalogue scores read the same int8 rows (``models.layers.embedding_lookup``
 gathers rows and their scales). Activations stay float32 unless
-``config.compress.quantize_activations``, which quantizes the inputs of those
-products per token (dynamic scales).
+the ``int8_act`` variant, which also quantizes the inputs of those products
+per token (dynamic scales).
 
 The per-channel scales and the output bias are rounded to bfloat16 numbers
 (held as float32): a relative change below 2^-8 of each, and the artefact

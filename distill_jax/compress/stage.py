@@ -201,20 +201,21 @@ def make_variant(
             params, train_seconds, finished = res.params, res.train_seconds, res.finished
         scorer = evaluator_lib.model_scorer(model, params, shardings)
         counts = model.param_counts(params) if finished else (0, 0)
-    else:  # int8, int8_qat
+    else:  # int8, int8_act, int8_qat
         params = src.params
+        activations = variant.kind == "int8_act"
         if variant.kind == "int8_qat" and steps:
-            qat = quantize.qat_model(src.model, c.quantize_activations)
+            qat = quantize.qat_model(src.model)
             res = _finetune(name, qat, params, config, split, mesh, vdir, src, stop_at_step)
             params, train_seconds, finished = res.params, res.train_seconds, res.finished
         scorer, counts = None, (0, 0)
         if finished:
-            qmodel, qparams = quantize.ptq(src.model, params, c.quantize_activations)
+            qmodel, qparams = quantize.ptq(src.model, params, activations)
             scorer = _replicated_scorer(qmodel, qparams, mesh)
             counts = (src.model.param_counts(src.params)[0], quantize.param_bytes(qparams))
             info.update(
                 weights="int8, one float32 scale per output channel (item table: per item)",
-                activations="int8 per token" if c.quantize_activations else "float32",
+                activations="int8, one scale per token" if activations else "float32",
             )
     return Made(scorer, counts, info, train_seconds, finished)
 
