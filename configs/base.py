@@ -34,7 +34,7 @@ def parse_variants(file: str, arg: str | None, known: tuple[str, ...]) -> list[s
 def tiny_compress(config: ml_collections.ConfigDict) -> None:
     """The `tiny` variants' compress stage: a rank below d=8, a few fine-tuning steps."""
     config.compress.update(
-        variants="pruned50,int8,int8_act,int8_qat,lowrank4",
+        variants="pruned50,int8,int8_qat,lowrank4",
         finetune_steps=10,
         warmup_steps=2,
         prune_every_steps=2,
@@ -207,10 +207,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.compress = ml_collections.ConfigDict()
     config.compress.source = "student_kd"  # The trained stage to compress.
     # Comma-separated: pruned<percent> (magnitude pruning), int8 (post-training
-    # int8 weights), int8_act (int8 weights and activations), int8_qat
+    # int8 weights), int8_act (int8 weights and activations: measured, not one
+    # to serve, see compress/quantize.py), int8_qat
     # (quantization-aware fine-tuning, then int8), lowrank<rank> (item table
     # factorized by truncated SVD). '' makes none.
-    config.compress.variants = "pruned50,pruned80,int8,int8_act,int8_qat,lowrank8"
+    config.compress.variants = "pruned50,pruned80,int8,int8_qat,lowrank8"
     # Fine-tuning of pruned, int8_qat and lowrank variants, with the source's
     # loss (distillation for student_kd): steps (0 = none: one-shot), peak
     # learning rate (linear warm-up, cosine decay).

@@ -498,7 +498,6 @@ def test_compress_benchmark_tabulates_every_model_and_the_targets(tmp_path, caps
         "student_kd",
         "student_kd_pruned50",
         "student_kd_int8",
-        "student_kd_int8_act",
         "student_kd_int8_qat",
         "student_kd_lowrank4",
     ]

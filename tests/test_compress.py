@@ -256,7 +256,6 @@ def test_variant_names():
     assert compress.variant_names(config) == [
         "student_kd_pruned50",
         "student_kd_int8",
-        "student_kd_int8_act",
         "student_kd_int8_qat",
         "student_kd_lowrank4",
     ]

@@ -318,6 +318,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         mlp_dim=M,
         dropout=0.1,
         dtype="bfloat16",
+        item_rank=0,
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)

@@ -47,7 +47,6 @@ def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
     variants = {
         "student_kd_pruned50",
         "student_kd_int8",
-        "student_kd_int8_act",
         "student_kd_int8_qat",
         "student_kd_lowrank4",
     }

@@ -233,6 +233,7 @@ def compare(out_dir: str, scorer: Scorer, histories, num_items: int, config) -> 
         max_len=scorer.max_len,
         batch_size=config.eval.batch_size,
         causal=scorer.causal,
+        trim=scorer.padding_invariant,
     )
     start = 0
     order = np.argsort([len(h) for h in histories], kind="stable")

@@ -6,7 +6,10 @@ tied item table, whose scale is per item row, so that the embedding lookup
 and the catalogue scores read the same int8 rows (``models.layers.embedding_lookup``
 gathers rows and their scales). Activations stay float32 unless
 the ``int8_act`` variant, which also quantizes the inputs of those products
-per token (dynamic scales).
+with dynamic scales. Those scales span more than one row in some of the
+products, so a user's scores under ``int8_act`` move slightly with the other
+rows of the batch (and with the window's padding): the variant is measured
+(on full windows, as served), but it is not one to serve.
 
 The per-channel scales and the output bias are rounded to bfloat16 numbers
 (held as float32): a relative change below 2^-8 of each, and the artefact

@@ -112,11 +112,12 @@ def _finetune(name, model, init_params, config, split, mesh, vdir, src, stop_at_
     )
 
 
-def _replicated_scorer(model, params, mesh) -> Scorer:
+def _replicated_scorer(model, params, mesh, padding_invariant: bool = True) -> Scorer:
     # Quantized trees have no logical axis names: they are small and replicated.
     rep = sharding_lib.replicated(mesh)
     params = jax.device_put(params, rep)
-    return evaluator_lib.model_scorer(model, params, jax.tree.map(lambda _: rep, params))
+    shardings = jax.tree.map(lambda _: rep, params)
+    return evaluator_lib.model_scorer(model, params, shardings, padding_invariant)
 
 
 def make_variant(
@@ -211,7 +212,9 @@ def make_variant(
         scorer, counts = None, (0, 0)
         if finished:
             qmodel, qparams = quantize.ptq(src.model, params, activations)
-            scorer = _replicated_scorer(qmodel, qparams, mesh)
+            # Per-token int8 activations of attention take scales over the
+            # whole window, padding included: evaluated on full windows.
+            scorer = _replicated_scorer(qmodel, qparams, mesh, not activations)
             counts = (src.model.param_counts(src.params)[0], quantize.param_bytes(qparams))
             info.update(
                 weights="int8, one float32 scale per output channel (item table: per item)",

@@ -34,6 +34,10 @@ class Scorer:
       max_len: the input window L.
       causal: next-item inputs (True) or a trailing mask token (False).
       flops_per_sequence: multiply-adds x 2 to score one user's catalogue.
+      padding_invariant: whether the scores are the same for a window with
+        more left padding (our models: yes, positions count from the right).
+        If not (int8 activations take their scales over the padded window),
+        the scorer is always fed full `max_len` windows, as the artefact is.
     """
 
     score_fn: Callable[[Any, jax.Array], jax.Array]
@@ -42,6 +46,7 @@ class Scorer:
     max_len: int
     causal: bool
     flops_per_sequence: float
+    padding_invariant: bool = True
 
 
 def model_flops_per_sequence(model: nn.Module) -> float:
@@ -57,7 +62,9 @@ def model_flops_per_sequence(model: nn.Module) -> float:
     return float(model.num_blocks * per_block + 2 * D * (V + 1))
 
 
-def model_scorer(model: nn.Module, params: Any, param_shardings: Any) -> Scorer:
+def model_scorer(
+    model: nn.Module, params: Any, param_shardings: Any, padding_invariant: bool = True
+) -> Scorer:
     """Scores from a model's logits at the last window position.
 
     Only the catalogue's V+1 columns are scored: a sharded model's padding
@@ -77,6 +84,7 @@ def model_scorer(model: nn.Module, params: Any, param_shardings: Any) -> Scorer:
         model.max_len,
         model.is_causal,
         model_flops_per_sequence(model),
+        padding_invariant,
     )
 
 
@@ -135,6 +143,7 @@ class Evaluator:
             batch_size=self.batch_size,
             causal=scorer.causal,
             users=users,
+            trim=scorer.padding_invariant,
         )
         return batches, n_users
 
