@@ -17,6 +17,7 @@ def _tree(rng):
         "a": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
         "b": {"kernel": jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32)},
         "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+        "query": {"bias": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)},  # per head: 2-D
         "item_embedding": jnp.asarray(rng.normal(size=(9, 4)), jnp.float32),
         "position_embedding": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
     }
@@ -30,6 +31,7 @@ def test_prunable_leaves_out_vectors_positions_and_the_table_by_switch():
         "a": {"kernel": True},
         "b": {"kernel": True},
         "bias": False,
+        "query": {"bias": False},
         "item_embedding": True,
         "position_embedding": False,
     }

@@ -19,22 +19,19 @@ import numpy as np
 import optax
 
 SCOPES = ("global", "layer")
-# Small tables whose rows are all in use at every step: never pruned.
-NEVER_PRUNED = ("position_embedding",)
-
-
 def prunable(params: Any, include_item_table: bool) -> Any:
-    """A pytree of bools like `params`: True for the matrices that may be pruned.
+    """A pytree of bools like `params`: True for the weights that may be pruned.
 
-    Matrices (ndim >= 2) are prunable, except the position table, and the item
-    table unless `include_item_table`. Vectors (biases, LayerNorm) are not.
+    The dense layers' kernels are prunable, and the item table (its factor,
+    for a low-rank table) when `include_item_table`. Biases (also the 2-D
+    per-head ones), LayerNorm and the small position table are not.
     """
 
     def pick(path, leaf):
         name = jax.tree_util.keystr(path[-1:], simple=True)
-        if name in NEVER_PRUNED or (name == "item_embedding" and not include_item_table):
-            return False
-        return leaf.ndim >= 2
+        if name == "item_embedding":
+            return include_item_table
+        return name == "kernel" and leaf.ndim >= 2
 
     return jax.tree_util.tree_map_with_path(pick, params)
 
