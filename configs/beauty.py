@@ -38,8 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # BENCHMARKS.md, "Amazon Beauty": the teacher and both students were
     # searched alike; the distilled student starts from the teacher's tables.
     config.distill.update(alpha=0.5, init_from_teacher="pca")
-    # Compressed variants fine-tune 600 steps (1/5 of the student's), not searched.
-    config.compress.finetune_steps = 600
+    # BENCHMARKS.md, "Compression and serving": 1,800 fine-tuning steps (the pruning check).
+    config.compress.finetune_steps = 1800
     if bert4rec:
         config.teacher.name = config.student.name = "bert4rec"
         # BENCHMARKS.md, "Beauty, BERT4Rec variant": teacher dropout 0.4 at 8,000 steps.

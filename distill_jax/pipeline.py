@@ -219,9 +219,10 @@ def _compression_md(report: dict) -> list[str]:
         if not c:
             continue
         what = _method_md(c)
+        trained = c["method"] not in ("int8", "int8_act") and c["finetune_steps"]
+        tuning = f"{c['finetune_steps']} fine-tuning steps" if trained else "no fine-tuning"
         lines.append(
-            f"- {name}: {what}; {c['finetune_steps']} fine-tuning steps for the fine-tuned "
-            f"methods; {c['bytes_vs_source']:.2f} x the source's bytes."
+            f"- {name}: {what}; {tuning}; {c['bytes_vs_source']:.2f} x the source's bytes."
         )
     if lines:
         lines = ["", "Compressed variants (each evaluated like the models above):", "", *lines]
