@@ -1,8 +1,9 @@
-"""The main job: teacher -> student_kd -> student_scratch -> report.
+"""The main job: teacher -> student_kd -> student_scratch -> compress -> export -> report.
 
 Each stage works in `WORKDIR/<stage>/`; it resumes from its checkpoint and,
 once finished, writes `result.json`, so a re-run skips it. The report stage
-writes `WORKDIR/report.json` and `WORKDIR/report.md`.
+writes `WORKDIR/report.json`, `report.md`, `report.html` and `plots/*.png`
+(distill_jax/evaluation/report.py).
 """
 
 import json
@@ -18,6 +19,7 @@ from distill_jax import workdir as workdir_lib
 from distill_jax.compress import stage as compress_stage
 from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import evaluator as evaluator_lib
+from distill_jax.evaluation import report as report_lib
 from distill_jax.evaluation.evaluator import Evaluator
 from distill_jax.train import loop
 from distill_jax.train import state as state_lib
@@ -70,11 +72,12 @@ def run_stage(
     if stage == "popularity":
         scorer = evaluator_lib.popularity_scorer(split, mesh, config.teacher.max_len)
         t0 = time.time()
-        metrics = {s: evaluator.evaluate(scorer, s) for s in data.eval_splits}
+        metrics, deciles = evaluator.evaluate_splits(scorer, data.eval_splits)
         result = {
             "model": "popularity",
             "params": 0,
             "metrics": metrics,
+            "popularity_deciles": deciles,
             "train_seconds": 0.0,
             "eval_seconds": time.time() - t0,
             "teacher": None,
@@ -118,7 +121,7 @@ def run_stage(
     shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
     scorer = evaluator_lib.model_scorer(model, res.params, shardings)
     t0 = time.time()
-    metrics = {s: evaluator.evaluate(scorer, s) for s in data.eval_splits}
+    metrics, deciles = evaluator.evaluate_splits(scorer, data.eval_splits)
     # The item table's padding rows (a sharded catalogue) are not parameters.
     counts = model.param_counts(res.params)
     result = {
@@ -126,6 +129,8 @@ def run_stage(
         "params": counts[0],
         "param_bytes": counts[1],
         "metrics": metrics,
+        "popularity_deciles": deciles,
+        "curves": res.curves,
         "train_seconds": res.train_seconds,
         "eval_seconds": time.time() - t0,
         "best_step": res.best_step,
@@ -139,111 +144,6 @@ def run_stage(
     workdir_lib.write_json(result_path, result)
     log.info("[%s] test %s", stage, workdir_lib.brief(metrics["test"]))
     return result
-
-
-def _report_md(report: dict) -> str:
-    d = report["dataset"]
-    cols = ["hr@10", "ndcg@10", "mrr", "coverage@10", "gini@10", "tail_ndcg@10"]
-    lines = [
-        "# distill_jax report",
-        "",
-        f"Data: {d['name']}: {d['users']} users, {d['items']} items, "
-        f"{d['interactions']} interactions. Leave-one-out test split, full ranking over "
-        f"every item, history excluded: {report['config']['eval']['exclude_history']}. "
-        "tail = targets outside the head items that make "
-        f"{report['config']['eval']['tail_share']:.0%} of training interactions.",
-        "",
-        "| model | arch | params | KiB | "
-        + " | ".join(cols)
-        + " | valid ndcg@10 | top-10 ms (b=1 / b=256) | train s |",
-        "|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|",
-    ]
-    for name, r in report["models"].items():
-        test = r["metrics"]["test"]
-        lat = r.get("cost", {}).get("latency_top10", {})
-        lat_s = " / ".join(f"{v['p50_ms']:.2f}" for v in lat.values()) or "-"
-        lines.append(
-            f"| {name} | {r['model']} | {r['params']:,} | {r.get('param_bytes', 0) / 1024:.1f} | "
-            + " | ".join(f"{test[c]:.4f}" for c in cols)
-            + f" | {r['metrics']['valid']['ndcg@10']:.4f} | {lat_s} | {r['train_seconds']:.1f} |"
-        )
-    t, kd, sc = (report["models"].get(k) for k in ("teacher", "student_kd", "student_scratch"))
-    if t and kd and sc:
-        tn, kn, sn = (r["metrics"]["test"]["ndcg@10"] for r in (t, kd, sc))
-        lines += [
-            "",
-            f"Student/teacher parameters: {kd['params'] / t['params']:.3f}. "
-            f"student_kd NDCG@10 = {kn / tn if tn else float('nan'):.2f} x teacher, "
-            f"{kn / sn if sn else float('nan'):.2f} x student_scratch.",
-        ]
-    agree = {
-        n: r["agreement_with_teacher"]["test"]
-        for n, r in report["models"].items()
-        if "agreement_with_teacher" in r
-    }
-    if agree:
-        lines += [
-            "",
-            "Agreement with the teacher on the test inputs: "
-            + "; ".join(
-                f"{n}: top-10 overlap {a['top10_overlap']:.3f}, KL {a['kl']:.3f}"
-                for n, a in agree.items()
-            )
-            + ".",
-        ]
-    lines += _compression_md(report)
-    return "\n".join(lines) + "\n"
-
-
-def _method_md(c: dict) -> str:
-    if c["method"] == "pruned":
-        sp = c.get("sparsity", {})
-        table = "item table included" if c.get("item_table_pruned") else "item table kept"
-        return (
-            f"{sp.get('prunable', 0):.1%} of the {sp.get('prunable_weights', 0):,} prunable "
-            f"weights are zero ({c.get('scope')} magnitude, {table})"
-        )
-    if c["method"] == "lowrank":
-        svd = c["svd"]
-        return f"item table at rank {svd['rank']} (the SVD keeps {svd['energy']:.1%} of its energy)"
-    if c["method"] in ("int8", "int8_act"):
-        return f"int8 weights; activations {c.get('activations')}"
-    return f"int8 after quantization-aware fine-tuning; activations {c.get('activations')}"
-
-
-def _compression_md(report: dict) -> list[str]:
-    """What each compressed variant is, and the exported artefact."""
-    lines = []
-    for name, r in report["models"].items():
-        c = r.get("compression")
-        if not c:
-            continue
-        what = _method_md(c)
-        trained = c["method"] not in ("int8", "int8_act") and c["finetune_steps"]
-        tuning = f"{c['finetune_steps']} fine-tuning steps" if trained else "no fine-tuning"
-        lines.append(
-            f"- {name}: {what}; {tuning}; {c['bytes_vs_source']:.2f} x the source's bytes."
-        )
-    if lines:
-        lines = ["", "Compressed variants (each evaluated like the models above):", "", *lines]
-    e = report.get("export")
-    if e:
-        lat = "; ".join(
-            f"{b.replace('_', ' ')}: {v['artifact']['p50_ms']:.2f} ms against "
-            f"{v['in_process']['p50_ms']:.2f} ms in process ({v['ratio_p50']:.2f} x)"
-            for b, v in e["latency_top_k"].items()
-        )
-        s = e["same_top_k"]
-        lines += [
-            "",
-            f"Exported {e['model']} to {e['directory']} "
-            f"({e['bytes_on_disk']['total']:,} bytes): the "
-            f"same ranked top-k as in process for {s['identical_share']:.1%} of "
-            f"{s['users']:,} test users (same set {s['same_set_share']:.1%}). Top-k p50 latency, "
-            f"{lat}. Serve it with `python -m distill_jax.recommend --artifact={e['directory']} "
-            "--history=ID,ID,...`.",
-        ]
-    return lines
 
 
 def run(
@@ -275,9 +175,8 @@ def run(
             }
             workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
             if distributed.is_main_process():
-                with open(os.path.join(workdir, "report.md"), "w") as f:
-                    f.write(_report_md(report))
-            log.info("report written to %s", os.path.join(workdir, "report.md"))
+                written = report_lib.write(report, workdir)
+                log.info("report written: %s", ", ".join(written.values()))
             continue
         if stage == "compress":
             variants = compress_stage.run_compress(config, data, mesh, workdir, stop_at_step)

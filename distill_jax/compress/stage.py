@@ -59,6 +59,7 @@ class Made:
     info: dict
     train_seconds: float = 0.0
     finished: bool = True
+    curves: dict | None = None  # the fine-tuning's, as StageResult.curves
 
 
 def _trained(config, stage: str, num_items: int, mesh, workdir: str):
@@ -137,7 +138,7 @@ def make_variant(
     steps = c.finetune_steps
     rules = sharding_lib.rules(config)
     info: dict[str, Any] = {"method": variant.kind, "source": src.stage, "finetune_steps": steps}
-    train_seconds, finished = 0.0, True
+    train_seconds, finished, curves = 0.0, True, None
 
     if variant.kind == "pruned":
         target = variant.amount / 100.0
@@ -169,6 +170,7 @@ def make_variant(
                 select_from_step=end,
             )
             params, train_seconds, finished = res.params, res.train_seconds, res.finished
+            curves = res.curves
         model = src.model
         if finished:
             info["sparsity"] = prune.sparsity_report(params, which)
@@ -200,6 +202,7 @@ def make_variant(
         if steps:
             res = _finetune(name, model, params, config, split, mesh, vdir, src, stop_at_step)
             params, train_seconds, finished = res.params, res.train_seconds, res.finished
+            curves = res.curves
         scorer = evaluator_lib.model_scorer(model, params, shardings)
         counts = model.param_counts(params) if finished else (0, 0)
     else:  # int8, int8_act, int8_qat
@@ -209,6 +212,7 @@ def make_variant(
             qat = quantize.qat_model(src.model)
             res = _finetune(name, qat, params, config, split, mesh, vdir, src, stop_at_step)
             params, train_seconds, finished = res.params, res.train_seconds, res.finished
+            curves = res.curves
         scorer, counts = None, (0, 0)
         if finished:
             qmodel, qparams = quantize.ptq(src.model, params, activations)
@@ -220,14 +224,15 @@ def make_variant(
                 weights="int8, one float32 scale per output channel (item table: per item)",
                 activations="int8, one scale per token" if activations else "float32",
             )
-    return Made(scorer, counts, info, train_seconds, finished)
+    return Made(scorer, counts, info, train_seconds, finished, curves)
 
 
 def _evaluate(evaluator: Evaluator, made: Made, data, config, t_scorer) -> dict:
     t0 = time.time()
-    metrics = {s: evaluator.evaluate(made.scorer, s) for s in data.eval_splits}
+    metrics, deciles = evaluator.evaluate_splits(made.scorer, data.eval_splits)
     out = {
         "metrics": metrics,
+        "popularity_deciles": deciles,
         "eval_seconds": time.time() - t0,
         "cost": workdir_lib.cost(evaluator, made.scorer, made.counts, config),
     }
@@ -276,6 +281,7 @@ def run_compress(
             "params": made.counts[0],
             "param_bytes": made.counts[1],
             "train_seconds": made.train_seconds,
+            "curves": made.curves,
             "teacher": TEACHER_OF[src.stage],
             "compression": made.info,
             **_evaluate(evaluator, made, data, config, t_scorer),

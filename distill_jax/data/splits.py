@@ -207,3 +207,23 @@ def head_items(popularity: np.ndarray, share: float = 0.2) -> np.ndarray:
     n_head = int(np.searchsorted(covered, share, side="left")) + 1
     head[order[:n_head]] = True
     return head
+
+
+def popularity_groups(popularity: np.ndarray, groups: int = 10) -> np.ndarray:
+    """int [V+1]: each item's popularity decile (or `groups`-quantile), 0 = most popular.
+
+    The V items are ranked by decreasing training count (ties: smaller id
+    first) and cut into `groups` runs of equal length (the first runs one
+    item longer where V does not divide), so every group holds a tenth of
+    the catalogue whatever the counts; items never seen in training sit in
+    the last groups. Padding (entry 0) gets -1.
+    """
+    counts = np.asarray(popularity, np.float64).copy()
+    num_items = len(counts) - 1
+    if not 1 <= groups <= max(num_items, 1):
+        raise ValueError(f"groups must be in 1..{num_items} (the catalogue size), got {groups}.")
+    counts[0] = -np.inf
+    order = np.argsort(-counts[1:], kind="stable") + 1
+    out = np.full(num_items + 1, -1, np.int64)
+    out[order] = np.arange(num_items) * groups // num_items
+    return out

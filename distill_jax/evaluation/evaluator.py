@@ -163,7 +163,7 @@ class Evaluator:
                     if key != "mrr":
                         out[f"tail_{key}"] = value
                 top = metrics_lib.top_k_items(scores, batch["history"], k_max, exclude_history=excl)
-                return out, top
+                return out, top, ranks
 
             self._compiled[id(scorer)] = jax.jit(
                 fn,
@@ -179,25 +179,75 @@ class Evaluator:
           `hr@K`, `ndcg@K`, `mrr`, `tail_hr@K`, `tail_ndcg@K`, `coverage@K`,
           `gini@K` for each K of `config.eval.ks`, and `users`, `tail_users`.
         """
+        return self._evaluate(scorer, split, deciles=False)[0]
+
+    def evaluate_splits(
+        self, scorer: Scorer, eval_splits: tuple[str, ...]
+    ) -> tuple[dict[str, dict], dict[str, dict]]:
+        """What a report row holds: each split's metrics, and the test split's deciles.
+
+        Returns:
+          `({split: evaluate(...)}, {"test": deciles})`; the deciles are
+          per item-popularity decile (0 = the most popular tenth of the
+          catalogue): `items`, `users` (test users whose target is there),
+          `rec_share@K` (share of all top-K recommendations that fall there)
+          and `hr@K`, for K = 10 (or the largest of `config.eval.ks` below it).
+        """
+        metrics, deciles = {}, {}
+        for split in eval_splits:
+            metrics[split], d = self._evaluate(scorer, split, deciles=split == "test")
+            if d is not None:
+                deciles[split] = d
+        return metrics, deciles
+
+    def _evaluate(self, scorer: Scorer, split: str, deciles: bool):
         fn = self._batch_fn(scorer)
         batches, n_users = self.batches(scorer, split)
         total, exposure = None, np.zeros((len(self.ks), self.split.num_items + 1), np.int64)
+        target_parts, rank_parts = [], []
         with jax.set_mesh(self.mesh):
             for batch in batches:
-                out, top = fn(scorer.params, sharding_lib.put_batch(batch, self.mesh))
+                out, top, ranks = fn(scorer.params, sharding_lib.put_batch(batch, self.mesh))
                 total = out if total is None else metrics_lib.accumulate(total, out)
                 top = np.asarray(jax.device_get(top))[batch["where"]]
                 for i, k in enumerate(self.ks):
                     exposure[i] += np.bincount(
                         top[:, :k].ravel(), minlength=self.split.num_items + 1
                     )
+                if deciles:
+                    rank_parts.append(np.asarray(jax.device_get(ranks))[batch["where"]])
+                    target_parts.append(np.asarray(batch["targets"])[batch["where"]])
         total = jax.device_get(total)
         result = metrics_lib.finalize(total)
         for i, k in enumerate(self.ks):
             result.update(metrics_lib.exposure_stats(exposure[i], k, self.split.num_items))
         result["users"] = n_users
         result["tail_users"] = int(total[f"tail_hr@{self.ks[0]}"][1])
-        return result
+        if not deciles:
+            return result, None
+        i = max([j for j, k in enumerate(self.ks) if k <= 10] or [0])
+        return result, self._deciles(
+            exposure[i],
+            self.ks[i],
+            np.concatenate(target_parts),
+            np.concatenate(rank_parts),
+        )
+
+    def _deciles(self, exposure, k, targets, ranks) -> dict[str, list]:
+        groups = min(10, self.split.num_items)
+        group = splits.popularity_groups(popularity_counts(self.split), groups)
+        items = np.bincount(group[1:], minlength=groups)
+        recs = np.bincount(group[1:], weights=exposure[1:], minlength=groups)
+        users = np.bincount(group[targets], minlength=groups)
+        hits = np.bincount(group[targets], weights=ranks <= k, minlength=groups)
+        return {
+            "k": int(k),
+            "items": items.tolist(),
+            "users": users.tolist(),
+            f"rec_share@{k}": (recs / max(recs.sum(), 1)).tolist(),
+            # None (null in report.json) where no test target falls in a decile.
+            f"hr@{k}": [float(h / u) if u else None for h, u in zip(hits, users, strict=True)],
+        }
 
     def agreement(
         self, teacher: Scorer, student: Scorer, split: str = "test", k: int = 10

@@ -19,6 +19,7 @@ from distill_jax.data import loader
 from distill_jax.data.pipeline import TrainBatches
 from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation.evaluator import Evaluator, model_scorer
+from distill_jax.progress import Progress
 from distill_jax.train import state as state_lib
 from distill_jax.train import steps as steps_lib
 from distill_jax.train import teacher_init
@@ -47,10 +48,19 @@ class StageResult:
     train_seconds: float
     stopped_early: bool
     finished: bool
+    # {"train": [[step, loss], ...], "valid": [[step, ndcg@10], ...]}: the report's curves.
+    curves: dict | None = None
 
 
 class _Writer:
-    """TensorBoard events on process 0 only; a no-op elsewhere."""
+    """TensorBoard events on process 0 only; a no-op elsewhere.
+
+    Each stage writes `WORKDIR/<stage>/tb/`: scalars `train/*` (loss, grad
+    norm, steps/s) and `valid/*` (every ranking metric) against the step, the
+    stage's config as text (`config`, once per run of the stage), and at the
+    end its hyperparameters with the best validation metrics (TensorBoard's
+    HPARAMS tab compares stages and runs side by side).
+    """
 
     def __init__(self, logdir: str):
         self._w = None
@@ -65,9 +75,33 @@ class _Writer:
                 self._w.add_scalar(f"{prefix}/{k}", float(v), step)
             self._w.flush()
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self._w is not None:
+            self._w.add_text(tag, text, step)
+            self._w.flush()
+
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        if self._w is not None:
+            # Written into this stage's own run (name='.'), not a sub-run.
+            self._w.add_hparams(hparams, metrics, name=".")
+            self._w.flush()
+
     def close(self) -> None:
         if self._w is not None:
             self._w.close()
+
+
+def _hparams(name: str, mcfg: ml_collections.ConfigDict, config) -> dict:
+    """The stage's hyperparameters for TensorBoard: scalars and strings only."""
+    out = {"stage": name, "seed": config.seed}
+    for k, v in mcfg.items():
+        if isinstance(v, bool | int | float | str):
+            out[f"model.{k}"] = v
+    if name.startswith("student_kd"):
+        for k, v in config.distill.items():
+            if isinstance(v, bool | int | float | str):
+                out[f"distill.{k}"] = v
+    return out
 
 
 def train_stage(
@@ -174,6 +208,7 @@ def train_stage(
         "train_seconds": 0.0,
         "finished": False,
         "stopped_early": False,
+        "curves": {"train": [], "valid": []},
     }
     # A grain iterator over the step-indexed batches: batches are prepared on
     # a background thread while the step runs; its position is checkpointed.
@@ -192,11 +227,13 @@ def train_stage(
     if ckpt.latest_step() is not None:
         state, best_params, meta = ckpt.restore(state, shardings, data_iter)
         log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
+    meta.setdefault("curves", {"train": [], "valid": []})  # checkpoints of older runs
     writer = _Writer(os.path.join(workdir, "tb"))
+    writer.text("config", _config_text(name, mcfg, config), step=int(state.step))
     teacher_params = teacher.params if teacher else None
     num_steps = mcfg.num_steps
     step = int(state.step)
-    t_start, t_window, window_steps = time.time(), time.time(), 0
+    t_start = time.time()
     seconds_before = meta["train_seconds"]
     log.info(
         "[%s] %d training windows, %d steps/epoch, %d steps",
@@ -205,6 +242,7 @@ def train_stage(
         batches.steps_per_epoch,
         num_steps,
     )
+    bar = Progress(f"[{name}]", num_steps, initial=step, logger=log)
 
     def save(step):
         meta["train_seconds"] = seconds_before + time.time() - t_start
@@ -215,28 +253,30 @@ def train_stage(
         batch = sharding_lib.put_local_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, teacher_params, batch, step_rng)
         step += 1
-        window_steps += 1
         if step % config.log_every_steps == 0 or step == num_steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.time()
-            rate = window_steps / max(now - t_window, 1e-9)
-            eta = (num_steps - step) / max(rate, 1e-9)
-            log.info(
-                "[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
-                name,
-                step,
-                num_steps,
-                m["loss"],
-                m["grad_norm"],
-                rate,
-                eta,
-            )
+            bar.update(loss=m["loss"])
+            rate, eta = bar.rate()
+            if not bar.is_bar:
+                log.info(
+                    "[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
+                    name,
+                    step,
+                    num_steps,
+                    m["loss"],
+                    m["grad_norm"],
+                    rate,
+                    eta,
+                )
             writer.scalars(step, {**m, "steps_per_second": rate}, "train")
-            t_window, window_steps = now, 0
+            meta["curves"]["train"].append([step, m["loss"]])
+        else:
+            bar.update()
         if step % config.eval.every_steps == 0 or step == num_steps:
             scorer.params = state.params
             valid = evaluator.evaluate(scorer, "valid")
             writer.scalars(step, valid, "valid")
+            meta["curves"]["valid"].append([step, valid[SELECT_METRIC]])
             selectable = step >= select_from_step
             improved = selectable and valid[SELECT_METRIC] > meta["best_metric"]
             if improved:
@@ -246,7 +286,7 @@ def train_stage(
                 best_params = copy_params(state.params)
             elif selectable:
                 meta["bad_evals"] += 1
-            log.info(
+            bar.note(
                 "[%s] step %d valid %s%s",
                 name,
                 step,
@@ -255,7 +295,7 @@ def train_stage(
             )
             patience = config.eval.patience
             if patience and meta["bad_evals"] >= patience and step < num_steps:
-                log.info(
+                bar.note(
                     "[%s] early stop at step %d: no improvement in %d evaluations",
                     name,
                     step,
@@ -269,8 +309,12 @@ def train_stage(
         if stop_at_step is not None and step >= stop_at_step and not meta["finished"]:
             if step % config.checkpoint.every_steps:
                 save(step)
-            log.info("[%s] stopping at step %d as asked; re-run to resume", name, step)
+            bar.note("[%s] stopping at step %d as asked; re-run to resume", name, step)
             break
+    bar.close()
+    if meta["finished"]:
+        best = {f"best_valid/{k}": float(v) for k, v in meta["best_valid"].items()}
+        writer.hparams(_hparams(name, mcfg, config), {**best, "best_step": meta["best_step"]})
     writer.close()
     params = best_params if meta["finished"] else None
     ckpt.close()
@@ -282,4 +326,13 @@ def train_stage(
         steps_run=step,
         train_seconds=float(meta["train_seconds"]),
         stopped_early=bool(meta["stopped_early"]),
+        curves=meta["curves"],
+    )
+
+
+def _config_text(name: str, mcfg: ml_collections.ConfigDict, config) -> str:
+    """The stage's model config and the whole config, as Markdown for TensorBoard's TEXT tab."""
+    return (
+        f"**{name}**: model config\n\n```\n{mcfg.to_json_best_effort(indent=2)}\n```\n\n"
+        f"whole config\n\n```\n{config.to_json_best_effort(indent=2)}\n```"
     )
