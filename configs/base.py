@@ -3,6 +3,10 @@
 Variants (`configs/synthetic.py`, ...) start from `get_base_config()` and
 override values; they never add keys. `distill_jax.config_lib.validate` checks
 the values at start-up and names the key at fault.
+
+Each key's one-line meaning is a `#:` comment, after its assignment or on the
+line just above it; `python -m distill_jax.describe` prints them, and
+tests/test_describe.py fails for a key without one.
 """
 
 import ml_collections
@@ -44,38 +48,38 @@ def tiny_compress(config: ml_collections.ConfigDict) -> None:
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """One model's subtree: architecture plus its own optimisation settings."""
     c = ml_collections.ConfigDict()
-    c.name = "sasrec"  # One of distill_jax.models.MODELS.
-    c.embed_dim = 64
-    c.num_blocks = 2
-    c.num_heads = 2
-    c.mlp_dim = 256
-    c.dropout = 0.2
-    c.dtype = "float32"  # Compute dtype; parameters stay float32.
+    c.name = "sasrec"  #: Model class: one of distill_jax.models.MODELS ('sasrec', 'bert4rec').
+    c.embed_dim = 64  #: Width D of the item and position embeddings and of every block.
+    c.num_blocks = 2  #: Transformer blocks.
+    c.num_heads = 2  #: Attention heads per block; embed_dim must be a multiple of it.
+    c.mlp_dim = 256  #: Hidden width of each block's feed-forward layer.
+    c.dropout = 0.2  #: Dropout rate in training, in [0, 1).
+    c.dtype = "float32"  #: Compute dtype, 'float32' or 'bfloat16'; parameters stay float32.
     # 0: a full [V+1, D] item table; r in [1, D): factorised [V+1, r] x [r, D]
     # (what the compress stage's low-rank student sets; models/base.py).
-    c.item_rank = 0
+    c.item_rank = 0  #: Item table rank: 0 = full [V+1, D]; r in [1, D) = factorised.
     # Shared with the other model: checked equal at start-up. max_len is the
     # input window; num_items = -1 takes the catalogue size from the data.
-    c.max_len = 50
-    c.num_items = -1
+    c.max_len = 50  #: Input window: the newest items of a history the model sees.
+    c.num_items = -1  #: Catalogue size V; -1 = the data's.
     # BERT4Rec only: share of the window's items replaced by the mask token.
-    c.mask_prob = 0.2
+    c.mask_prob = 0.2  #: BERT4Rec: share of window items masked in training.
     # BERT4Rec only: share of training windows that mask their last item
     # alone (the evaluation task: the item after the whole history).
-    c.mask_last_prob = 0.0
+    c.mask_last_prob = 0.0  #: BERT4Rec: share of training windows masking only their last item.
     # Optimisation (optax AdamW with linear warm-up and cosine decay).
-    c.learning_rate = 1e-3
-    c.weight_decay = 0.0
-    c.warmup_steps = 100
-    c.num_steps = 1000
-    c.batch_size = 128
-    c.grad_clip_norm = 1.0
+    c.learning_rate = 1e-3  #: Peak learning rate, reached after the warm-up.
+    c.weight_decay = 0.0  #: AdamW decoupled weight decay.
+    c.warmup_steps = 100  #: Steps of linear warm-up from 0 to learning_rate.
+    c.num_steps = 1000  #: Training steps; the cosine decay ends here.
+    c.batch_size = 128  #: Training sequences per step (the global batch, all devices).
+    c.grad_clip_norm = 1.0  #: Clip gradients to this global norm; 0 = no clipping.
     # Training softmaxes (cross-entropy, and both sides of the distillation
     # KL when this model is the distilled student) leave out the items each
     # target slot has already seen in its window, never the target itself,
     # as evaluation does (eval.exclude_history). Causal models, and the loss
     # forms that support it (distill_jax/losses: the PAIRS table).
-    c.exclude_history = False
+    c.exclude_history = False  #: Training softmaxes leave out the window's earlier items.
     c.update(overrides)
     return c
 
@@ -83,50 +87,50 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 def get_base_config() -> ml_collections.ConfigDict:
     """Returns the config with every key declared."""
     config = ml_collections.ConfigDict()
-    config.seed = 0
-    # Comma-separated stages of the main job, run in this order.
+    config.seed = 0  #: Random seed of the job: synthetic data, splits, init, dropout, batches.
+    #: Comma-separated stages of the main job, run in this order.
     config.stages = "popularity,teacher,student_kd,student_scratch,compress,export,report"
 
     config.data = ml_collections.ConfigDict()
     # 'synthetic' (generated), 'movielens' (a MovieLens folder: 100K, 1M/10M or
     # 20M/25M/latest layout), 's3rec' (a `user item1 item2 ...` sequence file,
     # e.g. Amazon Beauty), 'interactions' (a CSV/Parquet log).
-    config.data.source = "synthetic"
-    config.data.path = ""  # File or folder of a real source; never inside the repo.
-    config.data.download = ""  # MovieLens only: e.g. 'ml-100k' fetches it into path if absent.
-    config.data.cache_dir = ""  # Where the TFDS dataset is built; '' = WORKDIR/data.
+    config.data.source = "synthetic"  #: 'synthetic', 'movielens', 's3rec' or 'interactions'.
+    config.data.path = ""  #: File or folder of a real source; never inside the repo.
+    config.data.download = ""  #: MovieLens only: e.g. 'ml-100k' fetches it into path if absent.
+    config.data.cache_dir = ""  #: Where the TFDS dataset is built; '' = WORKDIR/data.
     # Preprocessing (each step is counted in report.json's dataset.steps).
-    config.data.rating_threshold = 0.0  # Keep ratings >= this; 0 keeps every row.
-    config.data.k_core = 0  # 0 = off; else users and items with >= k interactions.
-    config.data.min_user_interactions = 3  # Fewer after filtering: dropped and counted.
-    config.data.cold_user_fraction = 0.0  # Held-out users never seen in training.
-    config.data.cold_item_fraction = 0.0  # Items first seen in the last share of the log.
+    config.data.rating_threshold = 0.0  #: Keep ratings >= this; 0 keeps every row.
+    config.data.k_core = 0  #: 0 = off; else users and items with >= k interactions.
+    config.data.min_user_interactions = 3  #: Fewer after filtering: dropped and counted.
+    config.data.cold_user_fraction = 0.0  #: Share of users held out, never seen in training.
+    config.data.cold_item_fraction = 0.0  #: Items first seen in the last share of the log.
     # Column names and files of an 'interactions' source.
-    config.data.user_col = "user_id"
-    config.data.item_col = "item_id"
-    config.data.time_col = "timestamp"
-    config.data.rating_col = ""
-    config.data.item_features_path = ""
-    config.data.user_features_path = ""
-    config.data.delimiter = ","
+    config.data.user_col = "user_id"  #: The user id column.
+    config.data.item_col = "item_id"  #: The item id column.
+    config.data.time_col = "timestamp"  #: The time column; '' = none (file order is time order).
+    config.data.rating_col = ""  #: The rating column; '' = 'rating' if there is one.
+    config.data.item_features_path = ""  #: Table keyed by item_col; other columns are features.
+    config.data.user_features_path = ""  #: Table keyed by user_col; other columns are features.
+    config.data.delimiter = ","  #: CSV field separator (one character).
     config.data.synthetic = ml_collections.ConfigDict()
-    config.data.synthetic.num_users = 2000
-    config.data.synthetic.num_items = 1000
-    config.data.synthetic.min_len = 5
-    config.data.synthetic.mean_len = 20.0
-    config.data.synthetic.max_len = 80
-    config.data.synthetic.num_tastes = 20  # Latent taste clusters.
-    config.data.synthetic.zipf_exponent = 1.0  # Item popularity ~ rank^-a.
-    config.data.synthetic.successors = 4  # Likely next items per item.
-    config.data.synthetic.transition_prob = 0.7  # P(next item follows a transition).
+    config.data.synthetic.num_users = 2000  #: Users generated.
+    config.data.synthetic.num_items = 1000  #: Catalogue size generated.
+    config.data.synthetic.min_len = 5  #: Shortest history.
+    config.data.synthetic.mean_len = 20.0  #: Mean history length (geometric above min_len).
+    config.data.synthetic.max_len = 80  #: Longest history.
+    config.data.synthetic.num_tastes = 20  #: Latent taste clusters.
+    config.data.synthetic.zipf_exponent = 1.0  #: Item popularity ~ rank^-a.
+    config.data.synthetic.successors = 4  #: Likely next items per item.
+    config.data.synthetic.transition_prob = 0.7  #: P(next item follows a transition).
     # Batches hold users of similar length so that short sequences do not pay
     # for the padding of long ones (same examples, fewer wasted positions).
-    config.data.length_buckets = True
+    config.data.length_buckets = True  #: Batch users of similar length together.
     # True: every training batch has the same shapes (full windows, the most
     # target slots a batch can have), so each train step compiles once. Pays
     # off for short runs (the synthetic default, smoke tests) and on TPUs;
     # long CPU runs are faster with the shape buckets (False).
-    config.data.fixed_shapes = False
+    config.data.fixed_shapes = False  #: Every training batch has the same shapes.
 
     config.teacher = model_config()
     config.student = model_config(embed_dim=16, num_blocks=1, num_heads=1, mlp_dim=64)
@@ -136,26 +140,27 @@ def get_base_config() -> ml_collections.ConfigDict:
     # value. The architecture, steps and batch always come from config.student:
     # both students are the same model trained for as long.
     config.student_scratch = ml_collections.ConfigDict()
-    config.student_scratch.learning_rate = -1.0
-    config.student_scratch.dropout = -1.0
-    config.student_scratch.weight_decay = -1.0
-    config.student_scratch.exclude_history = -1  # -1: config.student's; 0: False; 1: True.
+    config.student_scratch.learning_rate = -1.0  #: Scratch student's peak learning rate.
+    config.student_scratch.dropout = -1.0  #: Scratch student's dropout rate.
+    config.student_scratch.weight_decay = -1.0  #: Scratch student's weight decay.
+    #: Scratch student's exclude_history; -1: config.student's; 0: False; 1: True.
+    config.student_scratch.exclude_history = -1
 
     config.distill = ml_collections.ConfigDict()
     # What the student is taught (distill_jax/losses, TARGETS): 'soft' is
     # alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T); 'hard' the teacher's top-hard_k.
-    config.distill.target = "soft"
-    config.distill.temperature = 1.0
-    config.distill.alpha = 0.0
-    config.distill.hard_k = 1
+    config.distill.target = "soft"  #: What the student is taught: 'soft' or 'hard'.
+    config.distill.temperature = 1.0  #: Temperature T of teacher and student softmaxes, > 0.
+    config.distill.alpha = 0.0  #: Weight of the label cross-entropy, in [0, 1].
+    config.distill.hard_k = 1  #: 'hard' target: how many of the teacher's top items.
     # How the distilled student starts: 'none' (random, like the scratch
     # student) or 'pca' (item/position tables = the teacher's projected on its
     # top principal directions, output bias copied; distill_jax/train/teacher_init.py).
-    config.distill.init_from_teacher = "none"
+    config.distill.init_from_teacher = "none"  #: Student start: 'none' or 'pca'.
     # Causal students: also distill at each user's last training item, whose
     # next item is held out, so only the teacher supervises it there (one
     # teacher-only slot per user and epoch; distill_jax/data/pipeline.py).
-    config.distill.last_item_slot = False
+    config.distill.last_item_slot = False  #: Also distill at each user's last training item.
 
     # How the catalogue part of every loss is computed (distill_jax/losses,
     # FORMS; the PAIRS table says which target has which form): 'dense'
@@ -166,28 +171,28 @@ def get_base_config() -> ml_collections.ConfigDict:
     # the soft distillation loss into one C++ pass per row (built on first use;
     # CPU backend, one device).
     config.loss = ml_collections.ConfigDict()
-    config.loss.form = "dense"
-    config.loss.chunk_size = 8192
+    config.loss.form = "dense"  #: 'dense', 'vocab_parallel', 'chunked' or 'cpu_kernel'.
+    config.loss.chunk_size = 8192  #: 'chunked' form: items per chunk.
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.every_steps = 200
-    config.eval.batch_size = 256
-    config.eval.patience = 5  # Evaluations without improvement before stopping; 0 = never stop.
-    config.eval.exclude_history = True
-    config.eval.ks = (5, 10, 20)
+    config.eval.every_steps = 200  #: Training steps between validation evaluations.
+    config.eval.batch_size = 256  #: Users per evaluation batch.
+    config.eval.patience = 5  #: Evaluations without improvement before stopping; 0 = never.
+    config.eval.exclude_history = True  #: Rank only items outside the user's whole history.
+    config.eval.ks = (5, 10, 20)  #: Cut-offs k of HR@k and NDCG@k.
     # Long-tail slice: targets outside the most popular items that make up
     # this share of the training interactions.
-    config.eval.tail_share = 0.2
-    # Report stage: CPU latency of a top-10 recommendation for these batch sizes.
+    config.eval.tail_share = 0.2  #: Share of training interactions the head items make up.
+    #: Report stage: CPU latency of a top-10 recommendation for these batch sizes.
     config.eval.latency_batch_sizes = (1, 256)
-    config.eval.latency_repeats = 30
-    config.eval.max_valid_users = -1  # -1: every user; else a fixed seeded subset.
+    config.eval.latency_repeats = 30  #: Timed calls per latency measurement.
+    config.eval.max_valid_users = -1  #: Validation users: -1 = every user; else a seeded subset.
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # -1 fills the devices left over by the other axis.
-    config.mesh.model = 1
+    config.mesh.data = -1  #: Devices along mesh axis 'data'; -1 fills what 'model' leaves.
+    config.mesh.model = 1  #: Devices along mesh axis 'model'; -1 fills what 'data' leaves.
     config.sharding = ml_collections.ConfigDict()
-    config.sharding.rules = DEFAULT_RULES
+    config.sharding.rules = DEFAULT_RULES  #: (logical axis, mesh axis or None) pairs.
 
     # Several processes (hosts, or one process per GPU). Unset values (''/-1)
     # come from the environment instead; see distill_jax/distributed.py for the
@@ -196,44 +201,45 @@ def get_base_config() -> ml_collections.ConfigDict:
     # then jax's own detection (Cloud TPU VMs, Open MPI). Nothing set and no
     # cluster found: one process, and jax.distributed is never initialised.
     config.distributed = ml_collections.ConfigDict()
-    config.distributed.coordinator_address = ""  # 'host:port' of process 0; '' = from env.
-    config.distributed.num_processes = -1  # -1 = from env / auto; 1 = never initialise.
-    config.distributed.process_id = -1  # -1 = from env / auto; else in [0, num_processes).
-    config.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives: 'gloo' or 'mpi'.
-    config.distributed.initialization_timeout = 300  # Seconds to wait for every process.
+    config.distributed.coordinator_address = ""  #: 'host:port' of process 0; '' = from env.
+    config.distributed.num_processes = -1  #: -1 = from env / auto; 1 = never initialise.
+    config.distributed.process_id = -1  #: -1 = from env / auto; else in [0, num_processes).
+    config.distributed.cpu_collectives = "gloo"  #: CPU cross-process collectives: 'gloo', 'mpi'.
+    config.distributed.initialization_timeout = 300  #: Seconds to wait for every process.
 
     # The compress stage: smaller variants of a trained student, each evaluated
     # and reported as '<source>_<variant>' (distill_jax/compress).
     config.compress = ml_collections.ConfigDict()
-    config.compress.source = "student_kd"  # The trained stage to compress.
+    config.compress.source = "student_kd"  #: The trained stage to compress.
     # Comma-separated: pruned<percent> (magnitude pruning), int8 (post-training
     # int8 weights), int8_act (int8 weights and activations: measured, not one
     # to serve, see compress/quantize.py), int8_qat
     # (quantization-aware fine-tuning, then int8), lowrank<rank> (item table
     # factorized by truncated SVD). '' makes none.
+    #: Comma-separated variants: pruned<percent>, int8, int8_act, int8_qat, lowrank<rank>, ''.
     config.compress.variants = "pruned50,pruned80,int8,int8_qat,lowrank8"
     # Fine-tuning of pruned, int8_qat and lowrank variants, with the source's
     # loss (distillation for student_kd): steps (0 = none: one-shot), peak
     # learning rate (linear warm-up, cosine decay).
-    config.compress.finetune_steps = 200
-    config.compress.learning_rate = 1e-3
-    config.compress.warmup_steps = 20
+    config.compress.finetune_steps = 200  #: Fine-tuning steps per variant; 0 = one-shot.
+    config.compress.learning_rate = 1e-3  #: Fine-tuning peak learning rate.
+    config.compress.warmup_steps = 20  #: Fine-tuning linear warm-up steps.
     # Pruning: one magnitude threshold over all matrices ('global') or one per
     # matrix ('layer'); whether the item table is cut too; the cubic schedule
     # reaches its target at this share of the fine-tuning; masks every N steps.
-    config.compress.prune_scope = "global"
-    config.compress.prune_item_table = True
-    config.compress.prune_end_fraction = 0.75
-    config.compress.prune_every_steps = 10
+    config.compress.prune_scope = "global"  #: 'global' (one threshold) or 'layer' (one per matrix).
+    config.compress.prune_item_table = True  #: Prune the item table too.
+    config.compress.prune_end_fraction = 0.75  #: Full sparsity at this share of the fine-tuning.
+    config.compress.prune_every_steps = 10  #: Fine-tuning steps between mask updates.
 
     # The export stage: WORKDIR/export/, an artefact distill_jax.recommend serves.
     config.export = ml_collections.ConfigDict()
     # A trained stage or a compress variant's report name, e.g. 'student_kd_int8'.
-    config.export.model = "student_kd_int8"
-    config.export.top_k = 10  # Recommendations per history.
-    config.export.popular_items = 100  # Kept for the fallback of an empty history.
+    config.export.model = "student_kd_int8"  #: The stage or compress variant to export.
+    config.export.top_k = 10  #: Recommendations per history.
+    config.export.popular_items = 100  #: Kept for the fallback of an empty history.
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 200
-    config.log_every_steps = 100
+    config.checkpoint.every_steps = 200  #: Training steps between checkpoints.
+    config.log_every_steps = 100  #: Training steps between progress lines.
     return config

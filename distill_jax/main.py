@@ -5,22 +5,30 @@ python -m distill_jax.main --workdir=/tmp/run [--config=configs/synthetic.py:tin
 
 Several processes: the same command on each, with the settings of
 `distill_jax/distributed.py` (launch/local.sh, launch/tpu_vm.sh and
-launch/slurm_gpu.sbatch set them).
+launch/slurm_gpu.sbatch set them). Every key, its value and its meaning:
+python -m distill_jax.describe [--config=...] [--match=TEXT].
 """
 
 import logging
 import os
-import pathlib
 import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from distill_jax import distributed, pipeline
+from distill_jax import describe, distributed, pipeline
 
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file[:variant].")
+if __name__ == "__main__":
+    # Without --config, defining the flag already loads the default file and applies the
+    # --config.KEY overrides: a misspelled key fails here with one message, no traceback.
+    describe.check_config_flags(sys.argv)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    describe.DEFAULT_CONFIG,
+    "Config file[:variant]; then --config.KEY=VALUE overrides (python -m distill_jax.describe "
+    "lists every key).",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and the report.", required=True
 )
