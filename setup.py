@@ -24,6 +24,8 @@ setup(
         "grain>=0.2.10",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # Progress bars (distill_jax/progress.py).
+        "tqdm>=4.66",
         "numpy>=1.26",
         "pyarrow>=15",
         # int8 students (distill_jax/compress/quantize.py).
@@ -32,8 +34,18 @@ setup(
         "flatbuffers>=24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
-        "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
+        # nbclient + ipykernel run notebooks/ in the test suite (tests/test_notebooks.py);
+        # tensorboard reads the event files back (tests/test_report.py).
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "tensorboard>=2.16",
+        ],
+        "notebooks": ["jupyter", "ipykernel"],
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],
     },

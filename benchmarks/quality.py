@@ -12,7 +12,9 @@ Each seed runs in WORKDIR/seed_N (resumable: finished stages are skipped), then
 one JSON line per model and a markdown table of params, HR@10, NDCG@10,
 coverage@10, tail NDCG@10 and top-10 latency (batch 256) on the test split,
 then the ratios the distillation result is judged by (student_kd against the
-teacher and against student_scratch), seed by seed and mean ± std.
+teacher and against student_scratch), seed by seed and mean ± std. The
+report's figures (distill_jax/evaluation/plots.py), with error bars of one
+standard deviation over the seeds, go to WORKDIR/plots/.
 """
 
 import copy
@@ -26,6 +28,7 @@ from absl import flags
 
 from benchmarks import common
 from distill_jax import pipeline
+from distill_jax.evaluation import plots
 
 COLUMNS = ("hr@10", "ndcg@10", "coverage@10", "tail_ndcg@10")
 # (numerator, denominator, quantity): the comparisons the distillation result
@@ -141,6 +144,8 @@ def main(argv: Sequence[str]) -> None:
         print(json.dumps(r))
         seeds_text = ", ".join(f"{x:.3f}" for x in r["per_seed"])
         print(f"- {r['ratio']}: {r['mean']:.3f} ± {r['std']:.3f} (per seed: {seeds_text})")
+    written = plots.write_all(reports, os.path.join(args.workdir, "plots"))
+    print("\nfigures (mean ± std over the seeds): " + ", ".join(written.values()))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def run_stage(
     if stage == "popularity":
         scorer = evaluator_lib.popularity_scorer(split, mesh, config.teacher.max_len)
         t0 = time.time()
-        metrics, deciles = evaluator.evaluate_splits(scorer, data.eval_splits)
+        metrics, deciles = evaluator.evaluate_splits(scorer, data.eval_splits, stage)
         result = {
             "model": "popularity",
             "params": 0,
@@ -121,7 +121,7 @@ def run_stage(
     shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
     scorer = evaluator_lib.model_scorer(model, res.params, shardings)
     t0 = time.time()
-    metrics, deciles = evaluator.evaluate_splits(scorer, data.eval_splits)
+    metrics, deciles = evaluator.evaluate_splits(scorer, data.eval_splits, stage)
     # The item table's padding rows (a sharded catalogue) are not parameters.
     counts = model.param_counts(res.params)
     result = {

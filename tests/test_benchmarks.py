@@ -484,6 +484,25 @@ def test_main_without_the_report_stage_says_so(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "seed_0" / "popularity" / "result.json").exists()
 
 
+def test_quality_draws_the_figures_over_seeds(tmp_path, capsys):
+    quality.main(
+        [
+            "quality",
+            f"--config={SYNTHETIC}:tiny",
+            "--config.stages=popularity,report",
+            "--seeds=0,1",
+            f"--workdir={tmp_path}",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| popularity |" in out
+    # Popularity alone: no training curves and no teacher to agree with.
+    for name in ("quality_size", "long_tail"):
+        assert f"{tmp_path / 'plots' / name}.png" in out
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 10_000
+    assert not (tmp_path / "plots" / "curves.png").exists()
+
+
 def test_compress_benchmark_tabulates_every_model_and_the_targets(tmp_path, capsys):
     from benchmarks import compress
 

@@ -227,9 +227,9 @@ def make_variant(
     return Made(scorer, counts, info, train_seconds, finished, curves)
 
 
-def _evaluate(evaluator: Evaluator, made: Made, data, config, t_scorer) -> dict:
+def _evaluate(evaluator: Evaluator, made: Made, data, config, t_scorer, name: str) -> dict:
     t0 = time.time()
-    metrics, deciles = evaluator.evaluate_splits(made.scorer, data.eval_splits)
+    metrics, deciles = evaluator.evaluate_splits(made.scorer, data.eval_splits, name)
     out = {
         "metrics": metrics,
         "popularity_deciles": deciles,
@@ -284,7 +284,7 @@ def run_compress(
             "curves": made.curves,
             "teacher": TEACHER_OF[src.stage],
             "compression": made.info,
-            **_evaluate(evaluator, made, data, config, t_scorer),
+            **_evaluate(evaluator, made, data, config, t_scorer, name),
         }
         workdir_lib.write_json(os.path.join(workdir, "compress", v.name, "result.json"), result)
         log.info("[compress] %s test %s", name, workdir_lib.brief(result["metrics"]["test"]))

@@ -12,6 +12,7 @@ what every later run uses.
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from distill_jax.data import builders, cache, preprocess, sources, splits, synthetic, types
+from distill_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "movielens", "s3rec", "interactions")
@@ -96,9 +98,21 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
     tfds.display_progress_bar(False)  # one line per build, not a progress bar per split
     if current:
         log.info("data: %s is current; the raw files are not read", name)
-    elif jax.process_index() == 0:
+    # Phases of a fresh build: read, clean + split, write; then every run reads back.
+    phases = Progress(f"[data] {name}", 1 if current else 4, unit="phase", logger=log)
+    t0 = time.time()
+
+    def done(what: str) -> None:
+        nonlocal t0
+        phases.update()
+        phases.note("data: %s %s in %.1fs", what, name, time.time() - t0)
+        t0 = time.time()
+
+    if not current and jax.process_index() == 0:
         raw = sources.read_source(cfg.source, path, **_reader_kwargs(cfg))
+        done("read the raw files of")
         fresh = preprocess.preprocess(raw, **_preprocess_options(cfg))
+        done("cleaned and split")
         builders.build(
             fresh.to_sequence_data(),
             name=name,
@@ -107,9 +121,12 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
             timestamps=fresh.timestamps,
             extra_metadata=cache.metadata(fresh, listed, options),
         )
+        done("wrote the ArrayRecord dataset of")
     _sync("distill_jax_data_built")
     # Fresh or cached, the run reads the dataset back: one path, the same data.
     data, timestamps = builders.read(name, data_dir, fingerprint=fp)
+    done("read back")
+    phases.close()
     return cache.processed(builders.metadata(name, data_dir), data, timestamps), fp
 
 

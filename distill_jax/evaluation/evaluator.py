@@ -21,6 +21,7 @@ from distill_jax import sharding as sharding_lib
 from distill_jax.data import pipeline, splits
 from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation import metrics as metrics_lib
+from distill_jax.progress import Progress
 
 
 @dataclasses.dataclass(eq=False)
@@ -182,7 +183,7 @@ class Evaluator:
         return self._evaluate(scorer, split, deciles=False)[0]
 
     def evaluate_splits(
-        self, scorer: Scorer, eval_splits: tuple[str, ...]
+        self, scorer: Scorer, eval_splits: tuple[str, ...], name: str = "eval"
     ) -> tuple[dict[str, dict], dict[str, dict]]:
         """What a report row holds: each split's metrics, and the test split's deciles.
 
@@ -192,17 +193,24 @@ class Evaluator:
           catalogue): `items`, `users` (test users whose target is there),
           `rec_share@K` (share of all top-K recommendations that fall there)
           and `hr@K`, for K = 10 (or the largest of `config.eval.ks` below it).
+        On a terminal each split draws a progress bar, labelled `[name] split`.
         """
         metrics, deciles = {}, {}
         for split in eval_splits:
-            metrics[split], d = self._evaluate(scorer, split, deciles=split == "test")
+            metrics[split], d = self._evaluate(
+                scorer, split, deciles=split == "test", desc=f"[{name}] {split}"
+            )
             if d is not None:
                 deciles[split] = d
         return metrics, deciles
 
-    def _evaluate(self, scorer: Scorer, split: str, deciles: bool):
+    def _evaluate(self, scorer: Scorer, split: str, deciles: bool, desc: str | None = None):
         fn = self._batch_fn(scorer)
         batches, n_users = self.batches(scorer, split)
+        # Training's validation passes draw no bar of their own (the stage's bar runs).
+        bar = Progress(
+            desc, -(-n_users // self.batch_size), unit="batch", bar=None if desc else False
+        )
         total, exposure = None, np.zeros((len(self.ks), self.split.num_items + 1), np.int64)
         target_parts, rank_parts = [], []
         with jax.set_mesh(self.mesh):
@@ -217,6 +225,8 @@ class Evaluator:
                 if deciles:
                     rank_parts.append(np.asarray(jax.device_get(ranks))[batch["where"]])
                     target_parts.append(np.asarray(batch["targets"])[batch["where"]])
+                bar.update()
+        bar.close()
         total = jax.device_get(total)
         result = metrics_lib.finalize(total)
         for i, k in enumerate(self.ks):
