@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from distill_jax import describe, distributed, pipeline
+from distill_jax import describe, distributed, pipeline, progress
 
 if __name__ == "__main__":
     # Without --config, defining the flag already loads the default file and applies the
@@ -57,7 +57,14 @@ def main(argv):
             "(LD_PRELOAD=.../libtcmalloc_minimal.so.4) makes train steps 1.4-1.8x faster "
             "here; see README.md, 'Speed on CPU'."
         )
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    if progress.bars_enabled():
+        # Log lines print above the progress bars instead of through them.
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            pipeline.run(_CONFIG.value, _WORKDIR.value)
+    else:
+        pipeline.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
