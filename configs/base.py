@@ -148,11 +148,16 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.distill = ml_collections.ConfigDict()
     # What the student is taught (distill_jax/losses, TARGETS): 'soft' is
-    # alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T); 'hard' the teacher's top-hard_k.
-    config.distill.target = "soft"  #: What the student is taught: 'soft' or 'hard'.
+    # alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T); 'hard' the teacher's top-hard_k;
+    # 'ranking' the teacher's top-ranking_k order (distill_jax/losses/ranking.py).
+    config.distill.target = "soft"  #: What the student is taught: 'soft', 'hard' or 'ranking'.
     config.distill.temperature = 1.0  #: Temperature T of teacher and student softmaxes, > 0.
     config.distill.alpha = 0.0  #: Weight of the label cross-entropy, in [0, 1].
     config.distill.hard_k = 1  #: 'hard' target: how many of the teacher's top items.
+    config.distill.ranking_k = 10  #: 'ranking' target: length of the teacher's ranking taught.
+    #: 'ranking' target: 'rrd' (relaxed Plackett-Luce) or 'rd' (position-weighted positives).
+    config.distill.ranking_loss = "rrd"
+    config.distill.ranking_lambda = 5.0  #: 'rd' loss: position weights exp(-rank / lambda).
     # How the distilled student starts: 'none' (random, like the scratch
     # student) or 'pca' (item/position tables = the teacher's projected on its
     # top principal directions, output bias copied; distill_jax/train/teacher_init.py).

@@ -212,6 +212,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _expect(
         isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k, "an integer >= 1"
     )
+    _expect(
+        isinstance(d.ranking_k, int) and d.ranking_k >= 1,
+        "distill.ranking_k",
+        d.ranking_k,
+        "an integer >= 1",
+    )
+    from distill_jax.losses.ranking import LOSSES as RANKING_LOSSES
+
+    _expect(
+        d.ranking_loss in RANKING_LOSSES,
+        "distill.ranking_loss",
+        d.ranking_loss,
+        f"one of {RANKING_LOSSES}",
+    )
+    _expect(d.ranking_lambda > 0, "distill.ranking_lambda", d.ranking_lambda, "a scale > 0")
 
     from distill_jax.train.teacher_init import METHODS
 

@@ -14,9 +14,18 @@ import pytest
 from distill_jax import losses
 from distill_jax import sharding as sharding_lib
 from distill_jax.losses import kernel_lib
+from tests.test_ranking import reference_rows as ranking_reference
 
 N, D, DT, ROWS, VALID_ROWS, S = 12, 5, 7, 24, 23, 4
-SETTINGS = {"temperature": 1.7, "alpha": 0.3, "k": 2, "chunk_size": 8}
+SETTINGS = {
+    "temperature": 1.7,
+    "alpha": 0.3,
+    "k": 2,
+    "chunk_size": 8,
+    "ranking_k": 3,
+    "ranking_loss": "rrd",
+    "ranking_lambda": 2.0,
+}
 
 
 def _cases():
@@ -89,6 +98,14 @@ def _reference(target, x, exclude, slots, num_valid):
         top = np.argsort(-t, axis=-1, kind="stable")[:, :k]
         per_row = lse - z[np.arange(N)[:, None], top].mean(-1)
         grad = q - np.eye(z.shape[1])[top].mean(1)
+    elif target == "ranking":
+        alpha = SETTINGS["alpha"]
+        rank, d_rank = ranking_reference(
+            z, t, SETTINGS["ranking_k"], SETTINGS["ranking_loss"], SETTINGS["ranking_lambda"]
+        )
+        ce = lse - z[np.arange(N), x["labels"]]
+        per_row = alpha * np.where(where, ce, 0) + (1 - alpha) * rank
+        grad = alpha * (q - onehot) * where[:, None] + (1 - alpha) * d_rank
     else:
         temp, alpha = SETTINGS["temperature"], SETTINGS["alpha"]
         p_t, _ = _softmax(t / temp)

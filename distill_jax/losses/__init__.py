@@ -5,7 +5,9 @@ A **target** says what the student learns at each slot:
 * ``label``: the held-out next item (cross-entropy): teachers and the
   student trained alone;
 * ``soft``: ``alpha·CE + (1 − alpha)·T²·KL(teacher_T ‖ student_T)``;
-* ``hard``: cross-entropy against the teacher's top-k items (1/k each).
+* ``hard``: cross-entropy against the teacher's top-k items (1/k each);
+* ``ranking``: the teacher's top-k order, listwise (`ranking.py`: position-
+  weighted positives or the relaxed Plackett-Luce loss), mixed with CE by alpha.
 
 A **form** says how the ``[N, V]`` part is computed from the student's hidden
 states and item table:
@@ -33,7 +35,7 @@ from typing import Any
 
 import jax
 
-from distill_jax.losses import chunked, cpu_kernel, vocab_parallel
+from distill_jax.losses import chunked, cpu_kernel, ranking, vocab_parallel
 from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count
 from distill_jax.losses.dense import (
     binary_distill,
@@ -52,6 +54,7 @@ from distill_jax.losses.dense import (
 __all__ = [
     "FORMS",
     "PAIRS",
+    "RANKING_LOSSES",
     "TARGETS",
     "LossInputs",
     "Pair",
@@ -127,7 +130,8 @@ class LossInputs:
         return self.teacher_hidden, self.teacher_table, self.teacher_bias
 
 
-# Settings every pair may read: temperature, alpha, k (hard), chunk_size.
+# Settings every pair may read: temperature, alpha, k (hard), chunk_size,
+# ranking_k, ranking_loss, ranking_lambda (ranking).
 Settings = dict[str, Any]
 
 
@@ -240,6 +244,20 @@ def _hard_chunked(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
+def _ranking_dense(x: LossInputs, s: Settings) -> jax.Array:
+    return ranking.ranking_distill(
+        x.student_logits(),
+        x.teacher_logits_excluded(),
+        x.labels,
+        k=s["ranking_k"],
+        loss=s["ranking_loss"],
+        lam=s["ranking_lambda"],
+        alpha=s["alpha"],
+        where=x.teacher_where,
+        label_where=x.label_where,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Pair:
     """One (target, form) that exists: its function and the options it supports."""
@@ -251,10 +269,11 @@ class Pair:
     single_device: bool = False
 
 
-TARGETS = ("label", "soft", "hard")
+TARGETS = ("label", "soft", "hard", "ranking")
+RANKING_LOSSES = ranking.LOSSES
 FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel")
 # Targets that need a teacher; 'label' trains teachers and the scratch student.
-TEACHER_TARGETS = ("soft", "hard")
+TEACHER_TARGETS = ("soft", "hard", "ranking")
 
 PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True),
@@ -268,6 +287,7 @@ PAIRS: dict[tuple[str, str], Pair] = {
     ("soft", "cpu_kernel"): Pair(_soft_cpu_kernel, teacher_only_slots=True, single_device=True),
     ("hard", "dense"): Pair(_hard_dense, exclude_history=True, teacher_only_slots=True),
     ("hard", "chunked"): Pair(_hard_chunked, exclude_history=True, teacher_only_slots=True),
+    ("ranking", "dense"): Pair(_ranking_dense, exclude_history=True, teacher_only_slots=True),
 }
 
 

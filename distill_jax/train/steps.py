@@ -79,7 +79,12 @@ def make_loss_fn(
     settings = {"chunk_size": 8192 if loss_cfg is None else loss_cfg.chunk_size}
     if task == "distill":
         settings.update(
-            temperature=distill_cfg.temperature, alpha=distill_cfg.alpha, k=distill_cfg.hard_k
+            temperature=distill_cfg.temperature,
+            alpha=distill_cfg.alpha,
+            k=distill_cfg.hard_k,
+            ranking_k=distill_cfg.ranking_k,
+            ranking_loss=distill_cfg.ranking_loss,
+            ranking_lambda=distill_cfg.ranking_lambda,
         )
 
     def loss_fn(params, teacher_params, batch, dropout_rng):
