@@ -7,6 +7,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -282,6 +283,17 @@ def test_download_movielens_unpacks_atomically(tmp_path, monkeypatch):
     assert "zip" in error_of(sources.download_movielens, "ml-20m", dest)
     assert sorted(p.name for p in dest.iterdir()) == ["ml-100k"]
     assert "'ml-7'" in error_of(sources.download_movielens, "ml-7", dest)
+
+    # The config's download: fetched into path once, found there by every later run.
+    from distill_jax.data import dataset
+
+    cfg = ml_collections.ConfigDict({"source": "movielens", "download": "ml-100k"})
+    cfg.path = str(tmp_path / "fresh")
+    first = dataset.movielens_path(cfg)
+    archive.unlink()  # a second download would fail now
+    assert dataset.movielens_path(cfg) == first == tmp_path / "fresh" / "ml-100k"
+    cfg.path = str(first)  # a path that is the MovieLens folder itself
+    assert dataset.movielens_path(cfg) == first
 
 
 # ------------------------------------------------------------------ bad input

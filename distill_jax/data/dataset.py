@@ -137,6 +137,20 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def movielens_path(cfg: ml_collections.ConfigDict) -> Path:
+    """`config.data.path`, or with `data.download` the MovieLens folder fetched into it.
+
+    The download lands in `path/<download>` once; later runs find it there (and
+    a `path` that already is a MovieLens folder is read as it is).
+    """
+    path = Path(cfg.path).expanduser()
+    if cfg.source != "movielens" or not cfg.download:
+        return path
+    if any((path / f).is_file() for f in ("u.data", "ratings.dat", "ratings.csv")):
+        return path
+    return sources.download_movielens(cfg.download, path)  # no download if already there
+
+
 def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
     """Loads the data `config.data` describes (see configs/base.py)."""
     cfg = config.data
@@ -153,9 +167,7 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
                 f"config.data.path is empty: data.source={cfg.source!r} needs the path of "
                 "its file or folder (--config.data.path=...)."
             )
-        path = Path(cfg.path).expanduser()
-        if cfg.source == "movielens" and cfg.download and not path.exists():
-            path = sources.download_movielens(cfg.download, path)
+        path = movielens_path(cfg)
         processed, fp = _cached_or_built(cfg, path, workdir)
         data = processed.to_sequence_data()
         info = {"name": processed.name, "steps": processed.stats, "fingerprint": fp}
