@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
 from distill_jax import losses
 from distill_jax import sharding as sharding_lib
 from distill_jax.data import preprocess
@@ -360,9 +361,8 @@ def test_distill_step_loss_cpu_kernel_equals_plain():
         "targets": jnp.roll(inputs, -1, axis=1).reshape(-1) % 40 + 1,
         "where": where.reshape(-1),
     }
-    distill = ml_collections.ConfigDict(
-        dict(target="soft", temperature=2.0, alpha=0.5, hard_k=1, last_item_slot=False)
-    )
+    distill = base.get_base_config().distill
+    distill.update(target="soft", temperature=2.0, alpha=0.5, hard_k=1, last_item_slot=False)
     out = {}
     for impl in ("dense", "cpu_kernel"):
         loss_cfg = ml_collections.ConfigDict(dict(form=impl, chunk_size=16))
