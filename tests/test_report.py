@@ -94,7 +94,9 @@ def test_the_report_stage_writes_every_figure_and_a_self_contained_page(run):
     page = (workdir / "report.html").read_text()
     # Self-contained: every image is inline data, nothing is fetched.
     srcs = re.findall(r'(?:src|href)="([^"]*)"', page)
-    assert len(srcs) == len(plots.FIGURES) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == len(plots.FIGURES) and all(
+        s.startswith("data:image/png;base64,") for s in srcs
+    )
     for s in srcs:
         assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("popularity", *STAGES):

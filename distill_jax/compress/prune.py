@@ -19,6 +19,8 @@ import numpy as np
 import optax
 
 SCOPES = ("global", "layer")
+
+
 def prunable(params: Any, include_item_table: bool) -> Any:
     """A pytree of bools like `params`: True for the weights that may be pruned.
 
