@@ -45,6 +45,31 @@ def tiny_compress(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def ensemble(config: ml_collections.ConfigDict, teachers: int = 3) -> None:
+    """The `ensemble` variants: `teachers` teachers (seeds seed..seed+n-1), evaluated as one
+    model and distilled from together (config.distill.method='ensemble')."""
+    names = ["teacher"] + [f"teacher_{n}" for n in range(1, teachers)]
+    config.distill.update(method="ensemble", ensemble_teachers=",".join(names))
+    config.stages = config.stages.replace("teacher,", ",".join(names + ["ensemble"]) + ",", 1)
+
+
+def cached(config: ml_collections.ConfigDict) -> None:
+    """The `cached` variants: the teacher's top-cache_k soft labels stored once
+    (the soft_labels stage), the student distilled from them with no teacher in memory."""
+    config.distill.method = "cached"
+    config.stages = config.stages.replace("teacher,", "teacher,soft_labels,", 1)
+
+
+def method_variants(config: ml_collections.ConfigDict, variants: list[str], file: str) -> None:
+    """Applies the `ensemble` or `cached` variant (one distillation method at most)."""
+    if "ensemble" in variants and "cached" in variants:
+        raise ValueError(f"{file}: variants 'ensemble' and 'cached' are two methods; pick one.")
+    if "ensemble" in variants:
+        ensemble(config)
+    if "cached" in variants:
+        cached(config)
+
+
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """One model's subtree: architecture plus its own optimisation settings."""
     c = ml_collections.ConfigDict()
@@ -147,10 +172,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.student_scratch.exclude_history = -1
 
     config.distill = ml_collections.ConfigDict()
-    # What the student is taught (distill_jax/losses, TARGETS): 'soft' is
-    # alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T); 'hard' the teacher's top-hard_k;
-    # 'ranking' the teacher's top-ranking_k order (distill_jax/losses/ranking.py).
-    config.distill.target = "soft"  #: What the student is taught: 'soft', 'hard' or 'ranking'.
+    # How the student is taught (distill_jax/losses: each method is a target
+    # of the loss table): 'soft' is alpha*CE + (1-alpha)*T^2*KL(teacher_T ||
+    # student_T); 'hard' the teacher's top-hard_k; 'ranking' the teacher's
+    # top-ranking_k order (losses/ranking.py); 'cached' the soft KL from the
+    # teacher's top-cache_k logits written once by the soft_labels stage
+    # (losses/cached.py), no teacher in memory; 'ensemble' the soft KL from
+    # several teachers averaged in probability space (train/ensemble.py).
+    #: 'soft', 'hard', 'ranking', 'cached' or 'ensemble'.
+    config.distill.method = "soft"
     config.distill.temperature = 1.0  #: Temperature T of teacher and student softmaxes, > 0.
     config.distill.alpha = 0.0  #: Weight of the label cross-entropy, in [0, 1].
     config.distill.hard_k = 1  #: 'hard' target: how many of the teacher's top items.
@@ -158,6 +188,25 @@ def get_base_config() -> ml_collections.ConfigDict:
     #: 'ranking' target: 'rrd' (relaxed Plackett-Luce) or 'rd' (position-weighted positives).
     config.distill.ranking_loss = "rrd"
     config.distill.ranking_lambda = 5.0  #: 'rd' loss: position weights exp(-rank / lambda).
+    # 'cached': the soft_labels stage stores each training slot's top-cache_k
+    # teacher logits and the log-mass of the rest (an ArrayRecord dataset in
+    # WORKDIR/soft_labels/); the KL is exact over those K items plus one
+    # bucket for the rest.
+    config.distill.cache_k = 128  #: 'cached' method: teacher logits stored per slot.
+    # 'ensemble': the teachers, each a stage of this workdir ('teacher', or
+    # 'teacher_<n>': config.teacher trained with seed config.seed + n) or the
+    # directory of a finished teacher stage elsewhere (its own config is read
+    # from its checkpoint); their softmaxes are averaged with these weights.
+    #: 'ensemble' method: comma-separated teacher stages or stage directories.
+    config.distill.ensemble_teachers = "teacher,teacher_1,teacher_2"
+    #: 'ensemble' method: comma-separated weights (one per teacher); '' = equal.
+    config.distill.ensemble_weights = ""
+    # Hidden-state matching, added to any method: the student's hidden state
+    # at each slot, through a learned linear projection (trained with the
+    # student, not part of the served model), matched to the teacher's
+    # (an ensemble's: its teachers' concatenated).
+    config.distill.hidden_weight = 0.0  #: Weight of the hidden-state loss; 0 = off.
+    config.distill.hidden_loss = "mse"  #: Hidden-state loss: 'mse' or 'cosine'.
     # How the distilled student starts: 'none' (random, like the scratch
     # student) or 'pca' (item/position tables = the teacher's projected on its
     # top principal directions, output bias copied; distill_jax/train/teacher_init.py).

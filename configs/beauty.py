@@ -12,13 +12,16 @@ makes teacher and students BERT4Rec, with their own searched settings.
 
 Every value below was chosen by the searches in BENCHMARKS.md ("Amazon
 Beauty"); their plans, points and history are in docs/benchmarks-log.md.
+`ensemble` trains three teachers (seeds config.seed + 0, 1, 2) and distils
+from their averaged softmaxes; `cached` distils from the teacher's stored
+top-K soft labels (the soft_labels stage), with no teacher in memory.
 """
 
 import ml_collections
 
 from configs import base
 
-VARIANTS = ("tiny", "bert4rec")
+VARIANTS = ("tiny", "bert4rec", "ensemble", "cached")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -67,4 +70,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.latency_repeats = 3
         config.log_every_steps = 10
         base.tiny_compress(config)
+    base.method_variants(config, variants, "configs/beauty.py")
     return config

@@ -9,13 +9,16 @@ To download it instead: --config.data.download=ml-100k --config.data.path=DIR
 
 Variants (comma-separated): `tiny` shrinks the models and the number of steps,
 never the data; `bert4rec` makes teacher and students BERT4Rec.
+`ensemble` trains three teachers (seeds config.seed + 0, 1, 2) and distils
+from their averaged softmaxes; `cached` distils from the teacher's stored
+top-K soft labels (the soft_labels stage), with no teacher in memory.
 """
 
 import ml_collections
 
 from configs import base
 
-VARIANTS = ("tiny", "bert4rec")
+VARIANTS = ("tiny", "bert4rec", "ensemble", "cached")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -51,4 +54,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.latency_repeats = 3
         config.log_every_steps = 10
         base.tiny_compress(config)
+    base.method_variants(config, variants, "configs/ml100k.py")
     return config

@@ -6,14 +6,17 @@ Run:
   python -m distill_jax.main --config=configs/synthetic.py:bert4rec --workdir=/tmp/distill_b4r
 
 Variants (comma-separated, e.g. `tiny,bert4rec`): `tiny` shrinks everything for
-smoke runs; `bert4rec` makes teacher and students BERT4Rec instead of SASRec.
+smoke runs; `bert4rec` makes teacher and students BERT4Rec instead of SASRec;
+`ensemble` trains three teachers (seeds 0-2 offset from config.seed) and
+distils from their averaged softmaxes; `cached` distils from the teacher's
+stored top-K soft labels (the soft_labels stage), no teacher in memory.
 """
 
 import ml_collections
 
 from configs import base
 
-VARIANTS = ("tiny", "bert4rec")
+VARIANTS = ("tiny", "bert4rec", "ensemble", "cached")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,5 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.every_steps = 10
         config.checkpoint.every_steps = 10
         config.log_every_steps = 10
+        config.distill.cache_k = 16  # of 60 items
         base.tiny_compress(config)
+    base.method_variants(config, variants, "configs/synthetic.py")
     return config

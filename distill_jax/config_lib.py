@@ -1,5 +1,6 @@
 """Start-up validation of a config: every bad value names its key."""
 
+import re
 from typing import Any
 
 import ml_collections
@@ -13,7 +14,12 @@ KNOWN_STAGES = (
     "compress",
     "export",
     "report",
+    # config.distill.method='ensemble': the ensemble evaluated as a model;
+    # 'cached': the teacher's stored outputs. Extra teachers are 'teacher_<n>'.
+    "ensemble",
+    "soft_labels",
 )
+EXTRA_TEACHER = re.compile(r"^teacher_([1-9][0-9]*)$")
 TRAINED_STAGES = ("teacher", "student_kd", "student_scratch")
 SHARED_MODEL_KEYS = ("max_len", "num_items")
 # config.student_scratch: the scratch student's own optimisation settings.
@@ -42,7 +48,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
     _expect(bool(stages), "stages", config.stages, f"a comma-separated subset of {KNOWN_STAGES}")
     for s in stages:
-        _expect(s in KNOWN_STAGES, "stages", config.stages, f"stages among {KNOWN_STAGES}")
+        _expect(
+            s in KNOWN_STAGES or EXTRA_TEACHER.match(s) is not None,
+            "stages",
+            config.stages,
+            f"stages among {KNOWN_STAGES} or 'teacher_<n>' (n >= 1: an extra teacher)",
+        )
 
     from distill_jax.data.dataset import SOURCES
 
@@ -206,54 +217,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"equal to config.teacher.{key}={t!r} (teacher and student share it)",
         )
 
-    d = config.distill
-    _expect(d.temperature > 0, "distill.temperature", d.temperature, "a temperature > 0")
-    _expect(0.0 <= d.alpha <= 1.0, "distill.alpha", d.alpha, "a weight in [0, 1]")
-    _expect(
-        isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k, "an integer >= 1"
-    )
-    _expect(
-        isinstance(d.ranking_k, int) and d.ranking_k >= 1,
-        "distill.ranking_k",
-        d.ranking_k,
-        "an integer >= 1",
-    )
-    from distill_jax.losses.ranking import LOSSES as RANKING_LOSSES
+    from distill_jax import config_distill  # Late: it imports the losses.
 
-    _expect(
-        d.ranking_loss in RANKING_LOSSES,
-        "distill.ranking_loss",
-        d.ranking_loss,
-        f"one of {RANKING_LOSSES}",
-    )
-    _expect(d.ranking_lambda > 0, "distill.ranking_lambda", d.ranking_lambda, "a scale > 0")
-
-    from distill_jax.train.teacher_init import METHODS
-
-    _expect(
-        d.init_from_teacher in METHODS,
-        "distill.init_from_teacher",
-        d.init_from_teacher,
-        f"one of {METHODS}",
-    )
-    _expect(
-        d.init_from_teacher != "pca" or config.student.embed_dim <= config.teacher.embed_dim,
-        "distill.init_from_teacher",
-        d.init_from_teacher,
-        f"'none' when student.embed_dim={config.student.embed_dim} > "
-        f"teacher.embed_dim={config.teacher.embed_dim} ('pca' projects onto fewer directions)",
-    )
-    _expect(
-        isinstance(d.last_item_slot, bool), "distill.last_item_slot", d.last_item_slot, "a bool"
-    )
-    _expect(
-        not d.last_item_slot or MODELS[config.student.name].is_causal,
-        "distill.last_item_slot",
-        d.last_item_slot,
-        f"False for student.name={config.student.name!r} (a teacher-only slot after the "
-        "last item needs a causal next-item student)",
-    )
-    _validate_losses(config)
+    config_distill.validate(config, stages)
 
     _positive_int(config.eval, "eval", "every_steps", "batch_size")
     _expect(config.eval.patience >= 0, "eval.patience", config.eval.patience, ">= 0")
@@ -393,72 +359,6 @@ def _validate_compress(config: ml_collections.ConfigDict, stages: list[str]) -> 
             "stages",
             config.stages,
             f"{needs!r} before 'export' (export.model={e.model!r})",
-        )
-
-
-def _validate_losses(config: ml_collections.ConfigDict) -> None:
-    """Each stage's (target, form) pair and its options against `losses.PAIRS`."""
-    from distill_jax import losses  # Late: keeps config checks import-light.
-    from distill_jax.models import MODELS
-
-    d, form = config.distill, config.loss.form
-    _expect(form in losses.FORMS, "loss.form", form, f"one of {losses.FORMS}")
-    _expect(
-        d.target in losses.TEACHER_TARGETS,
-        "distill.target",
-        d.target,
-        f"one of {losses.TEACHER_TARGETS}",
-    )
-    _expect(
-        losses.supported(d.target, form),
-        "loss.form",
-        form,
-        f"a form of config.distill.target={d.target!r}: it is not supported with "
-        f"config.loss.form={form!r}; forms for {d.target!r}: {losses.forms_for(d.target)}",
-    )
-    _positive_int(config.loss, "loss", "chunk_size")
-    if d.last_item_slot:
-        option = "teacher_only_slots"
-        _expect(
-            losses.supported(d.target, form, option),
-            "distill.last_item_slot",
-            True,
-            f"False with config.distill.target={d.target!r} and config.loss.form={form!r} "
-            f"(teacher-only slots: forms {losses.forms_for(d.target, option)})",
-        )
-    sc = config.student_scratch
-    scratch_excludes = (
-        config.student.exclude_history if sc.exclude_history == -1 else sc.exclude_history == 1
-    )
-    # (the key that sets it, the model, the target it trains with, whether it is on)
-    uses = [
-        ("teacher.exclude_history", "teacher", "label", config.teacher.exclude_history),
-        ("student.exclude_history", "student", d.target, config.student.exclude_history),
-        (
-            "student.exclude_history"
-            if sc.exclude_history == -1
-            else "student_scratch.exclude_history",
-            "student",
-            "label",
-            scratch_excludes,
-        ),
-    ]
-    for key, model, target, on in uses:
-        if not on:
-            continue
-        _expect(
-            losses.supported(target, form, "exclude_history"),
-            key,
-            True,
-            f"False with config.loss.form={form!r} for the {target!r} target (forms that "
-            f"exclude history: {losses.forms_for(target, 'exclude_history')})",
-        )
-        _expect(
-            MODELS[config[model].name].is_causal,
-            key,
-            True,
-            f"False for {model}.name={config[model].name!r} (a bidirectional model's window "
-            "holds later items and mask tokens, not a history)",
         )
 
 

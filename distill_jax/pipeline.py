@@ -1,5 +1,9 @@
 """The main job: teacher -> student_kd -> student_scratch -> compress -> export -> report.
 
+With `config.distill.method='ensemble'` the extra teachers (`teacher_<n>`)
+train before an `ensemble` stage that evaluates them as one model; with
+'cached' a `soft_labels` stage stores the teacher's outputs before student_kd.
+
 Each stage works in `WORKDIR/<stage>/`; it resumes from its checkpoint and,
 once finished, writes `result.json`, so a re-run skips it. The report stage
 writes `WORKDIR/report.json`, `report.md`, `report.html` and `plots/*.png`
@@ -13,7 +17,7 @@ import time
 
 import ml_collections
 
-from distill_jax import config_lib, distributed
+from distill_jax import config_lib, distributed, teachers
 from distill_jax import sharding as sharding_lib
 from distill_jax import workdir as workdir_lib
 from distill_jax.compress import stage as compress_stage
@@ -21,6 +25,7 @@ from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation import report as report_lib
 from distill_jax.evaluation.evaluator import Evaluator
+from distill_jax.train import ensemble as ensemble_lib
 from distill_jax.train import loop
 from distill_jax.train import state as state_lib
 
@@ -45,6 +50,14 @@ def _check_catalogue(config: ml_collections.ConfigDict, num_items: int) -> None:
                 f"config.{key}.num_items={n} is invalid: the data has {num_items} items "
                 "(use -1 to take the size from the data)."
             )
+
+
+def _teacher_name(config: ml_collections.ConfigDict) -> str:
+    """What the distilled student learnt from, as the report names it."""
+    method = config.distill.method
+    if method == "ensemble":
+        return "ensemble"
+    return "soft_labels" if method == "cached" else "teacher"
 
 
 def run_stage(
@@ -86,36 +99,25 @@ def run_stage(
         workdir_lib.write_json(result_path, result)
         log.info("[%s] test %s", stage, workdir_lib.brief(metrics["test"]))
         return result
-    key, teacher_stage = STAGES[stage]
+    key, teacher_stage = STAGES["teacher" if ensemble_lib.is_stage(stage) else stage]
     mcfg = config_lib.stage_model_config(config, stage, key)
     model = workdir_lib.build(config, key, split.num_items, stage, mesh)
-    teacher = t_scorer = None
-    # The scratch student is compared with the teacher too, when there is one.
-    t_stage = teacher_stage or ("teacher" if stage != "teacher" else None)
-    if t_stage is not None and workdir_lib.finished(workdir, t_stage):
-        t_model = workdir_lib.build(config, STAGES[t_stage][0], split.num_items, mesh=mesh)
-        t_params, t_shardings = workdir_lib.load_best_params(
-            t_model, config, mesh, workdir_lib.stage_dir(workdir, t_stage)
-        )
-        teacher = loop.Teacher(model=t_model, params=t_params, shardings=t_shardings)
-        t_scorer = evaluator_lib.model_scorer(t_model, t_params, t_shardings)
-    elif teacher_stage is not None:
-        raise FileNotFoundError(
-            f"Stage {stage!r} needs a finished {teacher_stage!r} stage in "
-            f"{workdir_lib.stage_dir(workdir, teacher_stage)}; add '{teacher_stage}' to "
-            f"config.stages before '{stage}'."
-        )
+    source = teachers.DistillSource()
+    if teacher_stage is not None:
+        source = teachers.distill_source(config, split, mesh, workdir, model, stage)
     res = loop.train_stage(
         name=stage,
         model=model,
         mcfg=mcfg,
-        config=config,
+        # An extra teacher 'teacher_<n>' trains with seed config.seed + n.
+        config=ensemble_lib.stage_config(config, stage),
         split=split,
         workdir=stage_dir,
         mesh=mesh,
-        teacher=teacher if teacher_stage else None,
         stop_at_step=stop_at_step,
+        **source.kwargs(),
     )
+    del source  # the teacher's params are not needed for the evaluation
     if not res.finished:
         return None
     shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
@@ -136,13 +138,52 @@ def run_stage(
         "best_step": res.best_step,
         "steps_run": res.steps_run,
         "stopped_early": res.stopped_early,
-        "teacher": teacher_stage,
+        "teacher": teacher_stage and _teacher_name(config),
         "cost": workdir_lib.cost(evaluator, scorer, counts, config),
     }
+    t_scorer = None
+    if key == "student":
+        t_scorer = teachers.teacher_scorer(
+            config, split, mesh, workdir, model, distilled=teacher_stage is not None
+        )
     if t_scorer is not None and t_scorer.causal == scorer.causal:
         result["agreement_with_teacher"] = {"test": evaluator.agreement(t_scorer, scorer, "test")}
     workdir_lib.write_json(result_path, result)
     log.info("[%s] test %s", stage, workdir_lib.brief(metrics["test"]))
+    return result
+
+
+def run_ensemble(config, data: dataset_lib.Dataset, mesh, workdir: str) -> dict:
+    """The ensemble stage: the teachers of distill.ensemble_teachers evaluated as one model."""
+    stage_dir = workdir_lib.stage_dir(workdir, "ensemble")
+    result_path = os.path.join(stage_dir, "result.json")
+    if os.path.exists(result_path):
+        log.info("[ensemble] finished earlier; skipping (%s)", result_path)
+        return workdir_lib.read_json(result_path)
+    os.makedirs(stage_dir, exist_ok=True)
+    split = data.split
+    student = workdir_lib.build(config, "student", split.num_items, "student_kd", mesh)
+    t = teachers.ensemble_teacher(config, split.num_items, mesh, workdir, student)
+    scorer = ensemble_lib.scorer(t.model, t.params, t.shardings)
+    evaluator = Evaluator(split, config, mesh)
+    t0 = time.time()
+    metrics, deciles = evaluator.evaluate_splits(scorer, data.eval_splits, "ensemble")
+    counts = ensemble_lib.param_counts(t.model, t.params)
+    result = {
+        "model": "ensemble",
+        "params": counts[0],
+        "param_bytes": counts[1],
+        "members": list(t.model.names),
+        "weights": list(t.model.weights),
+        "metrics": metrics,
+        "popularity_deciles": deciles,
+        "train_seconds": 0.0,
+        "eval_seconds": time.time() - t0,
+        "teacher": None,
+        "cost": workdir_lib.cost(evaluator, scorer, counts, config),
+    }
+    workdir_lib.write_json(result_path, result)
+    log.info("[ensemble] test %s", workdir_lib.brief(metrics["test"]))
     return result
 
 
@@ -164,7 +205,7 @@ def run(
         dict(mesh.shape),
     )
     results = {}
-    report = exported = None
+    report = exported = soft_labels = None
     for stage in config_lib.stages(config):
         if stage == "report":
             report = {
@@ -172,6 +213,7 @@ def run(
                 "dataset": data.info,
                 "models": results,
                 "export": exported,
+                "soft_labels": soft_labels,
             }
             workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
             if distributed.is_main_process():
@@ -187,6 +229,12 @@ def run(
             continue
         if stage == "export":
             exported = compress_stage.run_export(config, data, mesh, workdir)
+            continue
+        if stage == "soft_labels":
+            soft_labels = teachers.write_soft_labels(config, data, mesh, workdir)
+            continue
+        if stage == "ensemble":
+            results[stage] = run_ensemble(config, data, mesh, workdir)
             continue
         result = run_stage(stage, config, data, mesh, workdir, stop_at_step)
         if result is None:

@@ -33,7 +33,7 @@ def test_defaults_are_valid():
         ("student.num_blocks", 0, r"config\.student\.num_blocks=0.*> 0"),
         ("student.dtype", "float16", r"config\.student\.dtype='float16'"),
         ("stages", "teacher,distill", r"config\.stages"),
-        ("distill.target", "medium", r"config\.distill\.target='medium'.*'soft', 'hard'"),
+        ("distill.method", "medium", r"config\.distill\.method='medium'.*'soft', 'hard'"),
         ("loss.form", "plain", r"config\.loss\.form='plain'.*'dense'"),
         ("student_scratch.learning_rate", 0.0, r"config\.student_scratch\.learning_rate=0\.0"),
         ("student_scratch.dropout", 1.0, r"config\.student_scratch\.dropout=1\.0.*\[0, 1\)"),
@@ -65,7 +65,7 @@ def test_last_item_slot_needs_a_causal_student_and_a_form_with_teacher_only_slot
         match=r"config\.distill\.last_item_slot.*'soft'.*'chunked'.*\('dense', 'cpu_kernel'\)",
     ):
         config_lib.validate(config)
-    config.distill.target = "hard"  # the chunked hard target has them
+    config.distill.method = "hard"  # the chunked hard target has them
     config_lib.validate(config)
 
 

@@ -362,7 +362,7 @@ def test_distill_step_loss_cpu_kernel_equals_plain():
         "where": where.reshape(-1),
     }
     distill = base.get_base_config().distill
-    distill.update(target="soft", temperature=2.0, alpha=0.5, hard_k=1, last_item_slot=False)
+    distill.update(method="soft", temperature=2.0, alpha=0.5, hard_k=1, last_item_slot=False)
     out = {}
     for impl in ("dense", "cpu_kernel"):
         loss_cfg = ml_collections.ConfigDict(dict(form=impl, chunk_size=16))

@@ -13,10 +13,12 @@ import pytest
 
 from distill_jax import losses
 from distill_jax import sharding as sharding_lib
+from distill_jax.losses import cached as cached_lib
 from distill_jax.losses import kernel_lib
 from tests.test_ranking import reference_rows as ranking_reference
 
 N, D, DT, ROWS, VALID_ROWS, S = 12, 5, 7, 24, 23, 4
+CACHE_K = 4  # the 'cached' target: teacher items stored per slot
 SETTINGS = {
     "temperature": 1.7,
     "alpha": 0.3,
@@ -106,6 +108,32 @@ def _reference(target, x, exclude, slots, num_valid):
         ce = lse - z[np.arange(N), x["labels"]]
         per_row = alpha * np.where(where, ce, 0) + (1 - alpha) * rank
         grad = alpha * (q - onehot) * where[:, None] + (1 - alpha) * d_rank
+    elif target == "cached":
+        # The KL between the K + 1 buckets: the teacher's top-K items, the rest.
+        temp, alpha = SETTINGS["temperature"], SETTINGS["alpha"]
+        p_t, _ = _softmax(t / temp)
+        q_t, _ = _softmax(z / temp)
+        top = np.argsort(-p_t, axis=-1, kind="stable")[:, :CACHE_K]
+        in_top = np.zeros_like(p_t, bool)
+        np.put_along_axis(in_top, top, True, axis=-1)
+
+        def buckets(probs):  # [N, K + 1]: the top-K items, then the rest
+            top_p = np.take_along_axis(probs, top, -1)
+            return np.concatenate([top_p, 1 - top_p.sum(-1, keepdims=True)], -1)
+
+        p_b, q_b = buckets(p_t), buckets(q_t)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(p_b > 0, p_b * (np.log(p_b) - np.log(q_b)), 0).sum(-1)
+        ce = lse - z[np.arange(N), x["labels"]]
+        per_row = alpha * np.where(where, ce, 0) + (1 - alpha) * temp**2 * kl
+        # d(T² KL)/dz_i = T·q_i·(1 − P_b/Q_b) for the bucket b holding item i.
+        ratio = np.where(
+            in_top,
+            np.where(q_t > 0, p_t / np.where(q_t > 0, q_t, 1), 0),
+            (p_b[:, -1] / q_b[:, -1])[:, None],
+        )
+        d_kd = temp * q_t * (1 - ratio)
+        grad = alpha * (q - onehot) * where[:, None] + (1 - alpha) * d_kd
     else:
         temp, alpha = SETTINGS["temperature"], SETTINGS["alpha"]
         p_t, _ = _softmax(t / temp)
@@ -133,6 +161,11 @@ def _inputs(x, h, table, bias, exclude, slots, num_valid):
         return jnp.where((column == 0) | (column >= num_valid), -jnp.inf, z)
 
     ht, tt, bt = f32(x["ht"]), f32(x["table_t"]), f32(x["bias_t"])
+    seen = jnp.asarray(x["seen"], jnp.int32) if exclude else None
+    t_logits = logits(ht, tt, bt)
+    if seen is not None:
+        t_logits = losses.exclude_columns(t_logits, seen)
+    stored = cached_lib.top_k_soft_labels(t_logits, CACHE_K, SETTINGS["temperature"])
     return losses.LossInputs(
         hidden=h,
         table=table,
@@ -146,7 +179,8 @@ def _inputs(x, h, table, bias, exclude, slots, num_valid):
         teacher_bias=bt,
         teacher_logits=lambda: logits(ht, tt, bt),
         kd_where=jnp.asarray(x["kd_where"]) if slots else None,
-        seen=jnp.asarray(x["seen"], jnp.int32) if exclude else None,
+        seen=seen,
+        cached=stored,
     )
 
 

@@ -357,7 +357,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses(split):
 def test_teacher_targets_train_the_student_on_a_sharded_mesh(split, target):
     """'hard' and 'ranking' run through the train step: finite, and the same on 8 devices."""
     config = _distill_config()
-    config.distill.update(target=target, hard_k=3, ranking_k=5, last_item_slot=True)
+    config.distill.update(method=target, hard_k=3, ranking_k=5, last_item_slot=True)
     single = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
     want, want_params, _ = _run_steps(config, split, single, "distill", n_steps=3)
     mesh = sharding_lib.make_mesh(ml_collections.ConfigDict({"data": 8, "model": 1}))

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from distill_jax import compress, config_lib, models
+from distill_jax import compress, config_lib, models, teachers
 from distill_jax import sharding as sharding_lib
 from distill_jax import workdir as workdir_lib
 from distill_jax.compress import export as export_lib
@@ -47,7 +47,8 @@ class _Source:
     mcfg: ml_collections.ConfigDict  # its model config (scratch overrides applied)
     model: models.SequenceRecommender
     params: Any  # its best params, on the mesh
-    teacher: loop.Teacher | None  # the distillation teacher of its stage, if any
+    # What its stage distilled from (teachers.DistillSource), or None.
+    distill: Any = None
 
 
 @dataclasses.dataclass
@@ -79,14 +80,13 @@ def _trained(config, stage: str, num_items: int, mesh, workdir: str):
 def _source(config, split, mesh, workdir: str) -> _Source:
     stage = config.compress.source
     model, params, shardings = _trained(config, stage, split.num_items, mesh, workdir)
-    teacher = None
+    distill = None
     if TEACHER_OF[stage] is not None:
-        t_model, t_params, t_shardings = _trained(
-            config, TEACHER_OF[stage], split.num_items, mesh, workdir
-        )
-        teacher = loop.Teacher(model=t_model, params=t_params, shardings=t_shardings)
+        distill = teachers.distill_source(config, split, mesh, workdir, model, "compress")
+        # The fine-tuning starts from the trained student, not from the teacher's tables.
+        distill.teacher_tables = None
     mcfg = config_lib.stage_model_config(config, stage, "student")
-    return _Source(stage, mcfg, model, params, teacher)
+    return _Source(stage, mcfg, model, params, distill)
 
 
 def _finetune_config(config, src: _Source) -> ml_collections.ConfigDict:
@@ -98,6 +98,12 @@ def _finetune_config(config, src: _Source) -> ml_collections.ConfigDict:
 
 
 def _finetune(name, model, init_params, config, split, mesh, vdir, src, stop_at_step, **kw):
+    distill = src.distill.kwargs() if src.distill is not None else {}
+    if config.distill.hidden_weight > 0:
+        # The fine-tuning keeps the source's loss without hidden matching: the
+        # projection was not kept with the student it compresses.
+        config = config.copy_and_resolve_references()
+        config.distill.hidden_weight = 0.0
     return loop.train_stage(
         name=name,
         model=model,
@@ -106,9 +112,9 @@ def _finetune(name, model, init_params, config, split, mesh, vdir, src, stop_at_
         split=split,
         workdir=vdir,
         mesh=mesh,
-        teacher=src.teacher,
         stop_at_step=stop_at_step,
         init_params=init_params,
+        **distill,
         **kw,
     )
 
@@ -263,11 +269,9 @@ def run_compress(
         return results
     src = _source(config, data.split, mesh, workdir)
     evaluator = Evaluator(data.split, config, mesh)
-    t_scorer = None
-    if src.teacher is not None:
-        t_scorer = evaluator_lib.model_scorer(
-            src.teacher.model, src.teacher.params, src.teacher.shardings
-        )
+    t_scorer = teachers.teacher_scorer(
+        config, data.split, mesh, workdir, src.model, distilled=src.distill is not None
+    )
     src_counts = src.model.param_counts(src.params)
     for v in pending:
         name = f"{src.stage}_{v.name}"

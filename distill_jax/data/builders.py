@@ -195,10 +195,10 @@ def dataset_dir(name: str, data_dir: os.PathLike | str) -> epath.Path:
 
 def metadata(name: str, data_dir: os.PathLike | str) -> Mapping[str, Any] | None:
     """The metadata of finished data set `name`, or None when there is none."""
-    return _metadata(dataset_dir(name, data_dir))
+    return read_metadata(dataset_dir(name, data_dir))
 
 
-def _metadata(path: epath.Path) -> Mapping[str, Any] | None:
+def read_metadata(path: epath.Path) -> Mapping[str, Any] | None:
     """The finished data set's metadata, or None when there is no finished data set."""
     # `dataset_info.json` and `metadata.json` appear together, with the
     # records, when TFDS renames the complete directory into place.
@@ -237,7 +237,7 @@ def build(
       ValueError: on item ids outside 1..num_items or misaligned timestamps.
     """
     path = dataset_dir(name, data_dir)
-    meta = _metadata(path)
+    meta = read_metadata(path)
     if meta is not None and meta.get("fingerprint") == fingerprint:
         logging.info("Reusing data set %s (fingerprint %s).", path, fingerprint)
         return os.fspath(path)
@@ -275,7 +275,7 @@ def read(
     Raises as `load` does.
     """
     path = dataset_dir(name, data_dir)
-    meta = _metadata(path)
+    meta = read_metadata(path)
     if meta is None:
         raise FileNotFoundError(
             f"No finished data set {name!r} at {path}; run builders.build first."

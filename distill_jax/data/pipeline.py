@@ -17,6 +17,7 @@ matrix product with no padded rows beyond the bucket.
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,6 +174,11 @@ class TrainBatches:
     fixed_shapes: bool = False
     last_item_slot: bool = False
     mask_last_prob: float = 0.0
+    # The 'cached' method: stored teacher outputs per window
+    # (distill_jax/data/soft_labels.py, `SoftLabels`); batches then carry
+    # them for every packed slot (`cache_ids`, `cache_log_p`, `cache_rest`,
+    # and `cache_hidden` when stored).
+    soft_labels: Any = None
 
     def __post_init__(self):
         if self.num_shards < 1 or self.batch_size % self.num_shards:
@@ -210,6 +216,7 @@ class TrainBatches:
         # Input items per window.
         self._input_lengths = self._lengths - ((self._kinds == _LABELS) & self.causal)
         self.steps_per_epoch = -(-len(windows) // self.batch_size)
+        self._slot_counts = self.slot_counts() if self.soft_labels is not None else None
         self._plan_epoch, self._plan = -1, None
 
     @property
@@ -241,11 +248,35 @@ class TrainBatches:
         """Columns for n positions: a power-of-two bucket, or L with fixed shapes."""
         return self.max_len if self.fixed_shapes else _bucket(n, MIN_POSITIONS, self.max_len)
 
+    def slot_counts(self) -> np.ndarray:
+        """`[num_windows]` target slots of each causal window (labelled and teacher-only).
+
+        A window's slots appear in a batch in position order, and a batch's
+        slots window by window in row order (`pack_positions`): what the
+        soft_labels stage stores per window and `soft_labels` gives back.
+        """
+        if not self.causal:
+            raise ValueError("slot_counts: masked-item windows draw new slots every epoch.")
+        # _LABELS: len - 1 labelled; _LABELS_AND_LAST: those and the last; _LAST_ONLY: 1.
+        labelled = np.where(self._kinds == _LAST_ONLY, 0, self._lengths - 1)
+        return labelled + (self._kinds != _LABELS)
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The global batch of training step `step` (0-based)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         rows = self._epoch_plan(epoch)[index]
+        return self.window_batch(rows, rng_key=(epoch, index))
+
+    def window_batch(self, rows: np.ndarray, rng_key=(0, 0)) -> dict[str, np.ndarray]:
+        """The batch of windows `rows` (at most batch_size; fewer rows are padding).
+
+        `rng_key` seeds the masks of masked-item models (the step's (epoch,
+        index) in `batch`).
+        """
+        rows = np.asarray(rows)
         B, L = self.batch_size, self.max_len
+        if not 0 < len(rows) <= B:
+            raise ValueError(f"window_batch: {len(rows)} windows for a batch of {B}.")
         inputs = np.zeros((B, L), np.int32)
         soft = None
         if self.causal:
@@ -268,7 +299,7 @@ class TrainBatches:
                     where[b, k - 1 - m : k - 1] = True
             target_pos = np.broadcast_to(np.arange(L - k, L, dtype=np.int32), (B, k)).copy()
         else:
-            rng = np.random.default_rng([self.seed, epoch, index, 1])
+            rng = np.random.default_rng([self.seed, *rng_key, 1])
             masked = []
             for b, r in enumerate(rows):
                 w = self._windows[r]
@@ -298,6 +329,16 @@ class TrainBatches:
         target_pos = np.maximum(target_pos - (L - span), 0).astype(np.int32)
         size = B // self.num_shards * L if self.fixed_shapes else None
         packed = pack_positions(target_pos, targets, where, span, self.num_shards, size, soft)
+        if self.soft_labels is not None:
+            packed.update(
+                self.soft_labels.packed(
+                    rows,
+                    self._slot_counts,
+                    self.num_shards,
+                    B // self.num_shards,
+                    len(packed["where"]),
+                )
+            )
         return {"inputs": inputs, **packed}
 
 

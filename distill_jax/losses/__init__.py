@@ -7,7 +7,13 @@ A **target** says what the student learns at each slot:
 * ``soft``: ``alpha·CE + (1 − alpha)·T²·KL(teacher_T ‖ student_T)``;
 * ``hard``: cross-entropy against the teacher's top-k items (1/k each);
 * ``ranking``: the teacher's top-k order, listwise (`ranking.py`: position-
-  weighted positives or the relaxed Plackett-Luce loss), mixed with CE by alpha.
+  weighted positives or the relaxed Plackett-Luce loss), mixed with CE by alpha;
+* ``cached``: the soft target from stored soft labels, the teacher's top-K
+  log-probabilities and the mass of the rest (`cached.py`), no teacher in memory;
+* ``ensemble``: the soft target with several teachers' softmaxes averaged
+  (`distill_jax/train/ensemble.py` gives their log-mixture as the teacher's logits).
+
+The targets other than ``label`` are the methods of ``config.distill.method``.
 
 A **form** says how the ``[N, V]`` part is computed from the student's hidden
 states and item table:
@@ -35,7 +41,7 @@ from typing import Any
 
 import jax
 
-from distill_jax.losses import chunked, cpu_kernel, ranking, vocab_parallel
+from distill_jax.losses import cached, chunked, cpu_kernel, ranking, vocab_parallel
 from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count
 from distill_jax.losses.dense import (
     binary_distill,
@@ -93,6 +99,8 @@ class LossInputs:
       kd_where: ``[N]`` the slots the teacher supervises, a superset of
         `where` (teacher-only slots), or None when they are `where`.
       seen: ``[N, S]`` ids each slot leaves out (exclude_history), or None.
+      cached: the 'cached' target's stored teacher outputs ``(top_ids [N, K],
+        top_log_p [N, K], rest_log_p [N])``, or None.
     """
 
     hidden: jax.Array
@@ -108,6 +116,7 @@ class LossInputs:
     teacher_logits: Callable[[], jax.Array] | None = None
     kd_where: jax.Array | None = None
     seen: jax.Array | None = None
+    cached: tuple[jax.Array, jax.Array, jax.Array] | None = None
 
     def student_logits(self) -> jax.Array:
         z = self.logits()
@@ -258,6 +267,18 @@ def _ranking_dense(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
+def _cached_dense(x: LossInputs, s: Settings) -> jax.Array:
+    return cached.cached_distill(
+        x.student_logits(),
+        *x.cached,
+        x.labels,
+        temperature=s["temperature"],
+        alpha=s["alpha"],
+        where=x.teacher_where,
+        label_where=x.label_where,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Pair:
     """One (target, form) that exists: its function and the options it supports."""
@@ -269,11 +290,11 @@ class Pair:
     single_device: bool = False
 
 
-TARGETS = ("label", "soft", "hard", "ranking")
+TARGETS = ("label", "soft", "hard", "ranking", "cached", "ensemble")
 RANKING_LOSSES = ranking.LOSSES
 FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel")
 # Targets that need a teacher; 'label' trains teachers and the scratch student.
-TEACHER_TARGETS = ("soft", "hard", "ranking")
+TEACHER_TARGETS = ("soft", "hard", "ranking", "cached", "ensemble")
 
 PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True),
@@ -288,6 +309,9 @@ PAIRS: dict[tuple[str, str], Pair] = {
     ("hard", "dense"): Pair(_hard_dense, exclude_history=True, teacher_only_slots=True),
     ("hard", "chunked"): Pair(_hard_chunked, exclude_history=True, teacher_only_slots=True),
     ("ranking", "dense"): Pair(_ranking_dense, exclude_history=True, teacher_only_slots=True),
+    ("cached", "dense"): Pair(_cached_dense, exclude_history=True, teacher_only_slots=True),
+    # The ensemble's logits are its log-mixture: the soft target's dense form.
+    ("ensemble", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
 }
 
 

@@ -79,16 +79,23 @@ class StageCheckpointer:
         )
         self._manager.wait_until_finished()
 
-    def restore(self, like_state: Any, shardings: Any, data_iterator) -> tuple[Any, Any, dict]:
+    def restore(
+        self, like_state: Any, shardings: Any, data_iterator, like_best=None, best_shardings=None
+    ) -> tuple[Any, Any, dict]:
         """The latest (state, best params, meta) in the layout of `like_state`/`shardings`.
 
         `data_iterator` (a grain iterator) is moved to the saved position in place.
+        The best params are laid out like `like_best`/`best_shardings` when
+        given (the model's own params, where the state trains more), else
+        like the state's params.
         """
+        if like_best is None:
+            like_best, best_shardings = like_state.params, shardings.params
         out = self._manager.restore(
             self._manager.latest_step(),
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_abstract(like_state, shardings)),
-                best=ocp.args.StandardRestore(_abstract(like_state.params, shardings.params)),
+                best=ocp.args.StandardRestore(_abstract(like_best, best_shardings)),
                 meta=ocp.args.JsonRestore(),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
             ),
@@ -108,6 +115,14 @@ class StageCheckpointer:
             ),
         )
         return out.best, dict(out.meta)
+
+    def restore_meta(self) -> dict:
+        """The meta of the latest checkpoint alone (e.g. the config a stage trained with)."""
+        step = self._manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}/{CHECKPOINTS} holds no checkpoint.")
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out.meta)
 
     def close(self) -> None:
         self._manager.close()

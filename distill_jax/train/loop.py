@@ -20,6 +20,7 @@ from distill_jax.data.pipeline import TrainBatches
 from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation.evaluator import Evaluator, model_scorer
 from distill_jax.progress import Progress
+from distill_jax.train import ensemble as ensemble_lib
 from distill_jax.train import state as state_lib
 from distill_jax.train import steps as steps_lib
 from distill_jax.train import teacher_init
@@ -32,11 +33,25 @@ LOG_METRICS = ("hr@10", "ndcg@10", "mrr", "coverage@10")
 
 @dataclasses.dataclass
 class Teacher:
-    """A frozen teacher: its module, its (sharded) params and their shardings."""
+    """A frozen teacher: its module, its (sharded) params and their shardings.
 
-    model: nn.Module
+    For the 'ensemble' method `model` is an `ensemble.Ensemble` and `params`
+    and `shardings` are tuples, one entry per teacher.
+    """
+
+    model: Any
     params: Any
     shardings: Any
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the hidden state hidden-state matching projects onto."""
+        m = self.model
+        return m.hidden_dim if isinstance(m, ensemble_lib.Ensemble) else m.embed_dim
+
+    def tables_params(self) -> Any:
+        """The params `config.distill.init_from_teacher` reads (an ensemble's first teacher)."""
+        return self.params[0] if isinstance(self.model, ensemble_lib.Ensemble) else self.params
 
 
 @dataclasses.dataclass
@@ -118,6 +133,8 @@ def train_stage(
     init_params: Any = None,
     then: Any = None,
     select_from_step: int = 0,
+    soft_labels: Any = None,
+    teacher_tables: Any = None,
 ) -> StageResult:
     """Trains `model` (with `teacher`: by distillation), resuming from `workdir`.
 
@@ -138,12 +155,17 @@ def train_stage(
       select_from_step: evaluations before this step are logged but never
         chosen as the best, nor counted towards early stopping (e.g. before a
         pruning schedule reaches its target sparsity).
+      soft_labels: the 'cached' method: a `data.soft_labels.SoftLabels` (the
+        teacher's stored outputs); the stage distils with no teacher.
+      teacher_tables: the teacher's params, for `config.distill.init_from_teacher`
+        when no `teacher` is given (the 'cached' method); then released.
 
     Returns:
       The best parameters and how the stage went.
     """
     rule_pairs = sharding_lib.rules(config)
     sharding_lib.check_batch_size(mcfg.batch_size, mesh, "batch_size of the model config")
+    distilling = teacher is not None or soft_labels is not None
     batches = TrainBatches(
         split.train,
         num_items=split.num_items,
@@ -156,12 +178,28 @@ def train_stage(
         length_buckets=config.data.length_buckets,
         fixed_shapes=config.data.fixed_shapes,
         num_shards=mesh.shape["data"],
-        last_item_slot=teacher is not None and config.distill.last_item_slot,
+        last_item_slot=distilling and config.distill.last_item_slot,
+        soft_labels=soft_labels,
     )
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))
-    state, shardings = state_lib.create_state(model, mcfg, mesh, rule_pairs, init_rng, then)
+    extra = None
+    if distilling and config.distill.hidden_weight > 0:
+        d_t = teacher.hidden_dim if teacher is not None else soft_labels.hidden_dim
+        shape = (model.embed_dim, d_t)
+        extra = {
+            steps_lib.HIDDEN_PROJECTION: lambda r: {
+                "kernel": jax.nn.initializers.lecun_normal()(r, shape, jnp.float32)
+            }
+        }
+    state, shardings = state_lib.create_state(
+        model, mcfg, mesh, rule_pairs, init_rng, then, extra_params=extra
+    )
+    # The model's own params (the state's without a hidden-matching projection).
+    model_shardings = steps_lib.model_params(shardings.params)
     if init_params is not None:
+        if extra:  # a fresh projection beside the given model params
+            init_params = {**init_params, **{k: state.params[k] for k in extra}}
         # A copy: the state's buffers are donated to the train step, and the
         # caller's params (a compress source) are used again after this stage.
         params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)(
@@ -171,23 +209,30 @@ def train_stage(
             params=params,
             opt_state=jax.jit(state.tx.init, out_shardings=shardings.opt_state)(params),
         )
-    elif teacher is not None and config.distill.init_from_teacher != "none":
+    elif distilling and config.distill.init_from_teacher != "none":
+        tables = teacher.tables_params() if teacher is not None else teacher_tables
+        if tables is None:
+            raise ValueError(
+                f"config.distill.init_from_teacher={config.distill.init_from_teacher!r} needs "
+                "the teacher's params (teacher_tables) for this stage."
+            )
         state = state.replace(
             params=teacher_init.initial_params(
                 config.distill.init_from_teacher,
                 state.params,
-                teacher.params,
+                tables,
                 shardings.params,
                 mesh,
                 num_items=model.num_items,
             )
         )
+        del tables, teacher_tables
         log.info(
             "[%s] tables initialised from the teacher (%s)", name, config.distill.init_from_teacher
         )
     step_fn = steps_lib.make_train_step(
         model,
-        task="distill" if teacher else "train",
+        task="distill" if distilling else "train",
         mesh=mesh,
         state_shardings=shardings,
         teacher=teacher.model if teacher else None,
@@ -222,10 +267,14 @@ def train_stage(
     )
     # The best parameters so far live beside the state (a copy: the state's
     # buffers are donated to the next step) and go into every checkpoint.
-    copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
+    copy_params = jax.jit(
+        lambda p: jax.tree.map(jnp.copy, steps_lib.model_params(p)), out_shardings=model_shardings
+    )
     best_params = copy_params(state.params)
     if ckpt.latest_step() is not None:
-        state, best_params, meta = ckpt.restore(state, shardings, data_iter)
+        state, best_params, meta = ckpt.restore(
+            state, shardings, data_iter, best_params, model_shardings
+        )
         log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
     meta.setdefault("curves", {"train": [], "valid": []})  # checkpoints of older runs
     writer = _Writer(os.path.join(workdir, "tb"))

@@ -68,10 +68,14 @@ def create_state(
     rule_pairs,
     rng: jax.Array,
     then: optax.GradientTransformation | None = None,
+    extra_params: dict | None = None,
 ) -> tuple[TrainState, Any]:
     """Initialises the train state directly in its sharded layout.
 
     `then` is chained after the optimiser (see :func:`make_optimizer`).
+    `extra_params` maps top-level names to `rng -> params` functions for
+    parameters trained beside the model's own but not part of it (the
+    projection of hidden-state matching); they are replicated.
 
     Returns:
       (state, shardings): the state and the NamedSharding of each of its leaves.
@@ -80,7 +84,12 @@ def create_state(
     init = init_params_fn(model)
 
     def init_state(rng):
-        return TrainState.create(apply_fn=model.apply, params=init(rng), tx=tx)
+        params = init(rng)
+        if extra_params:
+            params = dict(params)
+            for i, (name, fn) in enumerate(sorted(extra_params.items())):
+                params[name] = fn(jax.random.fold_in(rng, 1000 + i))
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
     abstract = jax.eval_shape(init_state, rng)
     shardings = sharding_lib.logical_shardings(abstract, mesh, rule_pairs)

@@ -9,6 +9,7 @@ import ml_collections
 
 from distill_jax import losses
 from distill_jax import sharding as sharding_lib
+from distill_jax.train import ensemble as ensemble_lib
 
 TASKS = ("train", "distill")
 
@@ -54,29 +55,99 @@ def history_columns(batch) -> jax.Array:
     return jnp.where(keep, seen, 0)
 
 
+HIDDEN_LOSSES = ("mse", "cosine")
+# The learned projection of hidden-state matching: a top-level entry of the
+# trained params beside the model's own (flax ignores it when the model is
+# applied), stripped from the parameters the stage keeps (`model_params`).
+HIDDEN_PROJECTION = "hidden_projection"
+
+
+def model_params(params):
+    """The model's own parameters: `params` without the hidden-matching projection."""
+    if isinstance(params, dict) and HIDDEN_PROJECTION in params:
+        return {k: v for k, v in params.items() if k != HIDDEN_PROJECTION}
+    return params
+
+
+def hidden_loss(h: jax.Array, projection: jax.Array, h_t: jax.Array, where, kind: str):
+    """Mean over `where` rows: MSE (per dimension) or 1 − cosine of `h @ projection`, `h_t`."""
+    if kind not in HIDDEN_LOSSES:
+        raise ValueError(f"hidden loss {kind!r} is invalid; expected one of {HIDDEN_LOSSES}.")
+    z = h.astype(jnp.float32) @ projection
+    t = jax.lax.stop_gradient(h_t.astype(jnp.float32))
+    if kind == "mse":
+        per_row = jnp.mean(jnp.square(z - t), axis=-1)
+    else:
+        eps = 1e-8
+        cos = jnp.sum(z * t, -1) / (
+            jnp.maximum(jnp.linalg.norm(z, axis=-1), eps)
+            * jnp.maximum(jnp.linalg.norm(t, axis=-1), eps)
+        )
+        per_row = 1.0 - cos
+    return losses.masked_mean(per_row, where)
+
+
+def _teacher_fields(teacher, teacher_params, batch) -> dict:
+    """What the loss reads from the frozen teacher (or ensemble) at the batch's slots."""
+    if isinstance(teacher, ensemble_lib.Ensemble):
+        hidden = tuple(
+            jax.lax.stop_gradient(
+                hidden_at_targets(m, p, batch["inputs"], batch["target_index"], train=False)
+            )
+            for m, p in zip(teacher.models, teacher_params, strict=True)
+        )
+        return dict(
+            teacher_hidden=jnp.concatenate(hidden, axis=-1),
+            teacher_logits=lambda: teacher.log_probs(teacher_params, hidden),
+        )
+    # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
+    h_t = jax.lax.stop_gradient(
+        hidden_at_targets(
+            teacher, teacher_params, batch["inputs"], batch["target_index"], train=False
+        )
+    )
+    t_table, t_bias = jax.tree.map(jax.lax.stop_gradient, teacher.item_table(teacher_params))
+    return dict(
+        teacher_hidden=h_t,
+        teacher_table=t_table,
+        teacher_bias=t_bias,
+        teacher_logits=lambda: teacher.apply(
+            {"params": teacher_params}, h_t, method=teacher.logits
+        ),
+    )
+
+
 def make_loss_fn(
     model: nn.Module,
     task: str,
-    teacher: nn.Module | None,
+    teacher: "nn.Module | ensemble_lib.Ensemble | None",
     distill_cfg: ml_collections.ConfigDict | None,
     loss_cfg: ml_collections.ConfigDict | None = None,
     exclude_history: bool = False,
 ):
     """loss(params, teacher_params, batch, dropout_rng) -> scalar loss.
 
-    The target is 'label' for task='train' and `config.distill.target` for
+    The target is 'label' for task='train' and `config.distill.method` for
     'distill'; the form is `config.loss.form` (`loss_cfg`; None: 'dense').
     `exclude_history` is the trained model's `config.<model>.exclude_history`.
     The pair and its options were checked by config validation
     (`config_lib`, from the table in `distill_jax.losses`).
+
+    `teacher` is a model, an `ensemble.Ensemble` (then `teacher_params` is a
+    tuple, one per teacher), or None for the 'cached' method, whose teacher
+    outputs come in the batch (`cache_ids`, `cache_log_p`, `cache_rest`, and
+    `cache_hidden` with hidden matching). With `config.distill.hidden_weight
+    > 0`, `params[HIDDEN_PROJECTION]["kernel"]` maps the student's hidden
+    states onto the teacher's.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
-    if task == "distill" and teacher is None:
-        raise ValueError("task='distill' needs a teacher model.")
-    target = "label" if task == "train" else distill_cfg.target
+    target = "label" if task == "train" else distill_cfg.method
+    if task == "distill" and teacher is None and target != "cached":
+        raise ValueError(f"task='distill' with method {target!r} needs a teacher model.")
     form = "dense" if loss_cfg is None else loss_cfg.form
     settings = {"chunk_size": 8192 if loss_cfg is None else loss_cfg.chunk_size}
+    hidden_weight = 0.0
     if task == "distill":
         settings.update(
             temperature=distill_cfg.temperature,
@@ -86,6 +157,7 @@ def make_loss_fn(
             ranking_loss=distill_cfg.ranking_loss,
             ranking_lambda=distill_cfg.ranking_lambda,
         )
+        hidden_weight = float(distill_cfg.hidden_weight)
 
     def loss_fn(params, teacher_params, batch, dropout_rng):
         # The student trains: dropout on, gradients flow.
@@ -99,27 +171,17 @@ def make_loss_fn(
         )
         table, bias = model.item_table(params)
         fields = {}
-        if teacher is not None and task == "distill":
-            # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
-            h_t = jax.lax.stop_gradient(
-                hidden_at_targets(
-                    teacher, teacher_params, batch["inputs"], batch["target_index"], train=False
+        if task == "distill":
+            if teacher is not None:
+                fields = _teacher_fields(teacher, teacher_params, batch)
+            else:
+                fields = dict(
+                    cached=(batch["cache_ids"], batch["cache_log_p"], batch["cache_rest"]),
+                    teacher_hidden=batch.get("cache_hidden"),
                 )
-            )
-            t_table, t_bias = jax.tree.map(
-                jax.lax.stop_gradient, teacher.item_table(teacher_params)
-            )
-            fields = dict(
-                teacher_hidden=h_t,
-                teacher_table=t_table,
-                teacher_bias=t_bias,
-                teacher_logits=lambda: teacher.apply(
-                    {"params": teacher_params}, h_t, method=teacher.logits
-                ),
-                # Teacher-only slots (config.distill.last_item_slot) are in
-                # `kd_where` but not in `where`: they have no label.
-                kd_where=batch.get("kd_where"),
-            )
+            # Teacher-only slots (config.distill.last_item_slot) are in
+            # `kd_where` but not in `where`: they have no label.
+            fields["kd_where"] = batch.get("kd_where")
         inputs = losses.LossInputs(
             hidden=h,
             table=table,
@@ -133,7 +195,16 @@ def make_loss_fn(
             seen=history_columns(batch) if exclude_history else None,
             **fields,
         )
-        return losses.compute(target, form, inputs, settings)
+        loss = losses.compute(target, form, inputs, settings)
+        if hidden_weight > 0:
+            loss = loss + hidden_weight * hidden_loss(
+                h,
+                params[HIDDEN_PROJECTION]["kernel"],
+                inputs.teacher_hidden,
+                inputs.teacher_where,
+                distill_cfg.hidden_loss,
+            )
+        return loss
 
     return loss_fn
 
@@ -157,7 +228,7 @@ def make_train_step(
     (pass None) for task='train'.
     """
     form = "dense" if loss_cfg is None else loss_cfg.form
-    target = "label" if task == "train" else distill_cfg.target
+    target = "label" if task == "train" else distill_cfg.method
     if losses.PAIRS[(target, form)].single_device:
         # Checked here, not in config_lib: the backend and the devices must not
         # be touched before jax.distributed is initialised.
