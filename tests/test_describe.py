@@ -18,9 +18,11 @@ CONFIG_FILES = sorted(
 
 
 def _variants(path: pathlib.Path) -> list[str | None]:
-    """No variant, each one alone, and all of them together."""
+    """No variant, each one alone, and all of them together (one method variant at a time:
+    'ensemble' and 'cached' exclude each other)."""
     known = importlib.import_module(f"configs.{path.stem}").VARIANTS
-    return [None, *known, ",".join(known)]
+    together = [",".join(v for v in known if v != other) for other in ("cached", "ensemble")]
+    return [None, *known, *together]
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:

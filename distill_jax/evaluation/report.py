@@ -74,14 +74,32 @@ def findings(report: dict) -> list[str]:
             f"student_kd NDCG@10 = {kn / tn if tn else float('nan'):.2f} x teacher, "
             f"{kn / sn if sn else float('nan'):.2f} x student_scratch."
         )
+    ens = report["models"].get("ensemble")
+    if ens and t:
+        out.append(
+            f"The ensemble of {', '.join(ens['members'])}: NDCG@10 "
+            f"{ens['metrics']['test']['ndcg@10']:.4f}, {ens['params'] / t['params']:.1f} x "
+            "the teacher's parameters."
+        )
+    labels = report.get("soft_labels")
+    if labels:
+        out.append(
+            f"Soft labels (the soft_labels stage): the teacher's top {labels['k']} items for "
+            f"{labels['slots']:,} slots of {labels['windows']:,} windows, "
+            f"{labels.get('bytes', 0) / 1e6:.1f} MB, written in {labels.get('seconds', 0):.1f} s."
+        )
     agree = {
         n: r["agreement_with_teacher"]["test"]
         for n, r in report["models"].items()
         if "agreement_with_teacher" in r
     }
+    method = report.get("config", {}).get("distill", {}).get("method", "soft")
     if agree:
+        whom = "the teacher"
+        if method == "ensemble":
+            whom += " (student_kd and its variants: the ensemble; the others: the teacher stage)"
         out.append(
-            "Agreement with the teacher on the test inputs: "
+            f"Agreement with {whom} on the test inputs: "
             + "; ".join(
                 f"{n}: top-10 overlap {a['top10_overlap']:.3f}, KL {a['kl']:.3f}"
                 for n, a in agree.items()

@@ -133,6 +133,21 @@ def _member_config(directory: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(meta["config"])
 
 
+def _stored_model_config(like: ml_collections.ConfigDict, stored) -> ml_collections.ConfigDict:
+    """A teacher's model config as stored in its checkpoint, on top of `like`.
+
+    Keys the stored config lacks (a stage trained by an earlier version, before
+    the key existed) keep `like`'s values, which were the defaults then.
+    """
+    out = like.copy_and_resolve_references()
+    for key, value in stored.items():
+        if key in out:
+            out[key] = (
+                type(out[key])(value) if isinstance(out[key], bool | int | float | str) else value
+            )
+    return out
+
+
 def load(config: ml_collections.ConfigDict, workdir: str, num_items: int, mesh, student):
     """The ensemble's modules, its teachers' best params and their shardings.
 
@@ -152,7 +167,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, num_items: int, mesh, 
             mcfg = config.teacher
         else:
             directory = os.path.abspath(os.path.expanduser(name))
-            mcfg = _member_config(directory).teacher
+            mcfg = _stored_model_config(config.teacher, _member_config(directory).teacher)
         model = models.build_model(
             mcfg,
             num_items=num_items,
