@@ -7,7 +7,7 @@ their stages (`teacher_<n>`, `ensemble`, `soft_labels`) and their
 
 import ml_collections
 
-from distill_jax.config_lib import EXTRA_TEACHER, _expect, _positive_int
+from distill_jax.config_checks import EXTRA_TEACHER, ConfigError, _expect, _positive_int
 
 
 def validate(config: ml_collections.ConfigDict, stages: list[str]) -> None:
@@ -67,8 +67,8 @@ def validate(config: ml_collections.ConfigDict, stages: list[str]) -> None:
 
 def _validate_method(config: ml_collections.ConfigDict, stages: list[str]) -> None:
     from distill_jax import losses
+    from distill_jax.losses import HIDDEN_LOSSES
     from distill_jax.models import MODELS
-    from distill_jax.train.steps import HIDDEN_LOSSES
 
     d = config.distill
     _expect(
@@ -143,8 +143,6 @@ def _validate_method(config: ml_collections.ConfigDict, stages: list[str]) -> No
                     config.stages,
                     f"{name!r} before the stages that use the ensemble",
                 )
-        from distill_jax.train.ensemble import parse_weights
-
         parse_weights(config, len(names))
 
 
@@ -212,3 +210,22 @@ def _validate_losses(config: ml_collections.ConfigDict) -> None:
             f"False for {model}.name={config[model].name!r} (a bidirectional model's window "
             "holds later items and mask tokens, not a history)",
         )
+
+
+def parse_weights(config: ml_collections.ConfigDict, n: int) -> tuple[float, ...]:
+    """`config.distill.ensemble_weights` as n weights summing to 1 (equal when empty)."""
+    raw = config.distill.ensemble_weights
+    if not raw.strip():
+        return (1.0 / n,) * n
+    try:
+        w = [float(x) for x in raw.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"config.distill.ensemble_weights={raw!r} is invalid: expected comma-separated numbers."
+        ) from None
+    if len(w) != n or min(w) < 0 or sum(w) <= 0:
+        raise ConfigError(
+            f"config.distill.ensemble_weights={raw!r} is invalid: expected {n} weights >= 0 "
+            f"(one per teacher of config.distill.ensemble_teachers) with a positive sum."
+        )
+    return tuple(x / sum(w) for x in w)

@@ -1,9 +1,14 @@
 """Start-up validation of a config: every bad value names its key."""
 
-import re
-from typing import Any
 
 import ml_collections
+
+from distill_jax.config_checks import (  # noqa: F401 (ConfigError: the public name)
+    EXTRA_TEACHER,
+    ConfigError,
+    _expect,
+    _positive_int,
+)
 
 MODEL_KEYS = ("teacher", "student")
 KNOWN_STAGES = (
@@ -19,26 +24,10 @@ KNOWN_STAGES = (
     "ensemble",
     "soft_labels",
 )
-EXTRA_TEACHER = re.compile(r"^teacher_([1-9][0-9]*)$")
 TRAINED_STAGES = ("teacher", "student_kd", "student_scratch")
 SHARED_MODEL_KEYS = ("max_len", "num_items")
 # config.student_scratch: the scratch student's own optimisation settings.
 SCRATCH_KEYS = ("learning_rate", "dropout", "weight_decay", "exclude_history")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and what was expected."""
-
-
-def _expect(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key}={value!r} is invalid: expected {expected}.")
-
-
-def _positive_int(cfg: ml_collections.ConfigDict, prefix: str, *names: str) -> None:
-    for name in names:
-        value = cfg[name]
-        _expect(isinstance(value, int) and value > 0, f"{prefix}.{name}", value, "an integer > 0")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

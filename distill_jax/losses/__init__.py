@@ -59,6 +59,7 @@ from distill_jax.losses.dense import (
 
 __all__ = [
     "FORMS",
+    "HIDDEN_LOSSES",
     "PAIRS",
     "RANKING_LOSSES",
     "TARGETS",
@@ -292,6 +293,8 @@ class Pair:
 
 TARGETS = ("label", "soft", "hard", "ranking", "cached", "ensemble")
 RANKING_LOSSES = ranking.LOSSES
+# Hidden-state matching (config.distill.hidden_loss; distill_jax/train/steps.py).
+HIDDEN_LOSSES = ("mse", "cosine")
 FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel")
 # Targets that need a teacher; 'label' trains teachers and the scratch student.
 TEACHER_TARGETS = ("soft", "hard", "ranking", "cached", "ensemble")

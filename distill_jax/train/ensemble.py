@@ -34,13 +34,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from distill_jax import config_lib, models
+from distill_jax import config_checks, models
 from distill_jax import sharding as sharding_lib
 from distill_jax import workdir as workdir_lib
+from distill_jax.config_distill import parse_weights
 from distill_jax.evaluation.evaluator import Scorer, model_flops_per_sequence
 from distill_jax.train.checkpoint import StageCheckpointer
 
-EXTRA_TEACHER = config_lib.EXTRA_TEACHER
+EXTRA_TEACHER = config_checks.EXTRA_TEACHER
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,25 +82,6 @@ class Ensemble:
             z = m.apply({"params": p}, h, method=m.logits).astype(jnp.float32)
             parts.append(jax.nn.log_softmax(z, axis=-1) + np.log(w))
         return jax.nn.logsumexp(jnp.stack(parts), axis=0)
-
-
-def parse_weights(config: ml_collections.ConfigDict, n: int) -> tuple[float, ...]:
-    """`config.distill.ensemble_weights` as n weights summing to 1."""
-    raw = config.distill.ensemble_weights
-    if not raw.strip():
-        return (1.0 / n,) * n
-    try:
-        w = [float(x) for x in raw.split(",")]
-    except ValueError:
-        raise config_lib.ConfigError(
-            f"config.distill.ensemble_weights={raw!r} is invalid: expected comma-separated numbers."
-        ) from None
-    if len(w) != n or min(w) < 0 or sum(w) <= 0:
-        raise config_lib.ConfigError(
-            f"config.distill.ensemble_weights={raw!r} is invalid: expected {n} weights >= 0 "
-            f"(one per teacher of config.distill.ensemble_teachers) with a positive sum."
-        )
-    return tuple(x / sum(w) for x in w)
 
 
 def members(config: ml_collections.ConfigDict) -> list[str]:
@@ -177,11 +159,11 @@ def load(config: ml_collections.ConfigDict, workdir: str, num_items: int, mesh, 
         )
         where = f"config.distill.ensemble_teachers: teacher {name!r}"
         if mcfg.max_len != student.max_len:
-            raise config_lib.ConfigError(
+            raise config_checks.ConfigError(
                 f"{where} has max_len={mcfg.max_len}; the student's is {student.max_len}."
             )
         if model.is_causal != student.is_causal:
-            raise config_lib.ConfigError(
+            raise config_checks.ConfigError(
                 f"{where} is {mcfg.name!r} and the student {type(student).__name__}: an "
                 "ensemble's teachers must score the student's windows (all next-item models "
                 "or all masked-item models)."

@@ -55,7 +55,7 @@ def history_columns(batch) -> jax.Array:
     return jnp.where(keep, seen, 0)
 
 
-HIDDEN_LOSSES = ("mse", "cosine")
+HIDDEN_LOSSES = losses.HIDDEN_LOSSES
 # The learned projection of hidden-state matching: a top-level entry of the
 # trained params beside the model's own (flax ignores it when the model is
 # applied), stripped from the parameters the stage keeps (`model_params`).
