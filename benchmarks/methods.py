@@ -75,7 +75,8 @@ def method_config(config, name: str, hidden_weight: float):
     return c
 
 
-def _link(target: str, link: str) -> None:
+def link_stage(target: str, link: str) -> None:
+    """Links finished stage directory `target` in as `link` (kept if already there)."""
     if os.path.islink(link) or os.path.exists(link):
         return
     if not os.path.exists(os.path.join(target, "result.json")):
@@ -90,7 +91,7 @@ def run_seed(config, seed: int, methods: list[str], workdir: str, args) -> dict:
     config.seed = seed
     base = os.path.join(workdir, f"seed_{seed}", "base")
     if args.teacher_dir:
-        _link(args.teacher_dir.format(seed=seed), os.path.join(base, "teacher"))
+        link_stage(args.teacher_dir.format(seed=seed), os.path.join(base, "teacher"))
     base_config = copy.deepcopy(config)
     base_config.stages = BASE_STAGES
     pipeline.run(base_config, base)
@@ -102,7 +103,7 @@ def run_seed(config, seed: int, methods: list[str], workdir: str, args) -> dict:
     }
     for name in methods:
         mdir = os.path.join(workdir, f"seed_{seed}", name)
-        _link(os.path.join(base, "teacher"), os.path.join(mdir, "teacher"))
+        link_stage(os.path.join(base, "teacher"), os.path.join(mdir, "teacher"))
         pipeline.run(method_config(config, name, args.hidden_weight), mdir)
         result = {
             "student_kd": workdir_lib.read_json(os.path.join(mdir, "student_kd", "result.json"))

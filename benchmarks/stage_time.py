@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from benchmarks import common
-from benchmarks.methods import _link, parse_method
+from benchmarks.methods import link_stage, parse_method
 from distill_jax import pipeline
 from distill_jax import workdir as workdir_lib
 
@@ -74,7 +74,7 @@ def main(argv: Sequence[str]) -> None:
         config.stages = stage
         wd = os.path.join(args.workdir, name)
         shutil.rmtree(wd, ignore_errors=True)
-        _link(os.path.join(args.from_workdir, "teacher"), os.path.join(wd, "teacher"))
+        link_stage(os.path.join(args.from_workdir, "teacher"), os.path.join(wd, "teacher"))
         if config.distill.method == "cached" and stage == "student_kd":
             os.symlink(
                 os.path.abspath(os.path.join(args.from_workdir, "soft_labels")),
