@@ -1,6 +1,5 @@
 """Start-up validation of a config: every bad value names its key."""
 
-
 import ml_collections
 
 from distill_jax.config_checks import (  # noqa: F401 (ConfigError: the public name)

@@ -168,9 +168,8 @@ def test_ensemble_log_probs_are_the_weighted_mixture_in_float64(trained):
     ens = ensemble_lib.Ensemble(tuple(models), (0.25, 0.75), ("a", "b"))
     assert ens.hidden_dim == 24
     inputs = jnp.asarray(np.random.default_rng(0).integers(1, num_items, (5, 16)), jnp.int32)
-    hidden = tuple(
-        m.apply({"params": p}, inputs, train=False)[:, -1] for m, p in zip(models, params, strict=True)
-    )
+    pairs = zip(models, params, strict=True)
+    hidden = tuple(m.apply({"params": p}, inputs, train=False)[:, -1] for m, p in pairs)
     got = np.asarray(ens.log_probs(tuple(params), hidden))
     mix = sum(
         w * np.exp(_log_softmax64(np.asarray(m.apply({"params": p}, h, method="logits"))))
