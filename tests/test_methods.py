@@ -114,6 +114,31 @@ def test_cached_soft_labels_are_the_teachers_top_k_in_float64(trained, tmp_path)
             np.testing.assert_allclose(batch["cache_rest"][n], rest, rtol=1e-4, atol=1e-5)
 
 
+def test_soft_labels_read_from_memory_or_record_by_record_agree(trained, tmp_path):
+    """Both read paths of `SoftLabels`, on one data shard and on two, and a
+    window whose stored slot count disagrees is refused on both."""
+    config = _config(method="cached", cache_k=8, last_item_slot=True)
+    workdir, _, summary, _ = _stored(config, trained, tmp_path)
+    root = soft_labels_lib.directory(workdir)
+    memory = soft_labels_lib.SoftLabels(root, summary["fingerprint"])
+    records = soft_labels_lib.SoftLabels(root, summary["fingerprint"], in_memory_bytes=0)
+    assert memory._arrays is not None and records._arrays is None
+    counts = _batches(config, trained[1], memory).slot_counts()
+    rows = np.random.default_rng(0).permutation(len(counts))[:9]
+    n = 4 * int(counts[rows].sum())
+    for shards, per_shard in ((1, 9), (2, 5)):
+        a = memory.packed(rows, counts, shards, per_shard, n)
+        b = records.packed(rows, counts, shards, per_shard, n)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    wrong = counts.copy()
+    wrong[rows[4]] += 1
+    for labels in (memory, records):
+        with pytest.raises(ValueError, match=rf"window {rows[4]}: .*run soft_labels again"):
+            labels.packed(rows, wrong, 1, 9, n)
+
+
 def test_soft_labels_are_reused_and_refused_after_a_change(trained, tmp_path):
     config = _config(method="cached", cache_k=8)
     workdir, mesh, summary, _ = _stored(config, trained, tmp_path)
@@ -152,6 +177,38 @@ def test_cached_loss_equals_the_soft_loss_when_every_item_is_stored(trained, tmp
         params, None, batch, rng
     )
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_cached_loss_at_unit_temperature_takes_the_shared_softmax_path(alpha):
+    """T = 1 as a Python number shares one softmax; as an array it takes the
+    general path. Values and gradients agree, with teacher-only rows and an
+    excluded column."""
+    from distill_jax.losses import cached as cached_lib
+
+    rng = np.random.default_rng(3)
+    s = jnp.asarray(rng.normal(size=(9, 30)), jnp.float32).at[2, 4].set(-jnp.inf)
+    t = jnp.asarray(rng.normal(size=(9, 30)), jnp.float32).at[2, 4].set(-jnp.inf)
+    stored = cached_lib.top_k_soft_labels(t, 6, 1.0)
+    labels = jnp.asarray(rng.integers(5, 30, size=9))
+    where, label_where = jnp.arange(9) != 7, jnp.arange(9) % 3 != 0
+
+    def loss(logits, temperature):
+        return cached_lib.cached_distill(
+            logits,
+            *stored,
+            labels,
+            temperature=temperature,
+            alpha=alpha,
+            where=where,
+            label_where=label_where,
+        )
+
+    shared, g_shared = jax.value_and_grad(loss)(s, 1.0)
+    general, g_general = jax.value_and_grad(loss)(s, jnp.asarray(1.0))
+    np.testing.assert_allclose(float(shared), float(general), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_shared), np.asarray(g_general), atol=1e-7)
+    assert np.all(np.asarray(g_shared)[7] == 0) and np.all(np.isfinite(np.asarray(g_shared)))
 
 
 def test_ensemble_log_probs_are_the_weighted_mixture_in_float64(trained):
@@ -220,6 +277,9 @@ def test_ensemble_variant_with_hidden_matching_runs_the_main_job(tmp_path):
     config = synthetic.get_config("tiny,ensemble")
     config.distill.hidden_weight = 0.5
     config.stages = config.stages.replace(",compress,export", "")
+    # Fewer steps and one validation per stage: the suite's time, not the scores, is at stake.
+    config.teacher.num_steps = config.student.num_steps = 12
+    config.eval.every_steps = config.checkpoint.every_steps = 12
     assert config.stages.startswith("popularity,teacher,teacher_1,teacher_2,ensemble,student_kd")
     report = pipeline.run(config, str(tmp_path))
     models = report["models"]

@@ -23,6 +23,8 @@ entropy does, plus an O(N·K) gather: the rest's mass is 1 − Σ q of the
 top-K, not another pass over [N, V].
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -82,28 +84,108 @@ def cached_distill_sum(
     labelled = valid & common.rows_where(label_where, valid.shape)
     s = common.sanitize(s, valid)
     dtype = s.dtype
-    log_p = jnp.where(valid[..., None], jnp.asarray(top_log_p, dtype), 0.0)
-    log_p_rest = jnp.where(valid, jnp.asarray(rest_log_p, dtype), 0.0)
-    log_p = jax.lax.stop_gradient(log_p)
-    log_p_rest = jax.lax.stop_gradient(log_p_rest)
+    log_p = jnp.where(valid[..., None], jnp.asarray(top_log_p, dtype), -jnp.inf)
+    log_p_rest = jnp.where(valid, jnp.asarray(rest_log_p, dtype), -jnp.inf)
     safe_ids = jnp.where(valid[..., None], top_ids, 0).astype(jnp.int32)
+    safe_labels = jnp.where(labelled, jnp.asarray(labels), 0).astype(jnp.int32)
+    # T = 1 as a Python number: the CE's softmax and the KL's are one.
+    unit_temperature = isinstance(temperature, int | float) and temperature == 1
+    total = _fused_cached_total(
+        unit_temperature,
+        s,
+        safe_ids,
+        jax.lax.stop_gradient(log_p),
+        jax.lax.stop_gradient(log_p_rest),
+        safe_labels,
+        valid,
+        labelled,
+        jax.lax.stop_gradient(jnp.asarray(temperature, dtype)),
+        jnp.asarray(alpha, dtype),
+    )
+    return total, jnp.sum(valid, dtype=dtype)
 
-    log_q_t = jax.nn.log_softmax(s / temperature, axis=-1)
-    log_q = jnp.take_along_axis(log_q_t, safe_ids, axis=-1)
+
+# The closed form. With z = s / T, q = softmax(z), q_k = q[id_k], Q = Σ_k q_k,
+# P = Σ_k p_k and p_r the stored rest mass,
+#
+#   KL = Σ_k p_k (log p_k − log q_k) + p_r (log p_r − log(1 − Q))
+#   ∂KL/∂z_j = q_j · (P − p_r·Q / (1 − Q)) + Σ_{k: id_k = j} (p_r·q_k / (1 − Q) − p_k)
+#
+# so the backward pass is one elementwise pass over [N, V] (the softmaxes
+# from the forward pass's row statistics, never stored) plus an O(N·K)
+# scatter; autodiff of the composition keeps two [N, V] log-softmaxes.
+
+
+def _cached_row_stats(unit_temperature, s, ids, log_p, log_p_rest, labels, temperature):
+    max_s = jnp.max(s, axis=-1, keepdims=True)
+    zs = s - max_s
+    log_sum_1 = jnp.log(jnp.sum(jnp.exp(zs), axis=-1, keepdims=True))
+    if unit_temperature:
+        log_sum_t = log_sum_1
+    else:
+        log_sum_t = jnp.log(jnp.sum(jnp.exp(zs / temperature), axis=-1, keepdims=True))
+    # O(N·K) gathers from the raw logits: no [N, V] intermediate.
+    log_q = (jnp.take_along_axis(s, ids, axis=-1) - max_s) / temperature - log_sum_t
     log_q_rest = _log1m_exp(jax.nn.logsumexp(log_q, axis=-1))
     p = jnp.exp(log_p)
     kl = jnp.sum(common.xlogy_guarded(p, log_p - log_q), axis=-1) + common.xlogy_guarded(
         jnp.exp(log_p_rest), log_p_rest - log_q_rest
     )
-    kd = jnp.square(temperature) * kl
-    log_q_1 = log_q_t if isinstance(temperature, int | float) and temperature == 1 else None
-    if log_q_1 is None:
-        log_q_1 = jax.nn.log_softmax(s, axis=-1)
-    safe = jnp.where(labelled, jnp.asarray(labels), 0).astype(jnp.int32)
-    ce = -jnp.take_along_axis(log_q_1, safe[..., None], axis=-1)[..., 0]
+    s_y = jnp.take_along_axis(s, labels[..., None], axis=-1)[..., 0]
+    ce = (log_sum_1 + max_s)[..., 0] - s_y
+    return ce, kl, (max_s, log_sum_1, log_sum_t, log_q, log_q_rest)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_cached_total(
+    unit_temperature, s, ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha
+):
+    total, _ = _fused_cached_fwd(
+        unit_temperature, s, ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha
+    )
+    return total
+
+
+def _fused_cached_fwd(
+    unit_temperature, s, ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha
+):
+    ce, kl, stats = _cached_row_stats(
+        unit_temperature, s, ids, log_p, log_p_rest, labels, temperature
+    )
     ce_total, _ = masked_sum_and_count(ce, labelled)
-    kd_total, count = masked_sum_and_count(kd, valid)
-    return common.weighted_total(ce_total, kd_total, jnp.asarray(alpha, dtype)), count
+    kd_total, _ = masked_sum_and_count(jnp.square(temperature) * kl, valid)
+    total = common.weighted_total(ce_total, kd_total, alpha)
+    residuals = (s, ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha, stats)
+    return total, (residuals, ce_total - kd_total)
+
+
+def _fused_cached_bwd(unit_temperature, res, g):
+    (s, ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha, stats), dalpha = res
+    max_s, log_sum_1, log_sum_t, log_q, log_q_rest = stats
+    zs = s - max_s
+    q_1 = jnp.exp(zs - log_sum_1)
+    q_t = q_1 if unit_temperature else jnp.exp(zs / temperature - log_sum_t)
+    p = jnp.exp(log_p)
+    q_k = jnp.exp(log_q)
+    # p_r / (1 − Q), 0 where the teacher left no mass outside the top K.
+    rest_ratio = jnp.where(jnp.isfinite(log_p_rest), jnp.exp(log_p_rest - log_q_rest), 0)
+    dense = jnp.sum(p, axis=-1) - rest_ratio * jnp.sum(q_k, axis=-1)
+    kd_weight = jnp.where(valid, (1 - alpha) * temperature, 0)[..., None]
+    ce_weight = jnp.where(labelled, alpha, 0)[..., None]
+    onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, s.shape, s.ndim - 1)
+    if unit_temperature:
+        grad = (ce_weight + kd_weight * dense[..., None]) * q_1 - ce_weight * onehot
+    else:
+        grad = ce_weight * (q_1 - onehot) + kd_weight * dense[..., None] * q_t
+    sparse = kd_weight * (rest_ratio[..., None] * q_k - p)
+    rows = jnp.arange(s.shape[0])[:, None]
+    grad = grad.at[rows, ids].add(sparse)
+    # Ids, labels and masks get no cotangent; T is a stop_gradient'ed
+    # hyper-parameter; alpha's exact derivative (CE − T²·KL) is free.
+    return (g * grad, None, None, None, None, None, None, None, g * dalpha)
+
+
+_fused_cached_total.defvjp(_fused_cached_fwd, _fused_cached_bwd)
 
 
 cached_distill = common.mean_of(cached_distill_sum)
