@@ -18,6 +18,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from distill_jax import describe, distributed, pipeline, progress
+from distill_jax.config_checks import ConfigError
+from distill_jax.data.types import DataError
+from distill_jax.distributed import DistributedError
+from distill_jax.train.checkpoint import CheckpointLayoutError
+
+# Errors that name what the user must fix (a config key, a file and line):
+# shown as one line, without a traceback.
+USER_ERRORS = (ConfigError, DataError, DistributedError, CheckpointLayoutError)
 
 if __name__ == "__main__":
     # Without --config, defining the flag already loads the default file and applies the
@@ -35,6 +43,14 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def main(argv):
+    try:
+        _run(argv)
+    except USER_ERRORS as e:
+        print(f"distill_jax.main: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(argv):
     del argv
     # Our progress at INFO; libraries (orbax, absl) only at WARNING and above.
     logging.basicConfig(

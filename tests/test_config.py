@@ -162,6 +162,8 @@ def test_invalid_override_fails_at_start_up(tmp_path):
     )
     assert out.returncode != 0
     assert "config.distill.temperature" in out.stderr
+    # One line naming the key, no traceback.
+    assert "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "teacher").exists()
 
 

@@ -86,7 +86,9 @@ def cached_distill_sum(
     dtype = s.dtype
     log_p = jnp.where(valid[..., None], jnp.asarray(top_log_p, dtype), -jnp.inf)
     log_p_rest = jnp.where(valid, jnp.asarray(rest_log_p, dtype), -jnp.inf)
-    safe_ids = jnp.where(valid[..., None], top_ids, 0).astype(jnp.int32)
+    # Masked rows point at columns 0..K-1: distinct, as the backward's scatter assumes.
+    k_iota = jax.lax.broadcasted_iota(jnp.int32, top_ids.shape, top_ids.ndim - 1)
+    safe_ids = jnp.where(valid[..., None], top_ids, k_iota).astype(jnp.int32)
     safe_labels = jnp.where(labelled, jnp.asarray(labels), 0).astype(jnp.int32)
     # T = 1 as a Python number: the CE's softmax and the KL's are one.
     unit_temperature = isinstance(temperature, int | float) and temperature == 1
@@ -111,19 +113,21 @@ def cached_distill_sum(
 #   KL = Σ_k p_k (log p_k − log q_k) + p_r (log p_r − log(1 − Q))
 #   ∂KL/∂z_j = q_j · (P − p_r·Q / (1 − Q)) + Σ_{k: id_k = j} (p_r·q_k / (1 − Q) − p_k)
 #
-# so the backward pass is one elementwise pass over [N, V] (the softmaxes
-# from the forward pass's row statistics, never stored) plus an O(N·K)
-# scatter; autodiff of the composition keeps two [N, V] log-softmaxes.
+# so the backward pass is one elementwise pass over [N, V] (the softmaxes are
+# the forward pass's unnormalised exps, kept, times the row normalisers) plus
+# an O(N·K) scatter; autodiff of the composition keeps two [N, V]
+# log-softmaxes and walks them several times.
 
 
 def _cached_row_stats(unit_temperature, s, ids, log_p, log_p_rest, labels, temperature):
     max_s = jnp.max(s, axis=-1, keepdims=True)
     zs = s - max_s
-    log_sum_1 = jnp.log(jnp.sum(jnp.exp(zs), axis=-1, keepdims=True))
-    if unit_temperature:
-        log_sum_t = log_sum_1
-    else:
-        log_sum_t = jnp.log(jnp.sum(jnp.exp(zs / temperature), axis=-1, keepdims=True))
+    # The unnormalised softmaxes at 1 and at T are kept for the backward pass:
+    # on the CPU their exps cost more than writing and reading them back once.
+    exp_1 = jnp.exp(zs)
+    exp_t = exp_1 if unit_temperature else jnp.exp(zs / temperature)
+    log_sum_1 = jnp.log(jnp.sum(exp_1, axis=-1, keepdims=True))
+    log_sum_t = log_sum_1 if unit_temperature else jnp.log(jnp.sum(exp_t, -1, keepdims=True))
     # O(N·K) gathers from the raw logits: no [N, V] intermediate.
     log_q = (jnp.take_along_axis(s, ids, axis=-1) - max_s) / temperature - log_sum_t
     log_q_rest = _log1m_exp(jax.nn.logsumexp(log_q, axis=-1))
@@ -133,7 +137,7 @@ def _cached_row_stats(unit_temperature, s, ids, log_p, log_p_rest, labels, tempe
     )
     s_y = jnp.take_along_axis(s, labels[..., None], axis=-1)[..., 0]
     ce = (log_sum_1 + max_s)[..., 0] - s_y
-    return ce, kl, (max_s, log_sum_1, log_sum_t, log_q, log_q_rest)
+    return ce, kl, (exp_1, exp_t, log_sum_1, log_sum_t, log_q, log_q_rest)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -155,16 +159,15 @@ def _fused_cached_fwd(
     ce_total, _ = masked_sum_and_count(ce, labelled)
     kd_total, _ = masked_sum_and_count(jnp.square(temperature) * kl, valid)
     total = common.weighted_total(ce_total, kd_total, alpha)
-    residuals = (s, ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha, stats)
+    residuals = (ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha, stats)
     return total, (residuals, ce_total - kd_total)
 
 
 def _fused_cached_bwd(unit_temperature, res, g):
-    (s, ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha, stats), dalpha = res
-    max_s, log_sum_1, log_sum_t, log_q, log_q_rest = stats
-    zs = s - max_s
-    q_1 = jnp.exp(zs - log_sum_1)
-    q_t = q_1 if unit_temperature else jnp.exp(zs / temperature - log_sum_t)
+    (ids, log_p, log_p_rest, labels, valid, labelled, temperature, alpha, stats), dalpha = res
+    exp_1, exp_t, log_sum_1, log_sum_t, log_q, log_q_rest = stats
+    q_1 = exp_1 * jnp.exp(-log_sum_1)
+    q_t = q_1 if unit_temperature else exp_t * jnp.exp(-log_sum_t)
     p = jnp.exp(log_p)
     q_k = jnp.exp(log_q)
     # p_r / (1 − Q), 0 where the teacher left no mass outside the top K.
@@ -172,14 +175,16 @@ def _fused_cached_bwd(unit_temperature, res, g):
     dense = jnp.sum(p, axis=-1) - rest_ratio * jnp.sum(q_k, axis=-1)
     kd_weight = jnp.where(valid, (1 - alpha) * temperature, 0)[..., None]
     ce_weight = jnp.where(labelled, alpha, 0)[..., None]
-    onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, s.shape, s.ndim - 1)
+    iota = jax.lax.broadcasted_iota(labels.dtype, exp_1.shape, exp_1.ndim - 1)
+    onehot = labels[..., None] == iota
     if unit_temperature:
         grad = (ce_weight + kd_weight * dense[..., None]) * q_1 - ce_weight * onehot
     else:
         grad = ce_weight * (q_1 - onehot) + kd_weight * dense[..., None] * q_t
     sparse = kd_weight * (rest_ratio[..., None] * q_k - p)
-    rows = jnp.arange(s.shape[0])[:, None]
-    grad = grad.at[rows, ids].add(sparse)
+    rows = jnp.arange(grad.shape[0])[:, None]
+    # A row's top-K ids are distinct.
+    grad = grad.at[rows, ids].add(sparse, unique_indices=True)
     # Ids, labels and masks get no cotangent; T is a stop_gradient'ed
     # hyper-parameter; alpha's exact derivative (CE − T²·KL) is free.
     return (g * grad, None, None, None, None, None, None, None, g * dalpha)
