@@ -175,6 +175,11 @@ def test_pack_bucket_sizes():
     sizes = [pipeline._pack_bucket(n, 8) for n in range(1, 200)]
     assert sorted(set(sizes)) == [8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     assert all(s >= n for n, s in zip(range(1, 200), sizes, strict=True))
+    # From FINE_PACK slots on, four sizes per octave: at most a fifth is padding.
+    big = range(pipeline.FINE_PACK + 1, 5000)
+    sizes = [pipeline._pack_bucket(n, 8) for n in big]
+    assert sorted(set(sizes))[:5] == [640, 768, 896, 1024, 1280]
+    assert all(n <= s <= 1.25 * n for n, s in zip(big, sizes, strict=True))
 
 
 def test_batches_are_a_function_of_the_step():
