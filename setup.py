@@ -32,6 +32,8 @@ setup(
         "qwix>=0.1.8",
         # jax.export's serializer (the exported artefact, distill_jax/compress/export.py).
         "flatbuffers>=24",
+        # TF-IDF + truncated SVD text features (distill_jax/data/features.py).
+        "scikit-learn>=1.4",
     ],
     extras_require={
         # nbclient + ipykernel run notebooks/ in the test suite (tests/test_notebooks.py);

@@ -135,8 +135,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.item_col = "item_id"  #: The item id column.
     config.data.time_col = "timestamp"  #: The time column; '' = none (file order is time order).
     config.data.rating_col = ""  #: The rating column; '' = 'rating' if there is one.
-    config.data.item_features_path = ""  #: Table keyed by item_col; other columns are features.
-    config.data.user_features_path = ""  #: Table keyed by user_col; other columns are features.
+    # Side features, for any source: a CSV/Parquet table keyed by item_col (user_col),
+    # each other column a feature; for items also an S3-Rec attribute file (.json:
+    # {"item id": [attribute id, ...]}). Part of the data's fingerprint.
+    config.data.item_features_path = ""  #: Item feature table, or attribute .json.
+    config.data.user_features_path = ""  #: User feature table keyed by user_col.
     config.data.delimiter = ","  #: CSV field separator (one character).
     config.data.synthetic = ml_collections.ConfigDict()
     config.data.synthetic.num_users = 2000  #: Users generated.

@@ -53,14 +53,30 @@ def _reader_kwargs(cfg: ml_collections.ConfigDict) -> dict:
         "item_col": cfg.item_col,
         "time_col": cfg.time_col or None,
         "rating_col": cfg.rating_col or None,
-        "item_features_path": cfg.item_features_path or None,
-        "user_features_path": cfg.user_features_path or None,
+        **_side_files(cfg),
         "delimiter": cfg.delimiter,
     }
 
 
-def _source_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+def _side_files(cfg: ml_collections.ConfigDict) -> dict:
+    """The item/user feature files of `config.data` (None where not set)."""
+    return {
+        "item_features_path": cfg.item_features_path or None,
+        "user_features_path": cfg.user_features_path or None,
+    }
+
+
+def _source_files(path: Path, cfg: ml_collections.ConfigDict) -> list[Path]:
+    """The files the dataset is built from: the source's, then the feature files."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for key, extra in _side_files(cfg).items():
+        if extra is None:
+            continue
+        extra = Path(extra).expanduser()
+        if not extra.is_file():
+            raise types.DataError(f"config.data.{key}={str(extra)!r} is not a file")
+        files.append(extra)
+    return files
 
 
 def _preprocess_options(cfg: ml_collections.ConfigDict) -> dict:
@@ -85,7 +101,8 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
             f"{cfg.source} file or folder."
         )
     options = {**_preprocess_options(cfg), **_reader_kwargs(cfg), "source": cfg.source}
-    files = _source_files(path)
+    options.update({k: v and str(v) for k, v in _side_files(cfg).items()})
+    files = _source_files(path, cfg)
     listed = cache.manifest(files)
     data_dir = cfg.cache_dir or os.path.join(workdir, "data")
     name = f"{cfg.source}_{path.stem or path.name}".replace("-", "_").lower()
@@ -110,6 +127,14 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
 
     if not current and jax.process_index() == 0:
         raw = sources.read_source(cfg.source, path, **_reader_kwargs(cfg))
+        if cfg.source != "interactions":
+            raw = sources.add_side_features(
+                raw,
+                **_side_files(cfg),
+                item_col=cfg.item_col,
+                user_col=cfg.user_col,
+                delimiter=cfg.delimiter,
+            )
         done("read the raw files of")
         fresh = preprocess.preprocess(raw, **_preprocess_options(cfg))
         done("cleaned and split")

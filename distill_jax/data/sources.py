@@ -58,7 +58,8 @@ def read_movielens(path: PathLike) -> RawInteractions:
         `movies.csv` (movieId,title,genres), UTF-8 with a header row.
 
     Item features are 'title' (str) and 'genres' (tuple of str; '(no genres
-    listed)' gives ()). User features, where the layout has them, are 'age'
+    listed)' gives ()), and in 100K 'year' (int, the release date's year;
+    movies without a date have none). User features, where the layout has them, are 'age'
     (int; in 1M an age-group code), 'gender' (str) and 'occupation' (str in
     100K, an int code in 1M). Ids are int64, ratings float32, timestamps int64
     seconds since the epoch.
@@ -145,6 +146,7 @@ def _read_ml100k(folder: Path) -> RawInteractions:
     item_features = {
         "title": ru.keyed(keys, columns[1], "movie id", _lines_of(item_file)),
         "genres": ru.keyed(keys, movie_genres, "movie id", _lines_of(item_file)),
+        "year": _release_years(item_file, lines, keys, columns[2]),
     }
 
     lines = ru.read_lines(user_file, "latin-1")
@@ -167,6 +169,22 @@ def _read_ml100k(folder: Path) -> RawInteractions:
         user_features=user_features,
         files=[str(f) for f in files],
     )
+
+
+def _release_years(path: Path, lines: list[str], keys: list, dates: list[str]) -> dict:
+    """{movie id: release year} from u.item's 'dd-Mon-yyyy' dates; an empty date is missing."""
+    years = {}
+    for i, (key, date) in enumerate(zip(keys, dates, strict=True)):
+        if not date.strip():
+            continue
+        year = date.strip().rsplit("-", 1)[-1]
+        if not (len(year) == 4 and year.isdigit()):
+            raise DataError(
+                f"{path}:{i + 1}: expected a release date 'dd-Mon-yyyy' or nothing in "
+                f"field 3, got {date!r}: {ru.excerpt(lines[i])}"
+            )
+        years[key] = int(year)
+    return years
 
 
 def _split_genres(text: str) -> tuple[str, ...]:
@@ -452,6 +470,49 @@ def _feature_table(path: Path, key: str, integer: bool, what: str, delimiter: st
         for column in found
         if column != key
     }
+
+
+def add_side_features(
+    raw: RawInteractions,
+    *,
+    item_features_path: PathLike | None = None,
+    user_features_path: PathLike | None = None,
+    item_col: str = "item_id",
+    user_col: str = "user_id",
+    delimiter: str = ",",
+) -> RawInteractions:
+    """`raw` with the features of extra files added (for sources other than 'interactions').
+
+    An item file is a JSON attribute file (`features.read_item_attributes`,
+    giving the feature 'attributes') or a CSV/Parquet table keyed by
+    `item_col`, each other column a feature; a user file is such a table keyed
+    by `user_col`. A feature the source already has is an error, not replaced.
+
+    Raises:
+      DataError: what the readers raise, or a feature name given twice.
+    """
+    from distill_jax.data import features as features_lib
+
+    for what, key, ids, extra, table in (
+        ("item", item_col, raw.item_ids, item_features_path, raw.item_features),
+        ("user", user_col, raw.user_ids, user_features_path, raw.user_features),
+    ):
+        if extra is None:
+            continue
+        extra = Path(extra)
+        if what == "item" and extra.suffix.lower() == ".json":
+            found = {"attributes": features_lib.read_item_attributes(extra)}
+        else:
+            found = _feature_table(extra, key, _integer_ids(ids), what, delimiter)
+        clash = sorted(set(found) & set(table))
+        if clash:
+            raise DataError(
+                f"{extra}: {what} feature(s) {clash} are already given by {raw.name}; "
+                "rename the column(s)"
+            )
+        table.update(found)
+        raw.files.append(str(extra))
+    return raw
 
 
 _READERS = {"movielens": read_movielens, "s3rec": read_s3rec, "interactions": read_interactions}
