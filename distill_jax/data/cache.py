@@ -25,7 +25,9 @@ import numpy as np
 
 from distill_jax.data.types import Processed, SequenceData
 
-FORMAT = 2  # Bumped when what is stored changes: older datasets are rebuilt.
+FORMAT = (
+    3  # Bumped when what is stored changes: older datasets are rebuilt (3: MovieLens 100K years).
+)
 _KIND = {"i": "int64", "u": "int64", "f": "float64"}
 
 

@@ -101,7 +101,8 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
             f"{cfg.source} file or folder."
         )
     options = {**_preprocess_options(cfg), **_reader_kwargs(cfg), "source": cfg.source}
-    options.update({k: v and str(v) for k, v in _side_files(cfg).items()})
+    # Only where set: a source without feature files keeps its fingerprint.
+    options.update({k: str(v) for k, v in _side_files(cfg).items() if v is not None})
     files = _source_files(path, cfg)
     listed = cache.manifest(files)
     data_dir = cfg.cache_dir or os.path.join(workdir, "data")
