@@ -44,7 +44,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from distill_jax.models.features import FUSIONS, ItemFeatureEncoder, ItemFeatures, fuse
 from distill_jax.models.layers import (
+    Dense,
     Dropout,
     TransformerBlock,
     attention_mask,
@@ -75,6 +77,12 @@ class SequenceRecommender(nn.Module):
         it as ``item_embedding [table_rows, r] @ item_projection [r, D]``
         (the low-rank student of ``distill_jax.compress.lowrank``), which
         also makes the catalogue product ``(V+1) x r`` instead of ``(V+1) x D``.
+      item_features: side features of the catalogue rows (see ``features.py``);
+        None: items are their ids alone.
+      fusion: how ids and features combine, one of ``features.FUSIONS``.
+      id_dropout: while training, the chance that an item's id part (its id
+        embedding and output bias) is zero for the step (DropoutNet); needs
+        the 'id_dropout' rng.
 
     Subclasses set the two class flags; the trainer, the evaluator and the
     teacher initialisation use only the methods and flags defined here.
@@ -94,6 +102,9 @@ class SequenceRecommender(nn.Module):
     dtype: Dtype = jnp.float32
     table_rows: int = 0
     item_rank: int = 0
+    item_features: ItemFeatures | None = None
+    fusion: str = "sum"
+    id_dropout: float = 0.0
 
     @property
     def num_rows(self) -> int:
@@ -177,12 +188,57 @@ class SequenceRecommender(nn.Module):
             for _ in range(self.num_blocks)
         ]
         self.final_norm = layer_norm(self.dtype)
+        if self.item_features is not None:
+            if self.item_features.num_rows != self.num_rows:
+                raise ValueError(
+                    f"item_features has {self.item_features.num_rows} rows for a table of "
+                    f"{self.num_rows}"
+                )
+            if self.fusion not in FUSIONS:
+                raise ValueError(f"fusion={self.fusion!r}; expected one of {FUSIONS}")
+            self.feature_encoder = ItemFeatureEncoder(
+                self.item_features, self.embed_dim, dtype=self.dtype
+            )
+            if self.fusion != "sum":
+                width = self.embed_dim if self.fusion == "concat" else 1
+                self.fusion_layer = Dense(
+                    (width,),
+                    (None, "embed" if width > 1 else None),
+                    ("embed",) if width > 1 else (None,),
+                    dtype=self.dtype,
+                )
 
-    def embed(self, items: jax.Array) -> jax.Array:
+    def catalogue(self, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """The tied item table ``[num_rows, D]`` and output bias ``[num_rows]``.
+
+        Without side features: the item embedding (a low-rank one as the
+        product of its factors) and the bias, as :meth:`item_table` reads them
+        from the parameters. With them: ids and features fused (see
+        ``features.py``); an item the training data never showed has no id
+        part (embedding and bias zero), and while training with
+        ``id_dropout`` each item loses its id part with that chance.
+        """
+        table = self.item_embedding
+        if self.item_rank:
+            table = table @ self.item_projection
+        bias = self.output_bias
+        if self.item_features is None:
+            return table, bias
+        keep = jnp.asarray(self.item_features.known)
+        if train and self.id_dropout > 0:
+            drop = jax.random.bernoulli(self.make_rng("id_dropout"), self.id_dropout, keep.shape)
+            keep = keep & ~drop
+        ids = jnp.where(keep[:, None], table, 0.0)
+        fused = fuse(self.fusion, ids, self.feature_encoder(), getattr(self, "fusion_layer", None))
+        return fused.astype(jnp.float32), jnp.where(keep, bias, 0.0)
+
+    def embed(self, items: jax.Array, table: jax.Array | None = None) -> jax.Array:
         """Item (or mask-token) embeddings plus right-aligned positions.
 
         Args:
           items: ``[B, L]`` int ids with ``L <= max_len``.
+          table: the item table to read rows from (a model with side features:
+            :meth:`catalogue`'s; None computes it in eval mode).
 
         Returns:
           ``[B, L, D]`` in the compute dtype, scaled by sqrt(D).
@@ -192,12 +248,12 @@ class SequenceRecommender(nn.Module):
             raise ValueError(f"input length {length} exceeds the model's max_len={self.max_len}")
         if self.uses_mask_token:
             is_mask = (items == self.num_items + 1)[..., None]
-            x = self._item_rows(jnp.where(is_mask[..., 0], 0, items))
+            x = self._item_rows(jnp.where(is_mask[..., 0], 0, items), table)
             x = jnp.where(is_mask, self.mask_embedding, x)
         else:
             # Out-of-range ids give NaN rows: a mask token fed to a causal
             # model shows up loudly instead of as a silently wrong row.
-            x = self._item_rows(items)
+            x = self._item_rows(items, table)
             if self.num_rows > self.num_items + 1:
                 # Padding rows must stay as loud as a missing row would be.
                 x = jnp.where((items > self.num_items)[..., None], jnp.nan, x)
@@ -205,42 +261,61 @@ class SequenceRecommender(nn.Module):
         # sqrt(D) puts the residual stream at unit scale, like the blocks' outputs.
         return ((x + positions) * self.embed_dim**0.5).astype(self.dtype)
 
-    def _item_rows(self, ids: jax.Array) -> jax.Array:
+    def _item_rows(self, ids: jax.Array, table: jax.Array | None) -> jax.Array:
+        if self.item_features is not None:
+            if table is None:
+                table = self.catalogue(train=False)[0]
+            return embedding_lookup(table, ids)
         rows = embedding_lookup(self.item_embedding, ids)
         if self.item_rank:
             rows = rows @ self.item_projection
         return rows
 
-    def __call__(self, items: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self, items: jax.Array, *, train: bool, table: jax.Array | None = None
+    ) -> jax.Array:
         """Encodes a batch of left-padded sequences.
 
         Args:
           items: ``[B, L]`` int32 ids, 0 = padding, ``L <= max_len``.
           train: Whether dropout is active (needs the 'dropout' rng when the
             rate is non-zero).
+          table: with side features, the step's fused item table
+            (:meth:`catalogue`), so that inputs and outputs drop the same ids.
 
         Returns:
           ``[B, L, D]`` hidden states in the compute dtype. Values at padding
           positions are finite but meaningless.
         """
         mask = attention_mask(items, causal=self.is_causal)
-        x = self.embed_dropout(self.embed(items), deterministic=not train)
+        x = self.embed_dropout(self.embed(items, table), deterministic=not train)
         for block in self.blocks:
             x = block(x, mask, train=train)
         return self.final_norm(x)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(
+        self,
+        hidden: jax.Array,
+        table: jax.Array | None = None,
+        bias: jax.Array | None = None,
+    ) -> jax.Array:
         """Scores every catalog column with the tied item embeddings.
 
         Args:
           hidden: ``[..., D]`` hidden states, any leading shape (the trainer
             passes only valid positions, so the big product is not wasted on
             padding).
+          table, bias: with side features, the step's :meth:`catalogue`
+            (None: computed in eval mode).
 
         Returns:
           ``[..., num_rows]`` float32 logits (``[..., V+1]`` unless the table is
           padded); column 0 (padding) and every padding row are -inf.
         """
+        if self.item_features is not None:
+            if table is None:
+                table, bias = self.catalogue(train=False)
+            return self._scores(hidden.astype(self.dtype), table.astype(self.dtype), bias)
         table = compute_dtype(self.item_embedding, self.dtype)
         hidden = hidden.astype(self.dtype)
         if self.item_rank:
@@ -248,6 +323,9 @@ class SequenceRecommender(nn.Module):
             hidden = jnp.einsum(
                 "...d,rd->...r", hidden, self.item_projection.astype(self.dtype)
             ).astype(self.dtype)
+        return self._scores(hidden, table, self.output_bias)
+
+    def _scores(self, hidden: jax.Array, table: jax.Array, bias: jax.Array) -> jax.Array:
         # Accumulate in float32 even for bfloat16 compute: logits feed softmaxes
         # over the whole catalog, where bfloat16 rounding would show.
         scores = jnp.einsum(
@@ -256,7 +334,7 @@ class SequenceRecommender(nn.Module):
             table,
             preferred_element_type=jnp.float32,
         )
-        scores = scores + self.output_bias
+        scores = scores + bias
         # jnp.where rather than .at[..., 0].set: a scatter into a vocab-sharded
         # array is ambiguous under explicit sharding; the where fuses anyway.
         column = jnp.arange(self.num_rows)

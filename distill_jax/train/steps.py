@@ -15,7 +15,7 @@ TASKS = ("train", "distill")
 
 
 def hidden_at_targets(
-    model: nn.Module, params, inputs, target_index, *, train: bool, rngs=None
+    model: nn.Module, params, inputs, target_index, *, train: bool, rngs=None, table=None
 ) -> jax.Array:
     """Hidden states `[N, D]` at the packed target slots only.
 
@@ -23,9 +23,11 @@ def hidden_at_targets(
     target sits (`target_index` indexes the flattened `B x S` positions), not
     at every padded window position. The result is 2-D so that the catalogue
     product is one plain matrix product (a batched 3-D einsum runs about half
-    as fast on CPU).
+    as fast on CPU). `table`: a model with side features reads its item rows
+    from it (the step's `catalogue`), so inputs and outputs drop the same ids.
     """
-    hidden = model.apply({"params": params}, inputs, train=train, rngs=rngs)
+    extra = {} if table is None else {"table": table}
+    hidden = model.apply({"params": params}, inputs, train=train, rngs=rngs, **extra)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return jnp.take(flat, target_index, axis=0)
 
@@ -106,7 +108,7 @@ def _teacher_fields(teacher, teacher_params, batch) -> dict:
             teacher, teacher_params, batch["inputs"], batch["target_index"], train=False
         )
     )
-    t_table, t_bias = jax.tree.map(jax.lax.stop_gradient, teacher.item_table(teacher_params))
+    t_table, t_bias = jax.tree.map(jax.lax.stop_gradient, catalogue(teacher, teacher_params))
     return dict(
         teacher_hidden=h_t,
         teacher_table=t_table,
@@ -115,6 +117,17 @@ def _teacher_fields(teacher, teacher_params, batch) -> dict:
             {"params": teacher_params}, h_t, method=teacher.logits
         ),
     )
+
+
+def catalogue(model: nn.Module, params, *, train: bool = False, rng=None):
+    """The model's item table and output bias: its parameters, or ids fused with side features.
+
+    `rng` draws the id dropout of a model with side features in training.
+    """
+    if getattr(model, "item_features", None) is None:
+        return model.item_table(params)
+    rngs = None if rng is None else {"id_dropout": rng}
+    return model.apply({"params": params}, train=train, rngs=rngs, method=model.catalogue)
 
 
 def make_loss_fn(
@@ -159,7 +172,14 @@ def make_loss_fn(
         )
         hidden_weight = float(distill_cfg.hidden_weight)
 
+    featured = getattr(model, "item_features", None) is not None
+
     def loss_fn(params, teacher_params, batch, dropout_rng):
+        # One table for the step: with side features, the same ids dropped on
+        # the input and the output side (id dropout draws from its own key).
+        table, bias = catalogue(
+            model, params, train=True, rng=jax.random.fold_in(dropout_rng, 1) if featured else None
+        )
         # The student trains: dropout on, gradients flow.
         h = hidden_at_targets(
             model,
@@ -168,8 +188,8 @@ def make_loss_fn(
             batch["target_index"],
             train=True,
             rngs={"dropout": dropout_rng},
+            table=table if featured else None,
         )
-        table, bias = model.item_table(params)
         fields = {}
         if task == "distill":
             if teacher is not None:
@@ -186,7 +206,12 @@ def make_loss_fn(
             hidden=h,
             table=table,
             bias=bias,
-            logits=lambda: model.apply({"params": params}, h, method=model.logits),
+            logits=lambda: model.apply(
+                {"params": params},
+                h,
+                *((table, bias) if featured else ()),
+                method=model.logits,
+            ),
             labels=batch["targets"],
             where=batch["where"],
             num_valid_rows=model.num_items + 1,

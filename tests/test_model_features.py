@@ -1,0 +1,212 @@
+"""Models with item side features (models/features.py): fusion, cold rows, id dropout."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from distill_jax.data import features as data_features
+from distill_jax.models import SASRec
+from distill_jax.models.features import ItemFeatures
+
+V, D, L = 9, 8, 6
+
+
+def _features(known=range(1, 8)) -> ItemFeatures:
+    rng = np.random.default_rng(0)
+    encoded = data_features.encode(
+        {
+            "genres": {i: tuple(sorted({1 + i % 3, 1 + i % 2})) for i in range(1, V + 1)},
+            "year": {i: 1990 + i for i in range(1, V + 1)},
+            "emb": {i: rng.normal(size=3).astype(np.float32) for i in range(1, V)},
+        },
+        V + 1,
+    )
+    return ItemFeatures.from_encoded(encoded, np.array(list(known)), V + 1)
+
+
+def _model(fusion="sum", id_dropout=0.0, feats=None) -> SASRec:
+    return SASRec(
+        num_items=V,
+        max_len=L,
+        embed_dim=D,
+        num_blocks=1,
+        num_heads=1,
+        mlp_dim=16,
+        dropout_rate=0.0,
+        item_features=feats if feats is not None else _features(),
+        fusion=fusion,
+        id_dropout=id_dropout,
+    )
+
+
+ITEMS = jnp.array([[0, 0, 1, 2, 3, 4], [5, 6, 7, 1, 2, 3]], jnp.int32)
+
+
+def _init(model):
+    return nn.unbox(model.init({"params": jax.random.key(0)}, ITEMS, train=False))["params"]
+
+
+def test_from_encoded_pads_rows_and_marks_known_items():
+    f = _features(known=[1, 2, 5])
+    assert f.num_rows == V + 1 and f.names == ("genres",) and f.bag_sizes == (3,)
+    np.testing.assert_array_equal(np.flatnonzero(f.known), [1, 2, 5])
+    assert f.numeric.shape == (V + 1, 1) and f.dense.shape == (V + 1, 3)
+    assert not f.dense[V].any()  # item V has no vector: the mean, 0
+    padded = ItemFeatures.from_encoded(data_features.encode({}, V + 1), [1], 12)
+    assert padded.num_rows == 12 and padded.bags == ()
+    assert (
+        "genres (3 categories)" in f.describe()
+        and "6 rows scored by features alone" in f.describe()
+    )
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat", "gate"])
+def test_every_fusion_scores_the_catalogue(fusion):
+    model = _model(fusion)
+    params = _init(model)
+    hidden = model.apply({"params": params}, ITEMS, train=False)
+    logits = model.apply({"params": params}, hidden[:, -1], method=model.logits)
+    chex.assert_shape(logits, (2, V + 1))
+    assert np.isneginf(logits[:, 0]).all() and np.isfinite(logits[:, 1:]).all()
+    table, bias = model.apply({"params": params}, method=model.catalogue)
+    chex.assert_shape((table, bias), [(V + 1, D), (V + 1,)])
+    assert "feature_encoder" in params and ("fusion_layer" in params) == (fusion != "sum")
+
+
+def test_an_unknown_item_is_scored_by_its_features_alone():
+    model = _model("gate", feats=_features(known=range(1, 8)))
+    params = _init(model)
+    # Items 8 and 9 never occur in training: their id row and bias must not matter.
+    changed = jax.tree.map(lambda x: x, params)
+    changed["item_embedding"] = params["item_embedding"].at[8:].add(5.0)
+    changed["output_bias"] = params["output_bias"].at[8:].add(5.0)
+    changed["item_embedding"] = changed["item_embedding"].at[3].add(1.0)
+
+    def scores(p):
+        h = model.apply({"params": p}, ITEMS, train=False)
+        return np.asarray(model.apply({"params": p}, h[:, -1], method=model.logits))
+
+    moved = scores(changed)
+    # Item 3's id row changed too, so hidden states move; the cold rows' table entries do not.
+    t0, b0 = model.apply({"params": params}, method=model.catalogue)
+    t1, b1 = model.apply({"params": changed}, method=model.catalogue)
+    np.testing.assert_array_equal(t0[8:], t1[8:])
+    np.testing.assert_array_equal(b1[8:], 0.0)
+    assert not np.allclose(t0[3], t1[3]) and np.isfinite(moved[:, 1:]).all()
+    # Features move a cold item: its row differs from another cold item's.
+    assert not np.allclose(t0[8], t0[9])
+
+
+def test_id_dropout_is_one_draw_per_item_and_only_in_training():
+    model = _model(id_dropout=0.5, feats=_features(known=range(1, V + 1)))
+    params = _init(model)
+    rngs = {"id_dropout": jax.random.key(3)}
+    t_eval, _ = model.apply({"params": params}, method=model.catalogue)
+    t_a, b_a = model.apply({"params": params}, train=True, rngs=rngs, method=model.catalogue)
+    t_b, _ = model.apply({"params": params}, train=True, rngs=rngs, method=model.catalogue)
+    np.testing.assert_array_equal(t_a, t_b)  # the same key: the same items dropped
+    feats = model.apply(
+        {"params": params}, method=lambda m: m.feature_encoder()
+    )  # the feature part alone
+    is_feature_row = np.isclose(np.asarray(t_a), np.asarray(feats), rtol=1e-6).all(axis=1)
+    dropped = np.flatnonzero(is_feature_row[1:]) + 1
+    kept = np.setdiff1d(np.arange(1, V + 1), dropped)
+    assert len(dropped) and len(kept)
+    np.testing.assert_array_equal(np.asarray(b_a)[dropped], 0.0)
+    np.testing.assert_allclose(t_a[kept], t_eval[kept], rtol=1e-6)
+    # The forward pass reads the table it is given.
+    h_given = model.apply({"params": params}, ITEMS, train=False, table=t_a)
+    h_eval = model.apply({"params": params}, ITEMS, train=False)
+    assert not np.allclose(h_given, h_eval)
+
+
+def test_feature_parameters_get_gradients():
+    model = _model("concat")
+    params = _init(model)
+
+    def loss(p):
+        h = model.apply({"params": p}, ITEMS, train=False)
+        z = model.apply({"params": p}, h[:, -1], method=model.logits)
+        return -jax.nn.log_softmax(z[:, 1:])[:, 2].sum()
+
+    grads = jax.grad(loss)(params)
+    enc = grads["feature_encoder"]
+    for name in ("genres_embedding",):
+        assert np.abs(enc[name]).sum() > 0
+    assert np.abs(enc["numeric"]["kernel"]).sum() > 0 and np.abs(enc["dense"]["kernel"]).sum() > 0
+    # Row 0 of a bag table is never read.
+    np.testing.assert_array_equal(enc["genres_embedding"][0], 0.0)
+
+
+def test_a_table_of_the_wrong_size_is_refused():
+    model = _model(feats=ItemFeatures.from_encoded(data_features.encode({}, 4), [1], 4))
+    with pytest.raises(ValueError, match="item_features has 4 rows for a table of 10"):
+        _init(model)
+
+
+def _batch():
+    inputs = np.asarray(ITEMS)
+    # Next-item slots: position p predicts inputs[row, p + 1].
+    index, targets = [], []
+    for row in range(inputs.shape[0]):
+        for p in range(inputs.shape[1] - 1):
+            if inputs[row, p]:
+                index.append(row * inputs.shape[1] + p)
+                targets.append(inputs[row, p + 1])
+    n = len(index)
+    return {
+        "inputs": jnp.asarray(inputs),
+        "target_index": jnp.asarray(index, jnp.int32),
+        "targets": jnp.asarray(targets, jnp.int32),
+        "where": jnp.ones(n, bool).at[-1].set(False),
+    }
+
+
+def test_the_train_loss_uses_one_fused_table_for_inputs_and_outputs():
+    import ml_collections
+
+    from distill_jax.train import steps
+
+    model = _model("gate", id_dropout=0.5, feats=_features(known=range(1, V + 1)))
+    params = _init(model)
+    batch = _batch()
+    key = jax.random.key(7)
+    got = float(steps.make_loss_fn(model, "train", None, None)(params, None, batch, key))
+
+    table, bias = steps.catalogue(model, params, train=True, rng=jax.random.fold_in(key, 1))
+    h = steps.hidden_at_targets(
+        model, params, batch["inputs"], batch["target_index"], train=False, table=table
+    )
+    z = np.asarray(h, np.float64) @ np.asarray(table, np.float64).T + np.asarray(bias, np.float64)
+    z[:, 0] = -np.inf
+    z = z - z[:, 1:].max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z[:, 1:]).sum(1, keepdims=True))
+    ce = -log_p[np.arange(len(z)), np.asarray(batch["targets"])]
+    want = ce[np.asarray(batch["where"])].mean()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Another key drops other ids: another loss.
+    other = steps.make_loss_fn(model, "train", None, None)(params, None, batch, jax.random.key(8))
+    assert float(other) != got
+
+    # Distillation between two featured models runs and trains the feature encoder.
+    distill = ml_collections.ConfigDict(
+        dict(
+            method="soft",
+            temperature=2.0,
+            alpha=0.5,
+            hard_k=1,
+            ranking_k=10,
+            ranking_loss="rd",
+            ranking_lambda=1.0,
+            hidden_weight=0.0,
+        )
+    )
+    teacher = _model("sum", feats=model.item_features)
+    t_params = _init(teacher)
+    fn = steps.make_loss_fn(model, "distill", teacher, distill)
+    loss, grads = jax.value_and_grad(fn)(params, t_params, batch, key)
+    assert np.isfinite(float(loss))
+    assert np.abs(grads["feature_encoder"]["genres_embedding"]).sum() > 0
