@@ -83,6 +83,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     # 0: a full [V+1, D] item table; r in [1, D): factorised [V+1, r] x [r, D]
     # (what the compress stage's low-rank student sets; models/base.py).
     c.item_rank = 0  #: Item table rank: 0 = full [V+1, D]; r in [1, D) = factorised.
+    # Items fused from their ids and side features (config.features), so that
+    # items never seen in training can be ranked (models/features.py).
+    c.use_features = False  #: Items read their side features beside their ids.
     # Shared with the other model: checked equal at start-up. max_len is the
     # input window; num_items = -1 takes the catalogue size from the data.
     c.max_len = 50  #: Input window: the newest items of a history the model sees.
@@ -159,6 +162,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     # off for short runs (the synthetic default, smoke tests) and on TPUs;
     # long CPU runs are faster with the shape buckets (False).
     config.data.fixed_shapes = False  #: Every training batch has the same shapes.
+
+    # Side features of items, for models with use_features (models/features.py):
+    # every item feature of the data (data.item_features_path, the MovieLens
+    # genres/year/title, the synthetic tastes), plus offline vectors.
+    config.features = ml_collections.ConfigDict()
+    #: Offline item vectors: NAME.npy [n, E] with NAME.ids.txt (original ids) beside it.
+    config.features.item_vectors_path = ""
+    config.features.text = "title"  #: Comma-separated text features, encoded by TF-IDF + SVD.
+    config.features.text_dim = 32  #: Columns of the TF-IDF + SVD text vectors.
+    config.features.categorical = ""  #: Comma-separated integer features read as categories.
+    config.features.fusion = "gate"  #: How ids and features combine: 'sum', 'concat' or 'gate'.
+    config.features.id_dropout = 0.5  #: Training: chance an item's id part is dropped a step.
 
     config.teacher = model_config()
     config.student = model_config(embed_dim=16, num_blocks=1, num_heads=1, mlp_dim=64)

@@ -110,6 +110,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _expect(syn.zipf_exponent >= 0.0, "data.synthetic.zipf_exponent", syn.zipf_exponent, ">= 0")
 
+    from distill_jax.models.features import FUSIONS
+
+    f = config.features
+    _expect(f.fusion in FUSIONS, "features.fusion", f.fusion, f"one of {FUSIONS}")
+    _expect(0.0 <= f.id_dropout < 1.0, "features.id_dropout", f.id_dropout, "a rate in [0, 1)")
+    _expect(
+        isinstance(f.text_dim, int) and f.text_dim >= 1, "features.text_dim", f.text_dim, ">= 1"
+    )
     for prefix in MODEL_KEYS:
         m = config[prefix]
         _expect(m.name in MODELS, f"{prefix}.name", m.name, f"one of {sorted(MODELS)}")

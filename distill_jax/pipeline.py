@@ -101,7 +101,7 @@ def run_stage(
         return result
     key, teacher_stage = STAGES["teacher" if ensemble_lib.is_stage(stage) else stage]
     mcfg = config_lib.stage_model_config(config, stage, key)
-    model = workdir_lib.build(config, key, split.num_items, stage, mesh)
+    model = workdir_lib.build(config, key, split, stage, mesh)
     source = teachers.DistillSource()
     if teacher_stage is not None:
         source = teachers.distill_source(config, split, mesh, workdir, model, stage)
@@ -162,8 +162,8 @@ def run_ensemble(config, data: dataset_lib.Dataset, mesh, workdir: str) -> dict:
         return workdir_lib.read_json(result_path)
     os.makedirs(stage_dir, exist_ok=True)
     split = data.split
-    student = workdir_lib.build(config, "student", split.num_items, "student_kd", mesh)
-    t = teachers.ensemble_teacher(config, split.num_items, mesh, workdir, student)
+    student = workdir_lib.build(config, "student", split, "student_kd", mesh)
+    t = teachers.ensemble_teacher(config, split, mesh, workdir, student)
     scorer = ensemble_lib.scorer(t.model, t.params, t.shardings)
     evaluator = Evaluator(split, config, mesh)
     t0 = time.time()

@@ -55,16 +55,16 @@ def _need(workdir: str, stage: str, user: str) -> str:
     return directory
 
 
-def single_teacher(config, num_items: int, mesh, workdir: str, user: str) -> loop.Teacher:
-    """The finished 'teacher' stage, loaded."""
+def single_teacher(config, catalogue, mesh, workdir: str, user: str) -> loop.Teacher:
+    """The finished 'teacher' stage, loaded (`catalogue`: as for `workdir.build`)."""
     directory = _need(workdir, TEACHER_STAGE, user)
-    model = workdir_lib.build(config, "teacher", num_items, mesh=mesh)
+    model = workdir_lib.build(config, "teacher", catalogue, mesh=mesh)
     params, shardings = workdir_lib.load_best_params(model, config, mesh, directory)
     return loop.Teacher(model=model, params=params, shardings=shardings)
 
 
-def ensemble_teacher(config, num_items: int, mesh, workdir: str, student) -> loop.Teacher:
-    ens, params, shardings = ensemble_lib.load(config, workdir, num_items, mesh, student)
+def ensemble_teacher(config, catalogue, mesh, workdir: str, student) -> loop.Teacher:
+    ens, params, shardings = ensemble_lib.load(config, workdir, catalogue, mesh, student)
     return loop.Teacher(model=ens, params=params, shardings=shardings)
 
 
@@ -79,16 +79,14 @@ def distill_source(
     """What stage `user` (a distilled student of model `student`) learns from."""
     method = config.distill.method
     if method == "ensemble":
-        return DistillSource(
-            teacher=ensemble_teacher(config, split.num_items, mesh, workdir, student)
-        )
+        return DistillSource(teacher=ensemble_teacher(config, split, mesh, workdir, student))
     if method != "cached":
-        return DistillSource(teacher=single_teacher(config, split.num_items, mesh, workdir, user))
+        return DistillSource(teacher=single_teacher(config, split, mesh, workdir, user))
     fp = soft_labels_fingerprint(config, split, workdir)
     labels = soft_labels_lib.SoftLabels(soft_labels_lib.directory(workdir), fp)
     tables = None
     if config.distill.init_from_teacher != "none":
-        tables = single_teacher(config, split.num_items, mesh, workdir, user).params
+        tables = single_teacher(config, split, mesh, workdir, user).params
     return DistillSource(soft_labels=labels, teacher_tables=tables)
 
 
@@ -99,11 +97,11 @@ def teacher_scorer(config, split, mesh, workdir: str, student, distilled: bool):
     other student's: the 'teacher' stage, when it has finished.
     """
     if distilled and config.distill.method == "ensemble":
-        t = ensemble_teacher(config, split.num_items, mesh, workdir, student)
+        t = ensemble_teacher(config, split, mesh, workdir, student)
         return ensemble_lib.scorer(t.model, t.params, t.shardings)
     if not workdir_lib.finished(workdir, TEACHER_STAGE):
         return None
-    t = single_teacher(config, split.num_items, mesh, workdir, "agreement")
+    t = single_teacher(config, split, mesh, workdir, "agreement")
     return evaluator_lib.model_scorer(t.model, t.params, t.shardings)
 
 
@@ -112,8 +110,8 @@ def write_soft_labels(config, data, mesh, workdir: str) -> dict:
     from distill_jax.data.pipeline import TrainBatches
 
     split = data.split
-    teacher = single_teacher(config, split.num_items, mesh, workdir, "soft_labels")
-    student = workdir_lib.build(config, "student", split.num_items, "student_kd", mesh)
+    teacher = single_teacher(config, split, mesh, workdir, "soft_labels")
+    student = workdir_lib.build(config, "student", split, "student_kd", mesh)
     if not student.is_causal:
         raise ValueError(
             f"config.distill.method='cached' needs a next-item student, not "

@@ -34,19 +34,23 @@ def write_json(path: str, obj: Any) -> None:
     distributed.barrier(f"distill_jax_wrote_{path}")
 
 
-def build(config: ml_collections.ConfigDict, key: str, num_items: int, stage: str = "", mesh=None):
+def build(config: ml_collections.ConfigDict, key: str, catalogue, stage: str = "", mesh=None):
     """The model of `stage` (config subtree `key`; see config_lib.stage_model_config).
 
+    `catalogue` is the data's split (its size, and the item features a model
+    with `use_features` reads) or just the number of items V.
     With a `mesh`, the item table is padded to the number of pieces the sharding
     rules split the catalogue into, so that any catalogue size divides.
     """
     mcfg = config_lib.stage_model_config(config, stage, key)
     return models.build_model(
         mcfg,
-        num_items=num_items,
+        num_items=models.catalogue_size(catalogue),
         max_len=mcfg.max_len,
         key_prefix=key,
         vocab_shards=1 if mesh is None else sharding_lib.vocab_shards(config, mesh),
+        item_features=getattr(catalogue, "item_features", None),
+        features_cfg=config.features,
     )
 
 

@@ -63,14 +63,14 @@ class Made:
     curves: dict | None = None  # the fine-tuning's, as StageResult.curves
 
 
-def _trained(config, stage: str, num_items: int, mesh, workdir: str):
+def _trained(config, stage: str, catalogue, mesh, workdir: str):
     if not workdir_lib.finished(workdir, stage):
         raise FileNotFoundError(
             f"needs a finished {stage!r} stage in {workdir_lib.stage_dir(workdir, stage)}; "
             f"add '{stage}' to config.stages before it."
         )
     key = "teacher" if stage == "teacher" else "student"
-    model = workdir_lib.build(config, key, num_items, stage, mesh)
+    model = workdir_lib.build(config, key, catalogue, stage, mesh)
     params, shardings = workdir_lib.load_best_params(
         model, config, mesh, workdir_lib.stage_dir(workdir, stage)
     )
@@ -79,7 +79,7 @@ def _trained(config, stage: str, num_items: int, mesh, workdir: str):
 
 def _source(config, split, mesh, workdir: str) -> _Source:
     stage = config.compress.source
-    model, params, shardings = _trained(config, stage, split.num_items, mesh, workdir)
+    model, params, shardings = _trained(config, stage, split, mesh, workdir)
     distill = None
     if TEACHER_OF[stage] is not None:
         distill = teachers.distill_source(config, split, mesh, workdir, model, "compress")
@@ -198,6 +198,8 @@ def make_variant(
             max_len=mcfg.max_len,
             key_prefix="student",
             vocab_shards=sharding_lib.vocab_shards(config, mesh),
+            item_features=split.item_features,
+            features_cfg=config.features,
         )
         shardings = state_lib.param_shardings(model, mesh, rules)
         factored, svd = lowrank.factorize(
@@ -308,7 +310,7 @@ def result_path(config, workdir: str, name: str) -> str:
 def scorer_for(config, data, mesh, workdir: str, name: str) -> tuple[Scorer, dict]:
     """The scorer of a trained stage or a made variant (its report name), and its result."""
     if name in config_lib.TRAINED_STAGES:
-        model, params, shardings = _trained(config, name, data.split.num_items, mesh, workdir)
+        model, params, shardings = _trained(config, name, data.split, mesh, workdir)
         return evaluator_lib.model_scorer(model, params, shardings), workdir_lib.read_json(
             os.path.join(workdir_lib.stage_dir(workdir, name), "result.json")
         )

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from distill_jax.data import builders, cache, preprocess, sources, splits, synthetic, types
+from distill_jax.data import features as features_lib
 from distill_jax.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,15 @@ class Dataset:
       eval_splits: the splits to report ('test', 'valid', and cold slices).
       item_id_to_original: [V+1] item id -> the data's own item id (entry 0 a
         placeholder); the synthetic data's own ids are the item ids.
+      item_features: the encoded item features, where a model uses them
+        (`config.<model>.use_features`); else None.
     """
 
     split: types.LeaveOneOut | types.ColdStartSplit
     info: dict
     eval_splits: tuple[str, ...]
     item_id_to_original: np.ndarray
+    item_features: features_lib.CatalogueFeatures | None = None
 
 
 def _reader_kwargs(cfg: ml_collections.ConfigDict) -> dict:
@@ -217,5 +221,20 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
             eval_splits.append("cold_users")
         if len(split.cold_item_targets):
             eval_splits.append("cold_items")
-        return Dataset(split, info, tuple(eval_splits), item_ids)
-    return Dataset(splits.leave_one_out(data), info, ("test", "valid"), item_ids)
+    else:
+        split, eval_splits = splits.leave_one_out(data), ["test", "valid"]
+    item_features = None
+    if any(config[m].use_features for m in ("teacher", "student")):
+        item_features = features_lib.catalogue_features(
+            processed.item_features if processed is not None else data.item_features,
+            data.num_items,
+            split.train,
+            config.features,
+            item_original_to_id=processed.item_original_to_id if processed is not None else None,
+            seed=config.seed,
+            where=f"item features of {info['name']}",
+        )
+        info["item_features"] = item_features.describe()
+        log.info("data: %s", info["item_features"])
+        split = dataclasses.replace(split, item_features=item_features)
+    return Dataset(split, info, tuple(eval_splits), item_ids, item_features)

@@ -44,6 +44,7 @@ from distill_jax.data.types import DataError
 PathLike = str | os.PathLike
 
 __all__ = [
+    "CatalogueFeatures",
     "EncodedFeatures",
     "encode",
     "read_item_attributes",
@@ -371,3 +372,73 @@ def encode(
         dense_names=tuple(dense_names),
         coverage=coverage,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogueFeatures:
+    """What a model with side features needs from the data.
+
+    Attributes:
+      encoded: the item features, rows 0..V.
+      known_items: the item ids the training sequences hold (their ids are
+        trained; the others are scored by features alone).
+    """
+
+    encoded: EncodedFeatures
+    known_items: np.ndarray
+
+    def describe(self) -> str:
+        cold = self.encoded.num_rows - 1 - len(self.known_items)
+        return f"{self.encoded.describe()}; {cold} items never in training"
+
+
+def catalogue_features(
+    item_features: Mapping[str, Mapping[int, Any]],
+    num_items: int,
+    train: list[np.ndarray],
+    cfg: Any,
+    *,
+    item_original_to_id: Mapping[Any, int] | None = None,
+    seed: int = 0,
+    where: str = "item features",
+) -> CatalogueFeatures:
+    """The data's item features (ids 1..V) encoded as `config.features` says.
+
+    Args:
+      item_features: feature -> {item id: value}, e.g. `Processed.item_features`.
+      num_items: V.
+      train: the training sequences (which items are known).
+      cfg: `config.features`.
+      item_original_to_id: the data's own ids -> item ids (for the vectors of
+        `cfg.item_vectors_path`, keyed by the data's own ids); None: the same.
+      seed: the text encoder's seed.
+      where: the data's name, for error messages.
+
+    Raises:
+      DataError: as `encode`, `read_vectors` and `text_vectors`, or a vector
+        file none of whose ids is an item of the data.
+    """
+    feats = dict(item_features)
+    for name in [t.strip() for t in cfg.text.split(",") if t.strip()]:
+        if name in feats:
+            feats[name] = text_vectors(
+                feats[name], cfg.text_dim, seed=seed, where=f"{where}: text feature {name!r}"
+            )
+    if cfg.item_vectors_path:
+        vectors = read_vectors(cfg.item_vectors_path)
+        to_id = item_original_to_id
+        kept = {
+            to_id[k] if to_id is not None else k: v
+            for k, v in vectors.items()
+            if (k in to_id if to_id is not None else 1 <= k <= num_items)
+        }
+        if not kept:
+            raise DataError(
+                f"config.features.item_vectors_path={cfg.item_vectors_path!r}: none of its "
+                f"{len(vectors)} ids (e.g. {next(iter(vectors))!r}) is an item id of {where}"
+            )
+        feats["vectors"] = kept
+    categorical = [c.strip() for c in cfg.categorical.split(",") if c.strip()]
+    encoded = encode(feats, num_items + 1, categorical=categorical, where=where)
+    known = np.unique(np.concatenate([np.asarray(s) for s in train] or [np.zeros(0, np.int32)]))
+    return CatalogueFeatures(encoded=encoded, known_items=known[known > 0])

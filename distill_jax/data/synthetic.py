@@ -75,4 +75,12 @@ def generate(cfg: ml_collections.ConfigDict, seed: int) -> SequenceData:
                 current = rng.choice(items_of_taste[t], p=taste_probs[t])
             seq[j] = current
         sequences.append((seq + 1).astype(np.int32))  # Item ids start at 1.
-    return SequenceData(num_items=num_items, sequences=sequences, name=f"synthetic(seed={seed})")
+    # The taste cluster is the item's side feature (a category): what a
+    # catalogue's genre would be, and all that places an item never seen.
+    tastes = {i + 1: f"taste{t}" for i, t in enumerate(taste_of_item.tolist())}
+    return SequenceData(
+        num_items=num_items,
+        sequences=sequences,
+        name=f"synthetic(seed={seed})",
+        item_features={"taste": tastes},
+    )

@@ -79,11 +79,14 @@ class SequenceData(UserSequences):
       num_items: catalogue size V.
       sequences: one int32 array per user, oldest first.
       name: a short description for reports.
+      item_features: feature name -> {item id: value} (the synthetic data's
+        tastes; a real source's are in `Processed`).
     """
 
     num_items: int
     sequences: list[np.ndarray]
     name: str = ""
+    item_features: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +152,9 @@ class LeaveOneOut:
     valid_targets: np.ndarray
     test_targets: np.ndarray
     full: list[np.ndarray]
+    #: The encoded item features (`data.features.CatalogueFeatures`) where a
+    #: model uses them; models built from this split read them.
+    item_features: Any = None
 
     def eval_examples(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
         """Histories (all items before the target) and targets of a split."""
@@ -192,6 +198,7 @@ class ColdStartSplit:
     cold_item_histories: list[np.ndarray]
     cold_item_targets: np.ndarray
     counts: dict[str, int]
+    item_features: Any = None  #: As `LeaveOneOut.item_features`.
 
     @property
     def num_items(self) -> int:

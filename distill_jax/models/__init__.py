@@ -54,6 +54,7 @@ import ml_collections
 
 from distill_jax.models.base import SequenceRecommender
 from distill_jax.models.bert4rec import BERT4Rec
+from distill_jax.models.features import ItemFeatures
 from distill_jax.models.sasrec import SASRec
 
 __all__ = [
@@ -81,6 +82,8 @@ def build_model(
     max_len: int,
     key_prefix: str = "model",
     vocab_shards: int = 1,
+    item_features: Any = None,
+    features_cfg: ml_collections.ConfigDict | None = None,
 ) -> SequenceRecommender:
     """Builds a model from its (validated) config subtree.
 
@@ -98,6 +101,9 @@ def build_model(
       vocab_shards: how many shards the ``vocab`` axis is split into (the
         mesh's ``model`` axis when the sharding rules map ``vocab`` to it).
         Above 1 the item table is padded to a multiple of it.
+      item_features: the data's `CatalogueFeatures`, read when
+        ``cfg.use_features`` is on (then required).
+      features_cfg: ``config.features`` (fusion, id dropout) for such a model.
 
     Returns:
       The unbound flax module.
@@ -116,6 +122,20 @@ def build_model(
         )
     # Padding only when the table is really split: one-device results stay identical.
     table_rows = 0 if vocab_shards <= 1 else -(-(num_items + 1) // vocab_shards) * vocab_shards
+    extra = {}
+    if cfg.get("use_features", False):
+        if item_features is None or features_cfg is None:
+            raise ValueError(
+                f"{key('use_features')}=True, but the model is built without the data's "
+                "item features (pass the split, not its size)"
+            )
+        extra = dict(
+            item_features=ItemFeatures.from_encoded(
+                item_features.encoded, item_features.known_items, table_rows or num_items + 1
+            ),
+            fusion=features_cfg.fusion,
+            id_dropout=float(features_cfg.id_dropout),
+        )
     return MODELS[cfg.name](
         num_items=num_items,
         max_len=max_len,
@@ -127,7 +147,13 @@ def build_model(
         dtype=DTYPES[cfg.dtype],
         table_rows=table_rows,
         item_rank=cfg.item_rank,
+        **extra,
     )
+
+
+def catalogue_size(catalogue: Any) -> int:
+    """V of a split (or of anything with ``num_items``), or the int V itself."""
+    return int(getattr(catalogue, "num_items", catalogue))
 
 
 def count_params(params: Any) -> int:

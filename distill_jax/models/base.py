@@ -224,6 +224,10 @@ class SequenceRecommender(nn.Module):
         bias = self.output_bias
         if self.item_features is None:
             return table, bias
+        if hasattr(table, "array") and hasattr(table.array, "qvalue"):
+            # A qwix int8 table (the compress stage's post-training variant):
+            # its rows dequantized, as the lookups read them.
+            table = embedding_lookup(table, jnp.arange(self.num_rows))
         keep = jnp.asarray(self.item_features.known)
         if train and self.id_dropout > 0:
             drop = jax.random.bernoulli(self.make_rng("id_dropout"), self.id_dropout, keep.shape)

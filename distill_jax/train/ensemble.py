@@ -130,8 +130,10 @@ def _stored_model_config(like: ml_collections.ConfigDict, stored) -> ml_collecti
     return out
 
 
-def load(config: ml_collections.ConfigDict, workdir: str, num_items: int, mesh, student):
+def load(config: ml_collections.ConfigDict, workdir: str, catalogue, mesh, student):
     """The ensemble's modules, its teachers' best params and their shardings.
+
+    `catalogue`: the split (or V), as for `workdir.build`.
 
     Returns:
       (Ensemble, params tuple, shardings tuple).
@@ -152,10 +154,12 @@ def load(config: ml_collections.ConfigDict, workdir: str, num_items: int, mesh, 
             mcfg = _stored_model_config(config.teacher, _member_config(directory).teacher)
         model = models.build_model(
             mcfg,
-            num_items=num_items,
+            num_items=models.catalogue_size(catalogue),
             max_len=mcfg.max_len,
             key_prefix=f"ensemble teacher {name}",
             vocab_shards=sharding_lib.vocab_shards(config, mesh),
+            item_features=getattr(catalogue, "item_features", None),
+            features_cfg=config.features,
         )
         where = f"config.distill.ensemble_teachers: teacher {name!r}"
         if mcfg.max_len != student.max_len:
