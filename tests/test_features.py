@@ -261,3 +261,16 @@ def test_an_attribute_file_is_cached_with_the_data_and_its_changes_rebuild(tmp_p
         DataError, match=r"config.data.item_features_path='.*none.json' is not a file"
     ):
         dataset.load(config, work)
+
+
+def test_offline_vectors_join_the_items_by_id(tmp_path):
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(item_vectors_path="", text="", text_dim=4, categorical=""))
+    cfg.item_vectors_path = str(_vectors(tmp_path, [[1.0, 0.0], [0.0, 1.0]], "2\n9\n"))
+    got = features.catalogue_features({}, 3, [np.array([1, 2])], cfg)
+    assert got.encoded.dense_names == (("vectors", 2),) and got.encoded.coverage["vectors"] == 1 / 3
+    np.testing.assert_array_equal(got.known_items, [1, 2])
+    cfg.item_vectors_path = str(_vectors(tmp_path, [[1.0]], "a7\n"))
+    message = error_of(features.catalogue_features, {}, 3, [np.array([1])], cfg)
+    assert "none of its 1 ids (e.g. 'a7') is an item id" in message

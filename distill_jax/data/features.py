@@ -430,7 +430,7 @@ def catalogue_features(
         kept = {
             to_id[k] if to_id is not None else k: v
             for k, v in vectors.items()
-            if (k in to_id if to_id is not None else 1 <= k <= num_items)
+            if (k in to_id if to_id is not None else isinstance(k, int) and 1 <= k <= num_items)
         }
         if not kept:
             raise DataError(
