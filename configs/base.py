@@ -70,6 +70,29 @@ def method_variants(config: ml_collections.ConfigDict, variants: list[str], file
         cached(config)
 
 
+def cold_variants(
+    config: ml_collections.ConfigDict,
+    variants: list[str],
+    item_rule: str = "time",
+    item_fraction: float = 0.1,
+) -> None:
+    """The `cold` and `features` variants: cold-start slices, and models that read side features.
+
+    `cold` holds out a tenth of the users, and cold items by `item_rule`
+    (data.cold_item_rule) and `item_fraction` (data.cold_item_fraction): the
+    split's `cold_users` and `cold_items` slices;
+    `features` does the same and turns on the side features of teacher and
+    students (items and, where the data has them, users), so the two variants
+    compare the same split with and without features.
+    """
+    if "cold" in variants or "features" in variants:
+        config.data.update(
+            cold_user_fraction=0.1, cold_item_fraction=item_fraction, cold_item_rule=item_rule
+        )
+    if "features" in variants:
+        config.teacher.use_features = config.student.use_features = True
+
+
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """One model's subtree: architecture plus its own optimisation settings."""
     c = ml_collections.ConfigDict()
@@ -133,6 +156,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.min_user_interactions = 3  #: Fewer after filtering: dropped and counted.
     config.data.cold_user_fraction = 0.0  #: Share of users held out, never seen in training.
     config.data.cold_item_fraction = 0.0  #: Items first seen in the last share of the log.
+    #: Which items are cold: 'time' (first seen in that last share; needs timestamps)
+    #: or 'random' (that share of the items, drawn with config.seed).
+    config.data.cold_item_rule = "time"
     # Column names and files of an 'interactions' source.
     config.data.user_col = "user_id"  #: The user id column.
     config.data.item_col = "item_id"  #: The item id column.
@@ -174,6 +200,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.features.categorical = ""  #: Comma-separated integer features read as categories.
     config.features.fusion = "gate"  #: How ids and features combine: 'sum', 'concat' or 'gate'.
     config.features.id_dropout = 0.5  #: Training: chance an item's id part is dropped a step.
+    #: Models with use_features also read the users' side features where the data has
+    #: them (MovieLens demographics, data.user_features_path): added to every position.
+    config.features.users = True
 
     config.teacher = model_config()
     config.student = model_config(embed_dim=16, num_blocks=1, num_heads=1, mlp_dim=64)

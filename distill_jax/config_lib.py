@@ -73,6 +73,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     for key in ("cold_user_fraction", "cold_item_fraction"):
         _expect(0.0 <= d[key] < 1.0, f"data.{key}", d[key], "a fraction in [0, 1)")
+    from distill_jax.data.splits import COLD_ITEM_RULES
+
+    _expect(
+        d.cold_item_rule in COLD_ITEM_RULES,
+        "data.cold_item_rule",
+        d.cold_item_rule,
+        f"one of {COLD_ITEM_RULES}",
+    )
     syn = config.data.synthetic
     _positive_int(
         syn,

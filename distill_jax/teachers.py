@@ -129,6 +129,7 @@ def write_soft_labels(config, data, mesh, workdir: str) -> dict:
         seed=config.seed,
         length_buckets=False,
         last_item_slot=config.distill.last_item_slot,
+        users=split.user_ids(),
     )
     fp = soft_labels_fingerprint(config, split, workdir)
     root = soft_labels_lib.directory(workdir)

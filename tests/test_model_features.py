@@ -232,6 +232,9 @@ def test_the_main_job_runs_with_features_on_the_synthetic_tastes(tmp_path):
     data = dataset.load(config, str(tmp_path))
     tastes = config.data.synthetic.num_tastes
     assert f"taste: {tastes} categories, up to 1 a row (100% of rows)" in data.info["item_features"]
+    # ... and every user their favourite taste, added at every position of their windows.
+    assert f"users: favourite_taste: {tastes} categories" in data.info["item_features"]
+    np.testing.assert_array_equal(data.split.user_ids(), np.arange(1, len(data.split.train) + 1))
     assert len(data.split.item_features.known_items) <= config.data.synthetic.num_items
 
 
@@ -251,3 +254,180 @@ def test_feature_settings_are_checked(key, value, match):
     config.features[key] = value
     with pytest.raises(Exception, match=match):
         config_lib.validate(config)
+
+
+U = 4
+
+
+def _user_features() -> ItemFeatures:
+    encoded = data_features.encode(
+        {
+            "gender": {1: "F", 2: "M", 3: "F"},  # user 4 has none
+            "age": {1: 20, 2: 35, 3: 50, 4: 41},
+        },
+        U + 1,
+    )
+    return ItemFeatures.from_encoded(encoded, np.arange(1, U + 1), U + 1)
+
+
+def _user_model() -> SASRec:
+    return _model().clone(user_features=_user_features())
+
+
+def test_user_features_are_added_at_every_position_against_a_float64_reference():
+    model = _user_model()
+    params = _init(model)  # init creates the user encoder's parameters without user ids
+    assert {"gender_embedding", "numeric"} <= set(params["user_encoder"])
+    users = jnp.array([3, 4], jnp.int32)
+    plain = model.apply({"params": params}, ITEMS, method=model.embed)
+    with_users = model.apply({"params": params}, ITEMS, None, users, method=model.embed)
+    # Reference: each user's gender embedding (none for user 4) plus the
+    # projected standardised age, times sqrt(D), at every position.
+    f, p = model.user_features, jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    enc = p["user_encoder"]
+    ref = np.zeros((2, D))
+    for r, u in enumerate(np.asarray(users)):
+        ids = f.bags[0][u][f.bags[0][u] > 0]
+        if len(ids):
+            ref[r] += enc["gender_embedding"][ids].mean(0)
+        ref[r] += f.numeric[u].astype(np.float64) @ enc["numeric"]["kernel"]
+        ref[r] += enc["numeric"]["bias"]
+    diff = np.asarray(with_users, np.float64) - np.asarray(plain, np.float64)
+    chex.assert_shape(diff, (2, L, D))
+    np.testing.assert_allclose(diff, np.broadcast_to(ref[:, None] * D**0.5, diff.shape), atol=1e-5)
+    # User id 0 (a padding row, or a user without an id) adds nothing; so does no id at all.
+    zero = model.apply({"params": params}, ITEMS, None, jnp.zeros(2, jnp.int32), method=model.embed)
+    np.testing.assert_array_equal(zero, plain)
+    # The users move the hidden states, and a model without user features ignores them.
+    h = model.apply({"params": params}, ITEMS, train=False, users=users)
+    assert not np.allclose(h, model.apply({"params": params}, ITEMS, train=False))
+    bare = _model()
+    bare_params = _init(bare)
+    np.testing.assert_array_equal(
+        bare.apply({"params": bare_params}, ITEMS, train=False, users=users),
+        bare.apply({"params": bare_params}, ITEMS, train=False),
+    )
+
+
+def test_batches_carry_the_user_of_each_window():
+    from distill_jax.data import pipeline
+
+    seqs = [np.arange(1, 9, dtype=np.int32), np.array([2, 3, 4], np.int32)]
+    batches = pipeline.TrainBatches(
+        seqs,
+        num_items=9,
+        max_len=4,
+        batch_size=4,
+        causal=True,
+        mask_prob=0.0,
+        seed=0,
+        users=[7, 3],
+    )
+    batch = batches.window_batch(np.arange(batches.num_windows))
+    # Windows are made user by user: the first user's come first.
+    owners = [7] * (batches.num_windows - 1) + [3]
+    np.testing.assert_array_equal(batch["users"][: batches.num_windows], owners)
+    assert (batch["users"][batches.num_windows :] == 0).all()
+    assert "users" not in pipeline.TrainBatches(
+        seqs, num_items=9, max_len=4, batch_size=4, causal=True, mask_prob=0.0, seed=0
+    ).batch(0)
+    with pytest.raises(ValueError, match="1 user ids for 2 training sequences"):
+        pipeline.TrainBatches(
+            seqs,
+            num_items=9,
+            max_len=4,
+            batch_size=4,
+            causal=True,
+            mask_prob=0.0,
+            seed=0,
+            users=[1],
+        )
+    hist = [np.array([1, 2]), np.array([3, 4, 5]), np.array([6])]
+    (eval_batch,) = pipeline.eval_batches(
+        hist,
+        np.array([3, 6, 7]),
+        num_items=9,
+        max_len=4,
+        batch_size=4,
+        causal=True,
+        user_ids=np.array([11, 12, 13]),
+    )
+    # Rows are ordered by history length; filler rows get user 0.
+    np.testing.assert_array_equal(eval_batch["users"], [13, 11, 12, 0])
+
+
+def test_the_train_loss_trains_the_user_encoder():
+    from distill_jax.train import steps
+
+    model = _user_model()
+    params = _init(model)
+    batch = {
+        "inputs": ITEMS,
+        "target_index": jnp.array([3, 4, 10, 11], jnp.int32),
+        "targets": jnp.array([3, 4, 2, 3], jnp.int32),
+        "where": jnp.array([True, True, True, False]),
+        "users": jnp.array([1, 2], jnp.int32),
+    }
+    fn = steps.make_loss_fn(model, "train", None, None)
+    _, grads = jax.value_and_grad(fn)(params, None, batch, jax.random.key(1))
+    assert np.abs(grads["user_encoder"]["gender_embedding"]).sum() > 0
+    without = {k: v for k, v in batch.items() if k != "users"}
+    _, grads = jax.value_and_grad(fn)(params, None, without, jax.random.key(1))
+    assert not np.abs(grads["user_encoder"]["gender_embedding"]).any()
+
+
+def test_vocab_sharded_tables_with_features_are_refused():
+    from configs import synthetic
+    from distill_jax import models
+
+    config = synthetic.get_config("tiny")
+    config.teacher.use_features = True
+    with pytest.raises(ValueError, match=r"config.teacher.use_features=True on a mesh that shards"):
+        models.build_model(
+            config.teacher,
+            num_items=V,
+            max_len=L,
+            key_prefix="teacher",
+            vocab_shards=2,
+            item_features=object(),
+            features_cfg=config.features,
+        )
+
+
+def test_a_teacher_stored_before_features_reads_none():
+    import ml_collections
+
+    from configs import base
+    from distill_jax.train import ensemble
+
+    like = base.model_config(use_features=True)
+    stored = ml_collections.ConfigDict({"name": "sasrec", "embed_dim": 32})
+    out = ensemble._stored_model_config(like, stored)
+    assert out.use_features is False and out.embed_dim == 32
+    stored.use_features = True
+    assert ensemble._stored_model_config(like, stored).use_features is True
+
+
+def test_the_features_variants_and_the_s3rec_attribute_file_beside_the_data(tmp_path):
+    from configs import beauty, ml100k
+    from distill_jax.data import dataset
+
+    ml = ml100k.get_config("tiny,features")
+    assert ml.teacher.use_features and ml.student.use_features
+    assert (ml.data.cold_user_fraction, ml.data.cold_item_fraction) == (0.1, 0.3)
+    cold = ml100k.get_config("cold")
+    assert not cold.teacher.use_features and cold.data.cold_item_fraction == 0.3
+    b = beauty.get_config("features")
+    assert b.data.cold_item_rule == "random" and b.data.item_features_path == "auto"
+    b.data.path = str(tmp_path / "Beauty.txt")
+    files = dataset._side_files(b.data)
+    assert files["item_features_path"] == str(tmp_path / "Beauty_item2attributes.json")
+    ml.data.item_features_path = "auto"
+    with pytest.raises(Exception, match=r"item_features_path='auto' names the S3-Rec"):
+        dataset._side_files(ml.data)
+    bad = ml100k.get_config("tiny")
+    bad.data.update(path=str(tmp_path), cold_item_rule="newest")
+    from distill_jax import config_lib
+
+    with pytest.raises(Exception, match=r"config.data.cold_item_rule='newest' is invalid"):
+        config_lib.validate(bad)

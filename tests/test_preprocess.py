@@ -369,6 +369,32 @@ def test_cold_items_never_appear_in_training_and_form_their_slice():
         pp.cold_start_split(pp.preprocess(_raw(["a"] * 3, "xyz")), cold_item_fraction=0.1)
 
 
+def test_random_cold_items_need_no_timestamps():
+    # No times: an order-only file (S3-Rec).
+    pairs = [(f"u{u}", f"i{(u * 7 + j * 3) % 40}") for u in range(30) for j in range(8)]
+    p = pp.preprocess(_raw(*zip(*pairs, strict=True)), min_user_interactions=4)
+    assert p.timestamps is None
+    split = pp.cold_start_split(p, cold_item_fraction=0.2, cold_item_rule="random", seed=5)
+    seen = np.unique(np.concatenate(p.sequences))
+    cold = split.cold_items.tolist()
+    assert len(cold) == round(0.2 * len(seen)) and set(cold) <= set(seen.tolist())
+    assert split.cold_item_cutoff is None
+    assert set(np.concatenate(split.train).tolist()).isdisjoint(cold)
+    hist, tgt = split.eval_examples("cold_items")
+    for u, h, t in zip(split.cold_item_users, hist, tgt, strict=True):
+        s = p.sequences[u - 1].tolist()
+        first = next(j for j, i in enumerate(s) if i in cold)
+        assert h.tolist() == s[:first] and t == s[first] and first > 0
+    assert len(tgt) > 0
+    again = pp.cold_start_split(p, cold_item_fraction=0.2, cold_item_rule="random", seed=5)
+    other = pp.cold_start_split(p, cold_item_fraction=0.2, cold_item_rule="random", seed=6)
+    assert again.cold_items.tolist() == cold and other.cold_items.tolist() != cold
+    with pytest.raises(ValueError, match="cold_item_rule='random'"):
+        pp.cold_start_split(p, cold_item_fraction=0.2)  # 'time' without times: says what to set
+    with pytest.raises(ValueError, match="cold_item_rule='newest'"):
+        pp.cold_start_split(p, cold_item_fraction=0.2, cold_item_rule="newest")
+
+
 def test_cold_start_split_is_deterministic_by_seed():
     p = _timed_processed()
     a = pp.cold_start_split(p, cold_user_fraction=0.3, cold_item_fraction=0.2, seed=3)

@@ -1,6 +1,7 @@
 """The report: popularity deciles, the figures, report.html, TensorBoard events, progress."""
 
 import base64
+import copy
 import io
 import json
 import logging
@@ -189,3 +190,18 @@ def test_progress_draws_a_bar_or_writes_log_lines(monkeypatch, caplog):
         p.update(3, loss=4.25)
     text = out.getvalue()
     assert "[teacher]" in text and "5/10" in text and "loss=4.25" in text
+
+
+def test_cold_slices_get_their_own_table(run):
+    _, report = run
+    assert report_lib.cold_table(report) is None  # a plain leave-one-out run has none
+    cold = copy.deepcopy(report)
+    cold["dataset"]["split_counts"] = {"cold_users": 7, "cold_item_users": 5}
+    for i, r in enumerate(cold["models"].values()):
+        r["metrics"]["cold_items"] = dict(r["metrics"]["test"], **{"hr@10": 0.125 + i})
+    header, rows = report_lib.cold_table(cold)
+    assert header == ["model"] + [f"cold_items {c}" for c in report_lib.COLD_COLUMNS]
+    assert [r[0] for r in rows] == list(cold["models"]) and rows[0][1] == "0.1250"
+    md = report_lib.markdown(cold)
+    assert "7 cold users, 5 cold item users" in md and "| cold_items hr@10 |" in md
+    assert "<th>cold_items hr@10</th>" in report_lib.to_html(cold, {})

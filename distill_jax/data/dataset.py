@@ -62,12 +62,24 @@ def _reader_kwargs(cfg: ml_collections.ConfigDict) -> dict:
     }
 
 
+# data.item_features_path=AUTO: the S3-Rec layout's attribute file beside
+# the sequence file (NAME.txt -> NAME_item2attributes.json).
+AUTO = "auto"
+
+
 def _side_files(cfg: ml_collections.ConfigDict) -> dict:
     """The item/user feature files of `config.data` (None where not set)."""
-    return {
-        "item_features_path": cfg.item_features_path or None,
-        "user_features_path": cfg.user_features_path or None,
-    }
+    items = cfg.item_features_path or None
+    if items == AUTO:
+        if cfg.source != "s3rec":
+            raise types.DataError(
+                f"config.data.item_features_path='{AUTO}' names the S3-Rec attribute file "
+                f"beside data.path, and data.source={cfg.source!r} has none; give the "
+                "feature file's path"
+            )
+        path = Path(cfg.path).expanduser()
+        items = str(path.with_name(f"{path.stem}_item2attributes.json"))
+    return {"item_features_path": items, "user_features_path": cfg.user_features_path or None}
 
 
 def _source_files(path: Path, cfg: ml_collections.ConfigDict) -> list[Path]:
@@ -213,6 +225,7 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
             processed,
             cold_user_fraction=cfg.cold_user_fraction,
             cold_item_fraction=cfg.cold_item_fraction,
+            cold_item_rule=cfg.cold_item_rule,
             seed=config.seed,
         )
         info["split_counts"] = dict(split.counts)
@@ -231,6 +244,8 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
             split.train,
             config.features,
             item_original_to_id=processed.item_original_to_id if processed is not None else None,
+            user_features=processed.user_features if processed is not None else data.user_features,
+            num_users=data.num_users,
             seed=config.seed,
             where=f"item features of {info['name']}",
         )

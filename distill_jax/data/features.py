@@ -382,14 +382,20 @@ class CatalogueFeatures:
       encoded: the item features, rows 0..V.
       known_items: the item ids the training sequences hold (their ids are
         trained; the others are scored by features alone).
+      users: the user features, rows 0..U (user ids 1..U), where the data
+        has some and `config.features.users` is on; else None.
     """
 
     encoded: EncodedFeatures
     known_items: np.ndarray
+    users: EncodedFeatures | None = None
 
     def describe(self) -> str:
         cold = self.encoded.num_rows - 1 - len(self.known_items)
-        return f"{self.encoded.describe()}; {cold} items never in training"
+        text = f"{self.encoded.describe()}; {cold} items never in training"
+        if self.users is not None:
+            text += f"; users: {self.users.describe()}"
+        return text
 
 
 def catalogue_features(
@@ -399,6 +405,8 @@ def catalogue_features(
     cfg: Any,
     *,
     item_original_to_id: Mapping[Any, int] | None = None,
+    user_features: Mapping[str, Mapping[int, Any]] | None = None,
+    num_users: int = 0,
     seed: int = 0,
     where: str = "item features",
 ) -> CatalogueFeatures:
@@ -411,6 +419,10 @@ def catalogue_features(
       cfg: `config.features`.
       item_original_to_id: the data's own ids -> item ids (for the vectors of
         `cfg.item_vectors_path`, keyed by the data's own ids); None: the same.
+      user_features: feature -> {user id 1..U: value}, e.g.
+        `Processed.user_features`; encoded like the items' where
+        `cfg.users` is on and there is any.
+      num_users: U.
       seed: the text encoder's seed.
       where: the data's name, for error messages.
 
@@ -441,4 +453,12 @@ def catalogue_features(
     categorical = [c.strip() for c in cfg.categorical.split(",") if c.strip()]
     encoded = encode(feats, num_items + 1, categorical=categorical, where=where)
     known = np.unique(np.concatenate([np.asarray(s) for s in train] or [np.zeros(0, np.int32)]))
-    return CatalogueFeatures(encoded=encoded, known_items=known[known > 0])
+    users = None
+    if cfg.users and user_features:
+        users = encode(
+            user_features,
+            num_users + 1,
+            categorical=categorical,
+            where=where.replace("item", "user", 1),
+        )
+    return CatalogueFeatures(encoded=encoded, known_items=known[known > 0], users=users)

@@ -169,6 +169,8 @@ class TrainBatches:
         most `max_len` items) gets it in that window, whose input then holds
         every item; a longer one gets one more window of its newest
         `max_len` items with that slot alone. Batches then carry `kd_where`.
+      users: one user id per sequence, for models that read user features;
+        batches then carry `users [B]` (0 on padding rows). None: no ids.
     """
 
     sequences: Sequence[np.ndarray]
@@ -188,6 +190,7 @@ class TrainBatches:
     # them for every packed slot (`cache_ids`, `cache_log_p`, `cache_rest`,
     # and `cache_hidden` when stored).
     soft_labels: Any = None
+    users: Sequence[int] | None = None
 
     def __post_init__(self):
         if self.num_shards < 1 or self.batch_size % self.num_shards:
@@ -203,8 +206,12 @@ class TrainBatches:
         # Window kinds: _LABELS (input = w[:-1], targets w[1:]), _LABELS_AND_LAST
         # (input = w, targets w[1:] and a teacher-only slot at w[-1]) and
         # _LAST_ONLY (input = w, the teacher-only slot alone).
-        windows, kinds = [], []
-        for s in self.sequences:
+        if self.users is not None and len(self.users) != len(self.sequences):
+            raise ValueError(
+                f"{len(self.users)} user ids for {len(self.sequences)} training sequences."
+            )
+        windows, kinds, owners = [], [], []
+        for u, s in enumerate(self.sequences):
             if self.causal:
                 ws = _windows(s, self.max_len + 1, 1)
             else:
@@ -217,10 +224,14 @@ class TrainBatches:
                     ws, k = ws + [s[-self.max_len :]], k + [_LAST_ONLY]
             windows += ws
             kinds += k
+            owners += [u] * len(ws)
         if not windows:
             raise ValueError("No training windows: every training sequence is too short.")
         self._windows = windows
         self._kinds = np.array(kinds, np.int8)
+        self._window_users = (
+            None if self.users is None else np.asarray(self.users, np.int32)[np.array(owners)]
+        )
         self._lengths = np.array([len(w) for w in windows])
         # Input items per window.
         self._input_lengths = self._lengths - ((self._kinds == _LABELS) & self.causal)
@@ -348,6 +359,10 @@ class TrainBatches:
                     len(packed["where"]),
                 )
             )
+        if self._window_users is not None:
+            users = np.zeros(B, np.int32)
+            users[: len(rows)] = self._window_users[rows]
+            packed["users"] = users
         return {"inputs": inputs, **packed}
 
 
@@ -361,6 +376,7 @@ def eval_batches(
     causal: bool,
     users: np.ndarray | None = None,
     trim: bool = True,
+    user_ids: np.ndarray | None = None,
 ):
     """Yields fixed-size evaluation batches, users grouped by history length.
 
@@ -370,6 +386,9 @@ def eval_batches(
     when `trim` is False),
     `history [B, H]` (the WHOLE history, for excluding seen items), `targets
     [B]` and `where [B]` (False on rows that only fill the last batch).
+    `users` picks the examples (indices into `histories`; None: all);
+    `user_ids` (one per example) adds `users [B]`, each row's user id (0 on
+    filler rows), for models that read user features.
     """
     users = np.arange(len(targets)) if users is None else np.asarray(users)
     order = users[np.argsort([len(histories[u]) for u in users], kind="stable")]
@@ -381,6 +400,7 @@ def eval_batches(
         history = np.zeros((batch_size, h), np.int32)
         tgt = np.ones((batch_size,), np.int32)
         where = np.zeros((batch_size,), bool)
+        ids = np.zeros((batch_size,), np.int32)
         longest = 1
         for b, u in enumerate(rows):
             hist = histories[u]
@@ -393,6 +413,11 @@ def eval_batches(
             history[b, : len(hist)] = hist
             tgt[b] = targets[u]
             where[b] = True
+            if user_ids is not None:
+                ids[b] = user_ids[u]
         if trim:
             inputs = inputs[:, L - _bucket(longest, MIN_POSITIONS, L) :]
-        yield {"inputs": inputs, "history": history, "targets": tgt, "where": where}
+        batch = {"inputs": inputs, "history": history, "targets": tgt, "where": where}
+        if user_ids is not None:
+            batch["users"] = ids
+        yield batch

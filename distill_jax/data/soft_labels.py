@@ -160,7 +160,12 @@ def _teacher_fn(teacher, k: int, temperature: float, exclude: bool, with_hidden:
 
     def fn(params, batch):
         h = steps.hidden_at_targets(
-            teacher, params, batch["inputs"], batch["target_index"], train=False
+            teacher,
+            params,
+            batch["inputs"],
+            batch["target_index"],
+            train=False,
+            users=batch.get("users"),
         )
         z = teacher.apply({"params": params}, h, method=teacher.logits)
         z = z[:, : teacher.num_items + 1]  # a sharded table's padding rows are no items

@@ -18,6 +18,9 @@ Three protocols, all over item ids 1..V (0 is padding):
   example: target = their first cold item, history = everything before it
   (warm items only, by construction). Cold items stay in the catalogue (ids
   and side features are kept), so a model with item features can score them.
+  Data with an order but no times (S3-Rec files such as Beauty) use the
+  'random' rule instead (`cold_item_rule`): a seeded `cold_item_fraction` of
+  the items, drawn uniformly, is cold; the rest of the protocol is the same.
 
 Cold users' sequences also lose their cold-item interactions, so each slice
 isolates one kind of coldness.
@@ -47,15 +50,29 @@ def leave_one_out(data: SequenceData) -> LeaveOneOut:
     )
 
 
-def _cold_item_mask(processed: Processed, fraction: float) -> tuple[np.ndarray, float | None]:
-    """bool [V+1] of the items first seen at or after the cut-off, and the cut-off."""
+COLD_ITEM_RULES = ("time", "random")
+
+
+def _cold_item_mask(
+    processed: Processed, fraction: float, rule: str = "time", seed: int = 0
+) -> tuple[np.ndarray, float | None]:
+    """bool [V+1] of the cold items, and the cut-off time (None for the 'random' rule)."""
     is_cold = np.zeros(processed.num_items + 1, bool)
     if fraction == 0.0:
         return is_cold, None
+    if rule not in COLD_ITEM_RULES:
+        raise ValueError(f"cold_item_rule={rule!r}; expected one of {COLD_ITEM_RULES}.")
+    if rule == "random":
+        seen = np.unique(np.concatenate(processed.sequences))
+        seen = seen[seen > 0]
+        rng = np.random.default_rng([seed, 0xC01D, 1])
+        is_cold[rng.choice(seen, size=int(round(fraction * len(seen))), replace=False)] = True
+        return is_cold, None
     if processed.timestamps is None:
         raise ValueError(
-            f"{processed.name}: cold_item_fraction={fraction} needs timestamps, and this data "
-            "has only an order; set cold_item_fraction=0."
+            f"{processed.name}: cold_item_fraction={fraction} with cold_item_rule='time' needs "
+            "timestamps, and this data has only an order; set data.cold_item_rule='random' "
+            "(a random share of the items is cold) or cold_item_fraction=0."
         )
     items = np.concatenate(processed.sequences)
     times = np.concatenate(processed.timestamps).astype(np.float64)
@@ -73,6 +90,7 @@ def cold_start_split(
     *,
     cold_user_fraction: float = 0.0,
     cold_item_fraction: float = 0.0,
+    cold_item_rule: str = "time",
     seed: int = 0,
 ) -> ColdStartSplit:
     """Splits processed data into warm leave-one-out, cold users and cold items.
@@ -83,9 +101,12 @@ def cold_start_split(
     Args:
       processed: the output of `preprocess.preprocess`.
       cold_user_fraction: share of users, in [0, 1), held out whole.
-      cold_item_fraction: share of the interactions, in [0, 1), at the end of
-        the log whose time starts the cold-item period.
-      seed: picks the cold users; the same seed gives the same split.
+      cold_item_fraction: in [0, 1); rule 'time': the share of the
+        interactions at the end of the log whose time starts the cold-item
+        period; rule 'random': the share of the items that is cold.
+      cold_item_rule: 'time' or 'random' (see the module docstring).
+      seed: picks the cold users (and the 'random' rule's cold items); the
+        same seed gives the same split.
 
     Returns:
       The split.
@@ -101,7 +122,7 @@ def cold_start_split(
     n_cold = int(round(cold_user_fraction * num_users))
     is_cold_user = np.zeros(num_users, bool)
     is_cold_user[rng.choice(num_users, size=n_cold, replace=False)] = True
-    is_cold_item, cutoff = _cold_item_mask(processed, cold_item_fraction)
+    is_cold_item, cutoff = _cold_item_mask(processed, cold_item_fraction, cold_item_rule, seed)
 
     counts = dict.fromkeys(
         (

@@ -60,11 +60,12 @@ def generate(cfg: ml_collections.ConfigDict, seed: int) -> SequenceData:
         else:
             successors[i] = rng.choice(num_items, size=k, replace=False, p=global_p)
 
-    sequences = []
+    sequences, favourites = [], []
     extra_mean = max(cfg.mean_len - cfg.min_len, 1e-6)
     for _ in range(cfg.num_users):
         length = int(min(cfg.max_len, cfg.min_len + rng.geometric(1.0 / (1.0 + extra_mean)) - 1))
         user_tastes = rng.dirichlet(np.full(num_tastes, 0.1))
+        favourites.append(int(np.argmax(user_tastes)))
         seq = np.empty(length, np.int64)
         current = -1
         for j in range(length):
@@ -78,9 +79,12 @@ def generate(cfg: ml_collections.ConfigDict, seed: int) -> SequenceData:
     # The taste cluster is the item's side feature (a category): what a
     # catalogue's genre would be, and all that places an item never seen.
     tastes = {i + 1: f"taste{t}" for i, t in enumerate(taste_of_item.tolist())}
+    # A user's side feature: their strongest taste (what a demographic hints at).
+    favourite = {u + 1: f"taste{t}" for u, t in enumerate(favourites)}
     return SequenceData(
         num_items=num_items,
         sequences=sequences,
         name=f"synthetic(seed={seed})",
         item_features={"taste": tastes},
+        user_features={"favourite_taste": favourite},
     )

@@ -81,12 +81,15 @@ class SequenceData(UserSequences):
       name: a short description for reports.
       item_features: feature name -> {item id: value} (the synthetic data's
         tastes; a real source's are in `Processed`).
+      user_features: feature name -> {user id: value}, user u owning
+        `sequences[u - 1]` (the synthetic data's favourite tastes).
     """
 
     num_items: int
     sequences: list[np.ndarray]
     name: str = ""
     item_features: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
+    user_features: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +167,18 @@ class LeaveOneOut:
             return [s[:-1] for s in self.full], self.test_targets
         raise ValueError(f"Unknown split {split!r}; expected 'valid' or 'test'.")
 
+    def user_ids(self, split: str = "train") -> np.ndarray | None:
+        """User ids (1..U) of the rows of `train` or of a split's examples.
+
+        None unless the data's user features are in use
+        (`item_features.users`): only then do batches carry user ids.
+        """
+        if getattr(self.item_features, "users", None) is None:
+            return None
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"Unknown split {split!r}; expected 'train', 'valid' or 'test'.")
+        return np.arange(1, len(self.train) + 1, dtype=np.int32)
+
 
 @dataclasses.dataclass(frozen=True)
 class ColdStartSplit:
@@ -219,3 +234,18 @@ class ColdStartSplit:
         raise ValueError(
             f"Unknown split {split!r}; expected 'valid', 'test', 'cold_users' or 'cold_items'."
         )
+
+    def user_ids(self, split: str = "train") -> np.ndarray | None:
+        """User ids of the rows of `train` or of a split's examples (see `LeaveOneOut`)."""
+        if getattr(self.item_features, "users", None) is None:
+            return None
+        ids = {
+            "train": self.warm_users,
+            "valid": self.warm_users,
+            "test": self.warm_users,
+            "cold_users": self.cold_users,
+            "cold_items": self.cold_item_users,
+        }
+        if split not in ids:
+            raise ValueError(f"Unknown split {split!r}; expected one of {sorted(ids)}.")
+        return np.asarray(ids[split], np.int32)

@@ -29,7 +29,9 @@ class Scorer:
     """Scores every item for a batch of input windows.
 
     Attributes:
-      score_fn: pure `(params, inputs [B, L] int32) -> scores [B, V+1]`.
+      score_fn: pure `(params, inputs [B, L] int32, users [B] int32 | None)
+        -> scores [B, V+1]`; `users` (the batch's user ids) is read by models
+        with user features only, None scores without the user part.
       params: its parameters (a pytree of arrays).
       param_shardings: their shardings on the mesh (or a replicated sharding).
       max_len: the input window L.
@@ -41,7 +43,7 @@ class Scorer:
         the scorer is always fed full `max_len` windows, as the artefact is.
     """
 
-    score_fn: Callable[[Any, jax.Array], jax.Array]
+    score_fn: Callable[..., jax.Array]
     params: Any
     param_shardings: Any
     max_len: int
@@ -73,8 +75,9 @@ def model_scorer(
     """
     columns = model.num_items + 1
 
-    def score_fn(params, inputs):
-        hidden = model.apply({"params": params}, inputs, train=False)
+    def score_fn(params, inputs, users=None):
+        extra = {} if users is None else {"users": users}
+        hidden = model.apply({"params": params}, inputs, train=False, **extra)
         logits = model.apply({"params": params}, hidden[:, -1], method=model.logits)
         return logits if logits.shape[-1] == columns else logits[:, :columns]
 
@@ -99,7 +102,8 @@ def popularity_scorer(split: LeaveOneOut, mesh, max_len: int) -> Scorer:
     counts = popularity_counts(split)
     counts[0] = -np.inf  # the padding column is never a candidate
 
-    def score_fn(params, inputs):
+    def score_fn(params, inputs, users=None):
+        del users  # the same scores for everyone
         return jnp.broadcast_to(params, (inputs.shape[0], params.shape[0]))
 
     rep = sharding_lib.replicated(mesh)
@@ -145,6 +149,7 @@ class Evaluator:
             causal=scorer.causal,
             users=users,
             trim=scorer.padding_invariant,
+            user_ids=self.split.user_ids(split),
         )
         return batches, n_users
 
@@ -154,7 +159,7 @@ class Evaluator:
             is_head = jnp.asarray(self.is_head)
 
             def fn(params, batch):
-                scores = scorer.score_fn(params, batch["inputs"])
+                scores = scorer.score_fn(params, batch["inputs"], batch.get("users"))
                 ranks = metrics_lib.target_ranks(
                     scores, batch["targets"], batch["history"], exclude_history=excl
                 )
@@ -277,8 +282,8 @@ class Evaluator:
         excl = self.exclude_history
 
         def fn(tp, sp, batch):
-            ts = teacher.score_fn(tp, batch["inputs"])
-            ss = student.score_fn(sp, batch["inputs"])
+            ts = teacher.score_fn(tp, batch["inputs"], batch.get("users"))
+            ss = student.score_fn(sp, batch["inputs"], batch.get("users"))
             t_top = metrics_lib.top_k_items(ts, batch["history"], k, exclude_history=excl)
             s_top = metrics_lib.top_k_items(ss, batch["history"], k, exclude_history=excl)
             overlap = jnp.sum(t_top[:, :, None] == s_top[:, None, :], axis=(1, 2)) / k

@@ -63,6 +63,59 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+COLD_SLICES = ("cold_users", "cold_items")
+COLD_COLUMNS = ("hr@10", "ndcg@10", "tail_ndcg@10", "coverage@10")
+
+
+def cold_table(report: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The cold-start slices (`cold_users`, `cold_items`) per model, where the split has them."""
+    models = report["models"]
+    slices = [s for s in COLD_SLICES if any(s in r["metrics"] for r in models.values())]
+    if not slices:
+        return None
+    header = ["model"] + [f"{s} {c}" for s in slices for c in COLD_COLUMNS]
+    rows = []
+    for name, r in models.items():
+        cells = [name]
+        for s in slices:
+            m = r["metrics"].get(s)
+            cells += [f"{m[c]:.4f}" if m and c in m else "-" for c in COLD_COLUMNS]
+        rows.append(cells)
+    return header, rows
+
+
+def _cold_line(report: dict) -> str:
+    counts = report["dataset"].get("split_counts", {})
+    parts = [f"{counts[k]} {k.replace('_', ' ')}" for k in ("cold_users", "cold_item_users")]
+    return (
+        "Cold-start slices: users held out of training whole (cold_users) and users whose "
+        "next item is one training never showed (cold_items)"
+        + (
+            f": {', '.join(parts)}."
+            if all(k in counts for k in ("cold_users", "cold_item_users"))
+            else "."
+        )
+    )
+
+
+def _md_table(header: list[str], rows: list[list[str]], text_columns: int) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * text_columns + "---:|" * (len(header) - text_columns))
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _html_table(header: list[str], rows: list[list[str]], text_columns: int) -> list[str]:
+    parts = [
+        "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header),
+        "</tr></thead><tbody>",
+    ]
+    for r in rows:
+        cells = [f"<td>{html.escape(c)}</td>" for c in r[:text_columns]]
+        cells += [f'<td class="num">{html.escape(c)}</td>' for c in r[text_columns:]]
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    return parts + ["</tbody></table>"]
+
+
 def findings(report: dict) -> list[str]:
     """The paragraphs under the table: the distillation ratios and the agreement."""
     out = []
@@ -159,9 +212,10 @@ def markdown(report: dict) -> str:
     """report.md: the table, the findings, the compressed variants and the artefact."""
     header, rows = table(report)
     lines = ["# distill_jax report", "", data_line(report), ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|---|---|---:|---:|" + "---:|" * (len(header) - 4))
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += _md_table(header, rows, 2)
+    cold = cold_table(report)
+    if cold:
+        lines += ["", _cold_line(report), ""] + _md_table(*cold, 1)
     for paragraph in findings(report):
         lines += ["", paragraph]
     variants, export = compression(report)
@@ -200,14 +254,11 @@ def to_html(report: dict, images: dict[str, str]) -> str:
         f"<style>{_STYLE}</style></head><body>",
         "<h1>distill_jax report</h1>",
         f"<p>{_inline(data_line(report))}</p>",
-        "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header),
-        "</tr></thead><tbody>",
+        *_html_table(header, rows, 2),
     ]
-    for r in rows:
-        cells = [f"<td>{html.escape(r[0])}</td>", f"<td>{html.escape(r[1])}</td>"]
-        cells += [f'<td class="num">{html.escape(c)}</td>' for c in r[2:]]
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</tbody></table>")
+    cold = cold_table(report)
+    if cold:
+        parts += [f"<p>{_inline(_cold_line(report))}</p>", *_html_table(*cold, 1)]
     parts += [f"<p>{_inline(p)}</p>" for p in findings(report)]
     for name, path in images.items():
         with open(path, "rb") as f:

@@ -51,6 +51,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from distill_jax.models.base import SequenceRecommender
 from distill_jax.models.bert4rec import BERT4Rec
@@ -124,6 +125,13 @@ def build_model(
     table_rows = 0 if vocab_shards <= 1 else -(-(num_items + 1) // vocab_shards) * vocab_shards
     extra = {}
     if cfg.get("use_features", False):
+        if vocab_shards > 1:
+            raise ValueError(
+                f"{key('use_features')}=True on a mesh that shards the item table "
+                f"({vocab_shards} vocab shards along 'model'): side features are not "
+                "supported there yet; shard only data (mesh.model=1) or set "
+                f"{key('use_features')}=False"
+            )
         if item_features is None or features_cfg is None:
             raise ValueError(
                 f"{key('use_features')}=True, but the model is built without the data's "
@@ -136,6 +144,11 @@ def build_model(
             fusion=features_cfg.fusion,
             id_dropout=float(features_cfg.id_dropout),
         )
+        users = getattr(item_features, "users", None)
+        if users is not None:
+            extra["user_features"] = ItemFeatures.from_encoded(
+                users, np.arange(1, users.num_rows), users.num_rows
+            )
     return MODELS[cfg.name](
         num_items=num_items,
         max_len=max_len,

@@ -83,6 +83,9 @@ class SequenceRecommender(nn.Module):
       id_dropout: while training, the chance that an item's id part (its id
         embedding and output bias) is zero for the step (DropoutNet); needs
         the 'id_dropout' rng.
+      user_features: side features of the users (rows = user ids, row 0
+        none); their encoding is added to every position of a user's window
+        when ``__call__`` gets the batch's user ids. None: no user part.
 
     Subclasses set the two class flags; the trainer, the evaluator and the
     teacher initialisation use only the methods and flags defined here.
@@ -105,6 +108,7 @@ class SequenceRecommender(nn.Module):
     item_features: ItemFeatures | None = None
     fusion: str = "sum"
     id_dropout: float = 0.0
+    user_features: ItemFeatures | None = None
 
     @property
     def num_rows(self) -> int:
@@ -207,6 +211,10 @@ class SequenceRecommender(nn.Module):
                     ("embed",) if width > 1 else (None,),
                     dtype=self.dtype,
                 )
+        if self.user_features is not None:
+            self.user_encoder = ItemFeatureEncoder(
+                self.user_features, self.embed_dim, dtype=self.dtype
+            )
 
     def catalogue(self, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """The tied item table ``[num_rows, D]`` and output bias ``[num_rows]``.
@@ -236,13 +244,18 @@ class SequenceRecommender(nn.Module):
         fused = fuse(self.fusion, ids, self.feature_encoder(), getattr(self, "fusion_layer", None))
         return fused.astype(jnp.float32), jnp.where(keep, bias, 0.0)
 
-    def embed(self, items: jax.Array, table: jax.Array | None = None) -> jax.Array:
-        """Item (or mask-token) embeddings plus right-aligned positions.
+    def embed(
+        self, items: jax.Array, table: jax.Array | None = None, users: jax.Array | None = None
+    ) -> jax.Array:
+        """Item (or mask-token) embeddings plus right-aligned positions (and the user part).
 
         Args:
           items: ``[B, L]`` int ids with ``L <= max_len``.
           table: the item table to read rows from (a model with side features:
             :meth:`catalogue`'s; None computes it in eval mode).
+          users: ``[B]`` user ids (0: a user without features); with
+            ``user_features``, each row's user encoding is added at every
+            position. None: no user part.
 
         Returns:
           ``[B, L, D]`` in the compute dtype, scaled by sqrt(D).
@@ -262,6 +275,13 @@ class SequenceRecommender(nn.Module):
                 # Padding rows must stay as loud as a missing row would be.
                 x = jnp.where((items > self.num_items)[..., None], jnp.nan, x)
         positions = self.position_embedding[:length][::-1]
+        if self.user_features is not None and users is None and self.is_initializing():
+            users = jnp.zeros(items.shape[:1], jnp.int32)  # creates the encoder's parameters
+        if self.user_features is not None and users is not None:
+            users = users.astype(jnp.int32)
+            known = (users > 0) & (users < self.user_features.num_rows)
+            part = jnp.where(known[:, None], self.user_encoder(users), 0.0)
+            x = x + part[:, None, :].astype(x.dtype)
         # sqrt(D) puts the residual stream at unit scale, like the blocks' outputs.
         return ((x + positions) * self.embed_dim**0.5).astype(self.dtype)
 
@@ -276,7 +296,12 @@ class SequenceRecommender(nn.Module):
         return rows
 
     def __call__(
-        self, items: jax.Array, *, train: bool, table: jax.Array | None = None
+        self,
+        items: jax.Array,
+        *,
+        train: bool,
+        table: jax.Array | None = None,
+        users: jax.Array | None = None,
     ) -> jax.Array:
         """Encodes a batch of left-padded sequences.
 
@@ -286,13 +311,15 @@ class SequenceRecommender(nn.Module):
             rate is non-zero).
           table: with side features, the step's fused item table
             (:meth:`catalogue`), so that inputs and outputs drop the same ids.
+          users: ``[B]`` user ids, read by a model with ``user_features``
+            (see :meth:`embed`); others ignore them.
 
         Returns:
           ``[B, L, D]`` hidden states in the compute dtype. Values at padding
           positions are finite but meaningless.
         """
         mask = attention_mask(items, causal=self.is_causal)
-        x = self.embed_dropout(self.embed(items, table), deterministic=not train)
+        x = self.embed_dropout(self.embed(items, table, users), deterministic=not train)
         for block in self.blocks:
             x = block(x, mask, train=train)
         return self.final_norm(x)

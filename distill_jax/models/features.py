@@ -112,7 +112,8 @@ class ItemFeatureEncoder(nn.Module):
     Each bag's categories have their own embedding table (``C+1`` rows, row 0
     never used); a row's bag is the mean of its categories' embeddings (zero
     for an empty bag). Numeric and dense columns go through a linear map each.
-    The parts are summed.
+    The parts are summed. The same encoder serves the users' features
+    (`SequenceRecommender.user_features`), one row per user.
     """
 
     features: ItemFeatures
@@ -120,10 +121,17 @@ class ItemFeatureEncoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self) -> jax.Array:
+    def __call__(self, rows: jax.Array | None = None) -> jax.Array:
+        """Every row's encoding, or ``[n, D]`` for the row ids ``rows [n]`` only."""
         f = self.features
+
+        def pick(a: np.ndarray) -> jax.Array:
+            a = jnp.asarray(a)
+            return a if rows is None else jnp.take(a, rows, axis=0, mode="clip")
+
         init = nn.initializers.normal(stddev=self.embed_dim**-0.5)
-        out = jnp.zeros((f.num_rows, self.embed_dim), self.dtype)
+        n = f.num_rows if rows is None else rows.shape[0]
+        out = jnp.zeros((n, self.embed_dim), self.dtype)
         for name, bag, size in zip(f.names, f.bags, f.bag_sizes, strict=True):
             table = self.param(
                 f"{name}_embedding",
@@ -131,16 +139,16 @@ class ItemFeatureEncoder(nn.Module):
                 (size + 1, self.embed_dim),
                 jnp.float32,
             )
-            ids = jnp.asarray(bag)
+            ids = pick(bag)
             present = (ids > 0).astype(self.dtype)
-            rows = jnp.take(table.astype(self.dtype), ids, axis=0) * present[..., None]
+            picked = jnp.take(table.astype(self.dtype), ids, axis=0) * present[..., None]
             count = jnp.maximum(present.sum(-1, keepdims=True), 1.0)
-            out = out + rows.sum(1) / count
+            out = out + picked.sum(1) / count
         for name, columns in (("numeric", f.numeric), ("dense", f.dense)):
             if columns.shape[1]:
                 out = out + Dense(
                     (self.embed_dim,), (None, "embed"), ("embed",), dtype=self.dtype, name=name
-                )(jnp.asarray(columns, self.dtype))
+                )(pick(columns).astype(self.dtype))
         return out
 
 

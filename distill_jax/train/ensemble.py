@@ -115,13 +115,22 @@ def _member_config(directory: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(meta["config"])
 
 
+# What a key missing from a stored model config meant when it was stored.
+_ABSENT = {"use_features": False}
+
+
 def _stored_model_config(like: ml_collections.ConfigDict, stored) -> ml_collections.ConfigDict:
     """A teacher's model config as stored in its checkpoint, on top of `like`.
 
     Keys the stored config lacks (a stage trained by an earlier version, before
-    the key existed) keep `like`'s values, which were the defaults then.
+    the key existed) keep `like`'s values, which were the defaults then, except
+    those in `_ABSENT`: a teacher stored before side features existed read
+    none, whatever `like` (config.teacher) says now.
     """
     out = like.copy_and_resolve_references()
+    for key, value in _ABSENT.items():
+        if key in out and key not in stored:
+            out[key] = value
     for key, value in stored.items():
         if key in out:
             out[key] = (
@@ -184,9 +193,10 @@ def scorer(ensemble: Ensemble, params: tuple, shardings: tuple) -> Scorer:
     """The ensemble as a Scorer: log p_ens at the last window position."""
     columns = ensemble.num_items + 1
 
-    def score_fn(params, inputs):
+    def score_fn(params, inputs, users=None):
+        extra = {} if users is None else {"users": users}
         hidden = tuple(
-            m.apply({"params": p}, inputs, train=False)[:, -1]
+            m.apply({"params": p}, inputs, train=False, **extra)[:, -1]
             for m, p in zip(ensemble.models, params, strict=True)
         )
         scores = ensemble.log_probs(params, hidden)

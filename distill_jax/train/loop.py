@@ -180,6 +180,7 @@ def train_stage(
         num_shards=mesh.shape["data"],
         last_item_slot=distilling and config.distill.last_item_slot,
         soft_labels=soft_labels,
+        users=split.user_ids(),
     )
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))

@@ -15,7 +15,15 @@ TASKS = ("train", "distill")
 
 
 def hidden_at_targets(
-    model: nn.Module, params, inputs, target_index, *, train: bool, rngs=None, table=None
+    model: nn.Module,
+    params,
+    inputs,
+    target_index,
+    *,
+    train: bool,
+    rngs=None,
+    table=None,
+    users=None,
 ) -> jax.Array:
     """Hidden states `[N, D]` at the packed target slots only.
 
@@ -25,8 +33,12 @@ def hidden_at_targets(
     product is one plain matrix product (a batched 3-D einsum runs about half
     as fast on CPU). `table`: a model with side features reads its item rows
     from it (the step's `catalogue`), so inputs and outputs drop the same ids.
+    `users`: the batch's user ids (`batch.get("users")`), for a model with
+    user features.
     """
     extra = {} if table is None else {"table": table}
+    if users is not None:
+        extra["users"] = users
     hidden = model.apply({"params": params}, inputs, train=train, rngs=rngs, **extra)
     flat = hidden.reshape(-1, hidden.shape[-1])
     return jnp.take(flat, target_index, axis=0)
@@ -35,7 +47,13 @@ def hidden_at_targets(
 def logits_at_targets(model: nn.Module, params, batch, *, train: bool, rngs=None):
     """Catalogue logits `[N, V + 1]` at the batch's packed target slots."""
     h = hidden_at_targets(
-        model, params, batch["inputs"], batch["target_index"], train=train, rngs=rngs
+        model,
+        params,
+        batch["inputs"],
+        batch["target_index"],
+        train=train,
+        rngs=rngs,
+        users=batch.get("users"),
     )
     return model.apply({"params": params}, h, method=model.logits)
 
@@ -94,7 +112,14 @@ def _teacher_fields(teacher, teacher_params, batch) -> dict:
     if isinstance(teacher, ensemble_lib.Ensemble):
         hidden = tuple(
             jax.lax.stop_gradient(
-                hidden_at_targets(m, p, batch["inputs"], batch["target_index"], train=False)
+                hidden_at_targets(
+                    m,
+                    p,
+                    batch["inputs"],
+                    batch["target_index"],
+                    train=False,
+                    users=batch.get("users"),
+                )
             )
             for m, p in zip(teacher.models, teacher_params, strict=True)
         )
@@ -105,7 +130,12 @@ def _teacher_fields(teacher, teacher_params, batch) -> dict:
     # The teacher is frozen: eval mode (no dropout), same inputs, no gradient.
     h_t = jax.lax.stop_gradient(
         hidden_at_targets(
-            teacher, teacher_params, batch["inputs"], batch["target_index"], train=False
+            teacher,
+            teacher_params,
+            batch["inputs"],
+            batch["target_index"],
+            train=False,
+            users=batch.get("users"),
         )
     )
     t_table, t_bias = jax.tree.map(jax.lax.stop_gradient, catalogue(teacher, teacher_params))
@@ -189,6 +219,7 @@ def make_loss_fn(
             train=True,
             rngs={"dropout": dropout_rng},
             table=table if featured else None,
+            users=batch.get("users"),
         )
         fields = {}
         if task == "distill":
