@@ -9,7 +9,15 @@ import pathlib
 import numpy as np
 import pytest
 
-from benchmarks import common, distill_kernel, history_mass, large_catalog, quality, search
+from benchmarks import (
+    cold_start,
+    common,
+    distill_kernel,
+    history_mass,
+    large_catalog,
+    quality,
+    search,
+)
 from configs import synthetic
 from distill_jax import config_lib
 
@@ -533,3 +541,47 @@ def test_compress_benchmark_tabulates_every_model_and_the_targets(tmp_path, caps
         assert set(r["latency"]) == {"batch_1", "batch_256"}
         assert (tmp_path / "benchmark_export" / r["model"] / "weights.npz").exists()
     assert "| student_kd_int8 |" in out and "target <= 1/3" in out
+
+
+def _cold_report(cold_hr: float, warm_ndcg: float, kd_bonus: float) -> dict:
+    def metrics(hr, ndcg):
+        m = {"hr@10": hr, "ndcg@10": ndcg, "tail_ndcg@10": ndcg / 2, "coverage@10": 0.5}
+        return m
+
+    models = {}
+    for name in cold_start.MODELS:
+        bonus = kd_bonus if name == "student_kd" else 0.0
+        models[name] = {
+            "metrics": {
+                "test": metrics(0.1, warm_ndcg),
+                "cold_items": metrics(cold_hr + bonus, (cold_hr + bonus) / 2),
+                "cold_users": metrics(0.05 + bonus, 0.02 + bonus),
+            }
+        }
+    counts = {"warm_users": 9, "cold_users": 2, "cold_item_users": 3}
+    return {"dataset": {"name": "d", "split_counts": counts}, "models": models}
+
+
+def test_cold_start_table_and_its_checks(tmp_path, capsys):
+    for sub, seed, report in (
+        ("without", 0, _cold_report(0.0, 0.050, 0.0)),
+        ("without", 1, _cold_report(0.001, 0.052, 0.0)),
+        ("with", 0, _cold_report(0.20, 0.0505, 0.01)),
+        ("with", 1, _cold_report(0.22, 0.0500, 0.01)),
+        ("with", 2, _cold_report(0.5, 0.1, 0.0)),  # no id-only run for seed 2: left out
+    ):
+        (tmp_path / sub / f"seed_{seed}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / f"seed_{seed}" / "report.json").write_text(json.dumps(report))
+    cold_start.main(
+        ["cold_start", f"--without={tmp_path / 'without'}", f"--with={tmp_path / 'with'}"]
+    )
+    out = capsys.readouterr().out
+    assert "mean ± std over seeds [0, 1]" in out and "**cold_items**" in out
+    # teacher, no features: cold-item HR@10 over seeds 0 and 1.
+    assert "| teacher | no | 0.0005 ± 0.0007 |" in out
+    assert "[held] teacher: cold-item HR@10 0.0005 without features, 0.2100 with" in out
+    # Warm NDCG: 0.05025 against 0.051 is 0.985 x: held.
+    assert "[held] teacher: warm test NDCG@10 0.0503 with features against 0.0510" in out
+    assert "[held] with features, cold_users hr@10: student_kd 0.0600" in out
+    with pytest.raises(SystemExit, match="No seed of"):
+        cold_start.main(["cold_start", f"--without={tmp_path}", f"--with={tmp_path}"])

@@ -1,0 +1,164 @@
+"""The cold-start table: the same split without and with side features, over seeds.
+
+Reads the reports of two `benchmarks.quality` work directories, one run
+with a config's `cold` variant (ids only) and one with its `features` variant
+(the same split; teacher and students read side features), and prints, per
+model and slice (warm `test`, `cold_items`, `cold_users`), HR@10, NDCG@10,
+tail NDCG@10 and coverage@10 as mean ± std over the seeds, then the three
+checks side features are judged by:
+
+1. cold items: with features, each model's cold-item HR@10 is far above the
+   id-only model's (held: the mean gain exceeds twice the standard deviation
+   of the per-seed gains, and 0.02);
+2. warm: each model's warm test NDCG@10 with features is at least 98% of the
+   id-only model's (means over the seeds);
+3. distillation: with features, student_kd beats student_scratch on both
+   cold slices' HR@10 and NDCG@10 (means over the seeds).
+
+  python -m benchmarks.quality --config=configs/ml100k.py:cold \\
+      --config.data.path=../shared/datasets/ml-100k --seeds=0,1,2 --workdir=/tmp/ml_cold
+  python -m benchmarks.quality --config=configs/ml100k.py:features \\
+      --config.data.path=../shared/datasets/ml-100k --seeds=0,1,2 --workdir=/tmp/ml_features
+  python -m benchmarks.cold_start --without=/tmp/ml_cold --with=/tmp/ml_features --seeds=0,1,2
+
+Only seeds whose two runs both wrote a report are used (and named).
+"""
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from absl import flags
+
+from benchmarks import common
+
+SLICES = ("test", "cold_items", "cold_users")
+COLUMNS = ("hr@10", "ndcg@10", "tail_ndcg@10", "coverage@10")
+MODELS = ("popularity", "teacher", "student_kd", "student_scratch")
+TRAINED = MODELS[1:]
+
+
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+    del argv
+    flags.DEFINE_string(
+        "without",
+        None,
+        "quality.py workdir of the id-only (`cold`) runs.",
+        required=True,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "with",
+        None,
+        "quality.py workdir of the `features` runs.",
+        required=True,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.", flag_values=flag_values)
+
+
+def _report(workdir: str, seed: int) -> dict | None:
+    path = os.path.join(workdir, f"seed_{seed}", "report.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _values(reports: list[dict], model: str, split: str, column: str) -> np.ndarray:
+    return np.array([r["models"][model]["metrics"][split][column] for r in reports])
+
+
+def _cell(v: np.ndarray) -> str:
+    std = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():.4f} ± {std:.4f}"
+
+
+def table(without: list[dict], with_: list[dict]) -> list[str]:
+    """Markdown rows: one per (model, features) and slice group."""
+    lines = []
+    for split in SLICES:
+        if any(split not in r["models"]["teacher"]["metrics"] for r in without + with_):
+            continue
+        lines += ["", f"**{split}**", "", "| model | features | " + " | ".join(COLUMNS) + " |"]
+        lines.append("|---|---|" + "---:|" * len(COLUMNS))
+        for model in MODELS:
+            for label, reports in (("no", without), ("yes", with_)):
+                if model == "popularity" and label == "yes":
+                    continue  # the same counts either way
+                if any(model not in r["models"] for r in reports):
+                    continue
+                cells = [_cell(_values(reports, model, split, c)) for c in COLUMNS]
+                feats = "-" if model == "popularity" else label
+                lines.append(f"| {model} | {feats} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def checks(without: list[dict], with_: list[dict]) -> list[tuple[str, bool]]:
+    """(statement with its figures, held) for the three checks of the module docstring."""
+    out = []
+    for model in TRAINED:
+        gain = _values(with_, model, "cold_items", "hr@10") - _values(
+            without, model, "cold_items", "hr@10"
+        )
+        std = gain.std(ddof=1) if len(gain) > 1 else 0.0
+        base = _values(without, model, "cold_items", "hr@10").mean()
+        out.append(
+            (
+                f"{model}: cold-item HR@10 {base:.4f} without features, "
+                f"{base + gain.mean():.4f} with (gain {gain.mean():.4f} ± {std:.4f})",
+                bool(gain.mean() > max(2 * std, 0.02)),
+            )
+        )
+    for model in TRAINED:
+        a = _values(with_, model, "test", "ndcg@10").mean()
+        b = _values(without, model, "test", "ndcg@10").mean()
+        out.append(
+            (
+                f"{model}: warm test NDCG@10 {a:.4f} with features against {b:.4f} "
+                f"without ({a / b:.3f} x; at least 0.98 x)",
+                bool(a >= 0.98 * b),
+            )
+        )
+    for split in ("cold_items", "cold_users"):
+        for column in ("hr@10", "ndcg@10"):
+            kd = _values(with_, "student_kd", split, column).mean()
+            sc = _values(with_, "student_scratch", split, column).mean()
+            out.append(
+                (
+                    f"with features, {split} {column}: student_kd {kd:.4f}, "
+                    f"student_scratch {sc:.4f}",
+                    bool(kd > sc),
+                )
+            )
+    return out
+
+
+def main(argv: Sequence[str]) -> None:
+    args = common.parse_flags(argv, define_flags, __doc__)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    pairs = [(s, _report(args.without, s), _report(getattr(args, "with"), s)) for s in seeds]
+    used = [s for s, a, b in pairs if a is not None and b is not None]
+    if not used:
+        sys.exit(
+            f"No seed of {seeds} has a report in both {args.without} and {getattr(args, 'with')}."
+        )
+    without = [a for _, a, b in pairs if a is not None and b is not None]
+    with_ = [b for _, a, b in pairs if a is not None and b is not None]
+    d = without[0]["dataset"]
+    counts = d.get("split_counts", {})
+    print(
+        f"{d['name']}: {counts.get('warm_users', '?')} warm users, "
+        f"{counts.get('cold_users', '?')} cold users, {counts.get('cold_item_users', '?')} "
+        f"cold-item users; mean ± std over seeds {used}"
+    )
+    print("\n".join(table(without, with_)))
+    print()
+    for text, held in checks(without, with_):
+        print(f"- [{'held' if held else 'NOT held'}] {text}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
