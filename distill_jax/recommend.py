@@ -1,6 +1,7 @@
 """Recommendations from an exported artefact, in the data's own item ids.
 
     python -m distill_jax.recommend --artifact=WORKDIR/export --history=ID,ID,...
+    python -m distill_jax.recommend --artifact=WORKDIR/export --history=ID,ID,... --user=UID
     python -m distill_jax.recommend --artifact=WORKDIR/export --input=histories.txt \
         --output=recs.jsonl
 
@@ -10,6 +11,12 @@ a header naming a user column and an item column (`--user_col`,
 `--item_col`; rows in time order), one history per user. The results are
 JSON lines: the line or user, the top-K items with their scores, the ids
 that were not known, and whether the popularity fallback was used.
+
+A model trained with user features (MovieLens demographics, a user feature
+table) reads the user too: `--user=UID` with `--history`, the user column
+of a CSV input, `recommend(history, user=UID)` in Python; all in the data's
+own user ids. A user the artefact does not know, or none given, is scored
+from the history alone (the note says so).
 
 From Python::
 
@@ -36,7 +43,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "distill_jax.recommender"  # as written by distill_jax.compress.export
-VERSIONS = (1,)
+VERSIONS = (1, 2)  # 2: the function also takes user ids
 
 
 class ArtifactError(ValueError):
@@ -102,15 +109,31 @@ class Recommender:
         self.item_ids = manifest["item_ids"]
         self._to_internal = {str(v): i for i, v in enumerate(self.item_ids) if i > 0}
         self.popular = [int(i) for i in manifest["popular_items"]]
+        self.reads_users = "users" in manifest
+        self._user_to_internal = {
+            str(v): i for i, v in enumerate(manifest.get("user_ids", [])) if i > 0
+        }
 
-    def call(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The exported function on `history [B, N]` int32 artefact ids (left-padded with 0)."""
-        ids, scores = self._call(self.weights, np.asarray(history, np.int32))
+    def call(
+        self, history: np.ndarray, users: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The exported function on `history [B, N]` int32 artefact ids (left-padded with 0).
+
+        `users [B]`: artefact user ids, for an artefact that reads them (None:
+        0 for everyone, scored without the user part); others ignore them.
+        """
+        history = np.asarray(history, np.int32)
+        extra = ()
+        if self.reads_users:
+            if users is None:
+                users = np.zeros(history.shape[0], np.int32)
+            extra = (np.asarray(users, np.int32),)
+        ids, scores = self._call(self.weights, history, *extra)
         return np.asarray(ids), np.asarray(scores)
 
-    def call_device(self, history: Any) -> tuple[Any, Any]:
-        """`call` on an array already on the device, results left there (for timing)."""
-        return self._call(self.weights, history)
+    def call_device(self, history: Any, *users: Any) -> tuple[Any, Any]:
+        """`call` on arrays already on the device, results left there (for timing)."""
+        return self._call(self.weights, history, *users)
 
     def _internal(self, history: Iterable[Any]) -> tuple[list[int], list[str]]:
         known, unknown = [], []
@@ -134,22 +157,40 @@ class Recommender:
             note=f"{reason}: the {len(items)} most popular items instead",
         )
 
-    def recommend_many(self, histories: Sequence[Sequence[Any]]) -> list[Recommendation]:
-        """One Recommendation per history (ids in the data's own ids, oldest first)."""
+    def recommend_many(
+        self, histories: Sequence[Sequence[Any]], users: Sequence[Any] | None = None
+    ) -> list[Recommendation]:
+        """One Recommendation per history (ids in the data's own ids, oldest first).
+
+        `users`: the data's own user id of each history (None where unknown),
+        read by an artefact with user features.
+        """
+        if users is not None and len(users) != len(histories):
+            raise ArtifactError(f"{len(users)} users for {len(histories)} histories")
         parsed = [self._internal(h) for h in histories]
         scored = [i for i, (known, _) in enumerate(parsed) if known]
         out: list[Recommendation | None] = [None] * len(histories)
         if scored:
             width = max(len(parsed[i][0]) for i in scored)
             batch = np.zeros((len(scored), width), np.int32)
+            user_rows = np.zeros(len(scored), np.int32)
             for row, i in enumerate(scored):
                 known = parsed[i][0]
                 batch[row, width - len(known) :] = known
-            ids, scores = self.call(batch)
+                if users is not None and users[i] is not None:
+                    user_rows[row] = self._user_to_internal.get(str(users[i]).strip(), 0)
+            ids, scores = self.call(batch, user_rows)
             for row, i in enumerate(scored):
                 known, unknown = parsed[i]
                 keep = np.isfinite(scores[row])  # fewer candidates than K: -inf rows
                 notes = []
+                if self.reads_users and user_rows[row] == 0:
+                    given = None if users is None else users[i]
+                    notes.append(
+                        "no user given: scored from the history alone"
+                        if given is None
+                        else f"unknown user {given}: scored from the history alone"
+                    )
                 if unknown:
                     notes.append(f"unknown ids skipped: {', '.join(unknown)}")
                 if len(known) > self.max_len:
@@ -168,9 +209,12 @@ class Recommender:
                 out[i] = self._fallback(known, unknown, reason)
         return out  # type: ignore[return-value]
 
-    def recommend(self, history: Sequence[Any]) -> Recommendation:
-        """The top-K for one history of the data's own item ids, oldest first."""
-        return self.recommend_many([history])[0]
+    def recommend(self, history: Sequence[Any], user: Any = None) -> Recommendation:
+        """The top-K for one history of the data's own item ids, oldest first.
+
+        `user`: the data's own user id, for an artefact with user features.
+        """
+        return self.recommend_many([history], [user])[0]
 
 
 def _weights(directory: str, manifest: dict) -> list[np.ndarray]:
@@ -266,6 +310,7 @@ def _main(argv: list[str]) -> int:
     )
     p.add_argument("--artifact", required=True, help="the export directory (WORKDIR/export)")
     p.add_argument("--history", help="one history: ids separated by commas, oldest first")
+    p.add_argument("--user", help="--history's user (the data's own id), for user features")
     p.add_argument("--input", help="a file of histories (see the module docstring)")
     p.add_argument("--output", help="where --input's results go (JSON lines); default stdout")
     p.add_argument("--user_col", default="", help="CSV input: the user column")
@@ -276,14 +321,18 @@ def _main(argv: list[str]) -> int:
             raise ArtifactError("give exactly one of --history=ID,ID,... and --input=FILE")
         rec = load(args.artifact)
         if args.history is not None:
-            r = rec.recommend(parse_history(args.history, "--history"))
+            r = rec.recommend(parse_history(args.history, "--history"), args.user)
+            if args.user is not None and not rec.reads_users:
+                print(f"--user={args.user} not used: this model reads no user features")
             if r.note:
                 print(r.note)
             for rank, (item, score) in enumerate(zip(r.items, r.scores, strict=True), start=1):
                 print(f"{rank}\t{item}\t{'' if score is None else f'{score:.4f}'}")
             return 0
         rows = read_histories(args.input, args.user_col, args.item_col)
-        results = rec.recommend_many([ids for _, ids in rows])
+        results = rec.recommend_many(
+            [ids for _, ids in rows], [label for label, _ in rows] if args.user_col else None
+        )
         key = "user" if args.user_col else "line"
         lines = [
             json.dumps(

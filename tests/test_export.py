@@ -212,3 +212,72 @@ def test_missing_or_damaged_artifact_is_a_clear_error(tmp_path, artifact):
     (bad / export.FUNCTION_FILE).write_bytes(b"not flatbuffers")
     with pytest.raises(recommend.ArtifactError, match="is not a jax.export artefact"):
         recommend.load(str(bad))
+
+
+def _user_scorer():
+    from distill_jax.data import features as data_features
+    from distill_jax.models.features import ItemFeatures
+
+    cfg = synthetic.get_config("tiny").student
+    items = data_features.encode({"kind": {i: f"k{i % 4}" for i in range(1, V + 1)}}, V + 1)
+    users = data_features.encode({"group": {u: f"g{u % 3}" for u in range(1, 6)}}, 6)
+    model = models.build_model(cfg, num_items=V, max_len=L, key_prefix="student").clone(
+        item_features=ItemFeatures.from_encoded(items, np.arange(1, V + 1), V + 1),
+        user_features=ItemFeatures.from_encoded(users, np.arange(1, 6), 6),
+    )
+    x = np.ones((1, L), np.int32)
+    params = nn.unbox(model.init({"params": jax.random.key(7)}, x, train=False))["params"]
+    # Large user rows, so that the user visibly changes the ranking.
+    enc = params["user_encoder"]
+    enc["group_embedding"] = enc["group_embedding"] * 30.0
+    rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return evaluator_lib.model_scorer(model, params, jax.tree.map(lambda _: rep, params))
+
+
+def test_an_artifact_with_user_features_takes_the_user(tmp_path, capsys):
+    scorer = _user_scorer()
+    assert scorer.reads_users
+    out = str(tmp_path / "export")
+    user_ids = np.array([None, "ann", "bob", "cy", "dee", "eve"], object)
+    with pytest.raises(ValueError, match="pass user_id_to_original"):
+        _write(tmp_path / "no_users", scorer)
+    export.write_artifact(
+        out,
+        scorer,
+        num_items=V,
+        top_k=K,
+        exclude_history=True,
+        item_id_to_original=np.array([None] + [f"item-{i}" for i in range(1, V + 1)], object),
+        popular_items=np.arange(V, 0, -1),
+        provenance={"model": "test"},
+        user_id_to_original=user_ids,
+    )
+    art = recommend.load(out)
+    assert art.manifest["version"] == 2 and art.manifest["user_ids"][1:] == [
+        "ann",
+        "bob",
+        "cy",
+        "dee",
+        "eve",
+    ]
+    histories = _histories(np.random.default_rng(1), n=12)
+    ids = np.arange(12) % 6  # user 0: none
+    same = export.compare(out, scorer, histories, V, _export_config(), user_ids=ids)
+    assert same["identical_share"] == 1.0 and same["users"] == 12
+    h = [f"item-{j}" for j in histories[0]]
+    by_user = {u: art.recommend(h, user=u).items for u in ("ann", "bob", "cy")}
+    assert len({tuple(v) for v in by_user.values()}) > 1  # the user changes the list
+    plain = art.recommend(h)
+    assert "no user given" in plain.note
+    assert "unknown user zed" in art.recommend(h, user="zed").note
+    assert art.recommend(h, user="zed").items == plain.items
+    # The CLI: --user, and a CSV's user column.
+    assert recommend._main([f"--artifact={out}", f"--history={','.join(h)}", "--user=bob"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == by_user["bob"]
+
+
+def _export_config():
+    config = synthetic.get_config("tiny")
+    config.eval.batch_size = 8
+    return config

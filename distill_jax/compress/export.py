@@ -6,7 +6,10 @@
   int32) -> (ids [B, K] int32, scores [B, K] float32)``, B and N symbolic.
   The history is the user's items in our item ids, oldest first, left-padded
   with 0; the model scores the newest ``max_len`` of them and, as in
-  evaluation, none of the N is recommended.
+  evaluation, none of the N is recommended. A model with user features
+  (version 2) takes ``users [B] int32`` after the history: our user ids
+  (``user_ids`` in the manifest maps the data's own ids to them; 0 scores
+  a user without the user part).
 * `weights.npz`: the weights, a flat list of arrays (int8 ones stay int8;
   float32 arrays whose values are exact bfloat16 numbers, like the int8
   student's scales and output bias, are stored as bfloat16 bits).
@@ -39,6 +42,7 @@ from distill_jax.evaluation.evaluator import Scorer
 
 FORMAT = "distill_jax.recommender"
 VERSION = 1
+VERSION_WITH_USERS = 2  # the function takes user ids after the history
 FUNCTION_FILE = "recommend.jaxexport"
 WEIGHTS_FILE = "weights.npz"
 MANIFEST_FILE = "artifact.json"
@@ -47,7 +51,8 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def recommend_function(scorer: Scorer, num_items: int, top_k: int, exclude_history: bool):
-    """`recommend(params, history [B, N]) -> (ids, scores)`: what the artefact computes."""
+    """`recommend(params, history [B, N], users [B] | None) -> (ids, scores)`: what the
+    artefact computes (`users`: for a scorer that reads them)."""
     L, causal, mask_token = scorer.max_len, scorer.causal, num_items + 1
 
     def window(history):
@@ -59,9 +64,11 @@ def recommend_function(scorer: Scorer, num_items: int, top_k: int, exclude_histo
             return recent
         return jnp.concatenate([recent, jnp.full((b, 1), mask_token, jnp.int32)], axis=1)
 
-    def recommend(params, history):
+    def recommend(params, history, users=None):
         history = history.astype(jnp.int32)
-        scores = scorer.score_fn(params, window(history)).astype(jnp.float32)
+        if users is not None:
+            users = users.astype(jnp.int32)
+        scores = scorer.score_fn(params, window(history), users).astype(jnp.float32)
         blocked = jnp.arange(scores.shape[1])[None, :] == 0
         if exclude_history:
             blocked = blocked | metrics_lib.seen_mask(history, scores.shape[1])
@@ -83,12 +90,15 @@ def export(
     leaves = [np.asarray(x) for x in leaves]
     recommend = recommend_function(scorer, num_items, top_k, exclude_history)
 
-    def fn(weights, history):
-        return recommend(jax.tree.unflatten(treedef, weights), history)
+    def fn(weights, history, *users):
+        return recommend(jax.tree.unflatten(treedef, weights), history, *users)
 
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-    history = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, n"), jnp.int32)
-    return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(specs, history), leaves
+    b, n = jax.export.symbolic_shape("b, n")
+    inputs = [jax.ShapeDtypeStruct((b, n), jnp.int32)]
+    if scorer.reads_users:
+        inputs.append(jax.ShapeDtypeStruct((b,), jnp.int32))
+    return jax.export.export(jax.jit(fn), platforms=PLATFORMS)(specs, *inputs), leaves
 
 
 def _stored(x: np.ndarray) -> tuple[np.ndarray, str]:
@@ -130,15 +140,22 @@ def write_artifact(
     item_id_to_original: np.ndarray,
     popular_items: np.ndarray,
     provenance: dict,
+    user_id_to_original: np.ndarray | None = None,
 ) -> dict:
-    """Writes the artefact (both files atomically) and returns its manifest."""
+    """Writes the artefact (both files atomically) and returns its manifest.
+
+    `user_id_to_original`: [U+1] our user ids -> the data's own, written for a
+    scorer that reads user features (required then).
+    """
+    if scorer.reads_users and user_id_to_original is None:
+        raise ValueError("write_artifact: the model reads user features; pass user_id_to_original")
     os.makedirs(out_dir, exist_ok=True)
     exported, leaves = export(scorer, num_items, top_k, exclude_history)
     blob = exported.serialize()
     stored = [_stored(x) for x in leaves]
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION_WITH_USERS if scorer.reads_users else VERSION,
         "function": FUNCTION_FILE,
         "weights": {
             "file": WEIGHTS_FILE,
@@ -173,6 +190,15 @@ def write_artifact(
         "provenance": provenance,
         "function_bytes": len(blob),
     }
+    if scorer.reads_users:
+        manifest["users"] = {
+            "name": "users",
+            "dtype": "int32",
+            "shape": ["batch"],
+            "ids": "user ids of this artefact (user_ids maps them to the data's own); "
+            "0: a user it does not know, scored without the user part",
+        }
+        manifest["user_ids"] = [_original(v) for v in user_id_to_original]
     tmp = os.path.join(out_dir, WEIGHTS_FILE + ".tmp")
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **{f"w{i:04d}": a for i, (a, _) in enumerate(stored)})
@@ -201,8 +227,10 @@ def _padded(histories: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def compare(out_dir: str, scorer: Scorer, histories, num_items: int, config) -> dict:
+def compare(out_dir: str, scorer: Scorer, histories, num_items: int, config, user_ids=None) -> dict:
     """The artefact's top-K against the evaluator's path (same inputs), per user.
+
+    `user_ids`: one per history, for a scorer that reads user features.
 
     Returns the share of users with an identical ranked list and with the
     same set, and the largest score difference.
@@ -214,8 +242,8 @@ def compare(out_dir: str, scorer: Scorer, histories, num_items: int, config) -> 
     excl = config.eval.exclude_history
 
     @jax.jit
-    def in_process(params, inputs, history):
-        scores = scorer.score_fn(params, inputs)
+    def in_process(params, inputs, history, users):
+        scores = scorer.score_fn(params, inputs, users)
         blocked = metrics_lib.seen_mask(history, scores.shape[1]) if excl else None
         masked = jnp.where(jnp.arange(scores.shape[1]) == 0, -jnp.inf, scores)
         if blocked is not None:
@@ -234,6 +262,7 @@ def compare(out_dir: str, scorer: Scorer, histories, num_items: int, config) -> 
         batch_size=config.eval.batch_size,
         causal=scorer.causal,
         trim=scorer.padding_invariant,
+        user_ids=user_ids if scorer.reads_users else None,
     )
     start = 0
     order = np.argsort([len(h) for h in histories], kind="stable")
@@ -241,10 +270,14 @@ def compare(out_dir: str, scorer: Scorer, histories, num_items: int, config) -> 
         n = int(batch["where"].sum())
         rows = order[start : start + n]
         start += n
+        row_users = batch.get("users")
         ids, values = (
-            np.asarray(x)[:n] for x in in_process(params, batch["inputs"], batch["history"])
+            np.asarray(x)[:n]
+            for x in in_process(params, batch["inputs"], batch["history"], row_users)
         )
-        a_ids, a_values = art.call(_padded([histories[r] for r in rows]))
+        a_ids, a_values = art.call(
+            _padded([histories[r] for r in rows]), None if row_users is None else row_users[:n]
+        )
         same += int(np.sum(np.all(ids == a_ids, axis=1)))
         same_set += int(np.sum(np.all(np.sort(ids, axis=1) == np.sort(a_ids, axis=1), axis=1)))
         diff = max(diff, float(np.max(np.abs(values - a_values))))
@@ -267,7 +300,7 @@ def _timings(fn, repeats: int) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
 
 
-def latency(out_dir: str, scorer: Scorer, histories, num_items: int, config) -> dict:
+def latency(out_dir: str, scorer: Scorer, histories, num_items: int, config, user_ids=None) -> dict:
     """Top-K latency of the artefact and of the in-process jitted model, same users, interleaved.
 
     Each batch holds the first test users' histories (repeated up to the batch
@@ -289,10 +322,19 @@ def latency(out_dir: str, scorer: Scorer, histories, num_items: int, config) -> 
     for b in config.eval.latency_batch_sizes:
         rows = [histories[i % len(histories)][-scorer.max_len :] for i in range(b)]
         hist = jax.device_put(_padded(rows), device)
+        users = ()
+        if scorer.reads_users:
+            users = (jax.device_put(np.resize(np.asarray(user_ids, np.int32), b), device),)
         a, m = [], []
         for _ in range(3):  # interleaved rounds: neither side gets a quieter moment
-            a.append(_timings(lambda h=hist: art.call_device(h), config.eval.latency_repeats))
-            m.append(_timings(lambda h=hist: live(params, h), config.eval.latency_repeats))
+            a.append(
+                _timings(
+                    lambda h=hist, u=users: art.call_device(h, *u), config.eval.latency_repeats
+                )
+            )
+            m.append(
+                _timings(lambda h=hist, u=users: live(params, h, *u), config.eval.latency_repeats)
+            )
         row = {
             "artifact": min(a, key=lambda t: t["p50_ms"]),
             "in_process": min(m, key=lambda t: t["p50_ms"]),

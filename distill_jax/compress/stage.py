@@ -354,16 +354,20 @@ def export_model(config, data, mesh, workdir: str, name: str, out_dir: str) -> d
         item_id_to_original=data.item_id_to_original,
         popular_items=popular[: config.export.popular_items],
         provenance=provenance,
+        user_id_to_original=data.user_id_to_original,
     )
     histories, _ = data.split.eval_examples("test")
+    users = data.split.user_ids("test")
     return {
         "model": name,
         "directory": out_dir,
         "bytes_on_disk": manifest["bytes_on_disk"],
         "param_bytes": made_result.get("param_bytes"),
-        "same_top_k": export_lib.compare(out_dir, scorer, histories, data.split.num_items, config),
+        "same_top_k": export_lib.compare(
+            out_dir, scorer, histories, data.split.num_items, config, users
+        ),
         "latency_top_k": export_lib.latency(
-            out_dir, scorer, histories, data.split.num_items, config
+            out_dir, scorer, histories, data.split.num_items, config, users
         ),
     }
 

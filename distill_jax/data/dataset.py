@@ -40,6 +40,8 @@ class Dataset:
         placeholder); the synthetic data's own ids are the item ids.
       item_features: the encoded item features, where a model uses them
         (`config.<model>.use_features`); else None.
+      user_id_to_original: [U+1] user id -> the data's own user id (entry 0
+        a placeholder), for an artefact that reads user features.
     """
 
     split: types.LeaveOneOut | types.ColdStartSplit
@@ -47,6 +49,7 @@ class Dataset:
     eval_splits: tuple[str, ...]
     item_id_to_original: np.ndarray
     item_features: features_lib.CatalogueFeatures | None = None
+    user_id_to_original: np.ndarray | None = None
 
 
 def _reader_kwargs(cfg: ml_collections.ConfigDict) -> dict:
@@ -203,6 +206,8 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         processed = None
         item_ids = np.arange(data.num_items + 1, dtype=np.int64)
         item_ids[0] = -1
+        user_ids = np.arange(data.num_users + 1, dtype=np.int64)
+        user_ids[0] = -1
     else:
         if not cfg.path:
             raise types.DataError(
@@ -214,6 +219,7 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         data = processed.to_sequence_data()
         info = {"name": processed.name, "steps": processed.stats, "fingerprint": fp}
         item_ids = processed.item_id_to_original
+        user_ids = processed.user_id_to_original
     info.update(users=data.num_users, items=data.num_items, interactions=data.num_interactions)
     if cfg.cold_user_fraction > 0 or cfg.cold_item_fraction > 0:
         if processed is None:
@@ -252,4 +258,4 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         info["item_features"] = item_features.describe()
         log.info("data: %s", info["item_features"])
         split = dataclasses.replace(split, item_features=item_features)
-    return Dataset(split, info, tuple(eval_splits), item_ids, item_features)
+    return Dataset(split, info, tuple(eval_splits), item_ids, item_features, user_ids)

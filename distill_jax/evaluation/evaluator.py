@@ -41,6 +41,8 @@ class Scorer:
         more left padding (our models: yes, positions count from the right).
         If not (int8 activations take their scales over the padded window),
         the scorer is always fed full `max_len` windows, as the artefact is.
+      reads_users: whether `score_fn` reads `users` (a model with user
+        features); an exported artefact then takes user ids too.
     """
 
     score_fn: Callable[..., jax.Array]
@@ -50,6 +52,7 @@ class Scorer:
     causal: bool
     flops_per_sequence: float
     padding_invariant: bool = True
+    reads_users: bool = False
 
 
 def model_flops_per_sequence(model: nn.Module) -> float:
@@ -89,6 +92,7 @@ def model_scorer(
         model.is_causal,
         model_flops_per_sequence(model),
         padding_invariant,
+        getattr(model, "user_features", None) is not None,
     )
 
 
