@@ -103,6 +103,8 @@ def test_an_unknown_item_is_scored_by_its_features_alone():
 def test_id_dropout_is_one_draw_per_item_and_only_in_training():
     model = _model(id_dropout=0.5, feats=_features(known=range(1, V + 1)))
     params = _init(model)
+    # A trained bias is non-zero: a dropped item's must become zero.
+    params["output_bias"] = jnp.arange(1.0, V + 2.0)
     rngs = {"id_dropout": jax.random.key(3)}
     t_eval, _ = model.apply({"params": params}, method=model.catalogue)
     t_a, b_a = model.apply({"params": params}, train=True, rngs=rngs, method=model.catalogue)
@@ -116,6 +118,7 @@ def test_id_dropout_is_one_draw_per_item_and_only_in_training():
     kept = np.setdiff1d(np.arange(1, V + 1), dropped)
     assert len(dropped) and len(kept)
     np.testing.assert_array_equal(np.asarray(b_a)[dropped], 0.0)
+    np.testing.assert_array_equal(np.asarray(b_a)[kept], np.arange(1.0, V + 2.0)[kept])
     np.testing.assert_allclose(t_a[kept], t_eval[kept], rtol=1e-6)
     # The forward pass reads the table it is given.
     h_given = model.apply({"params": params}, ITEMS, train=False, table=t_a)
