@@ -1,0 +1,291 @@
+"""Click data: (user, item, context) feature rows with a click label, split by time.
+
+From interactions as read (`RawInteractions`, any source):
+
+* Labels. With ratings and a `click_threshold`, a rating at or above it is a
+  click (1) and a lower one a non-click (0); without ratings (implicit data,
+  e.g. Beauty) every interaction is a click.
+* Sampled non-clicks. For each interaction, `negatives` (user, item) pairs the
+  log never shows, drawn uniformly from the catalogue with the seed; each
+  takes the time (and so the context) of the interaction it was drawn for.
+* The split is by time, as a click model is used: rows sorted by time (ties
+  by file order), the first `train_fraction` train, the next
+  `valid_fraction` validate, the rest test. Test rows whose user (item) has
+  no training row form the `cold_users` (`cold_items`) slices.
+* Features. Categorical fields: the user and item ids, every categorical side
+  feature (a bag such as genres becomes one multi-hot numeric column per
+  value), and with timestamps the hour and weekday (UTC). Numbers (age,
+  release year) are numeric columns. Vocabularies come from the training rows
+  only: a value first seen later is out of vocabulary (id 0). Numeric columns
+  are standardised with the training rows' mean and deviation; a missing
+  number is the training mean (0 after standardising).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from distill_jax.data.types import DataError, RawInteractions
+
+__all__ = ["ClickData", "ClickSplit", "build"]
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickSplit:
+    """One split's rows.
+
+    Attributes:
+      categorical: ``[R, F]`` int32 field ids (0: out of vocabulary or missing).
+      numeric: ``[R, n]`` float32 standardised columns.
+      labels: ``[R]`` int8 clicks.
+      users, items: ``[R]`` the rows' original ids (for slices and reports).
+      times: ``[R]`` float64 times (the order where the data has no times).
+    """
+
+    categorical: np.ndarray
+    numeric: np.ndarray
+    labels: np.ndarray
+    users: np.ndarray
+    items: np.ndarray
+    times: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, rows: np.ndarray) -> ClickSplit:
+        return ClickSplit(*(a[rows] for a in dataclasses.astuple(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickData:
+    """The three splits, the feature layout and the cold slices of the test split.
+
+    Attributes:
+      splits: 'train', 'valid', 'test' -> rows.
+      fields: the categorical fields' names, in column order.
+      vocab_sizes: per field, its training vocabulary size (ids 1..size).
+      numeric_names: the numeric columns' names.
+      cold: 'cold_users' / 'cold_items' -> row indices into the test split.
+      name: the data's name.
+      counts: rows, clicks and sampled non-clicks per split.
+    """
+
+    splits: dict[str, ClickSplit]
+    fields: tuple[str, ...]
+    vocab_sizes: tuple[int, ...]
+    numeric_names: tuple[str, ...]
+    cold: dict[str, np.ndarray]
+    name: str
+    counts: dict[str, dict[str, int]]
+
+    def slice(self, name: str) -> ClickSplit:
+        """'train', 'valid', 'test', 'cold_users' or 'cold_items'."""
+        if name in self.splits:
+            return self.splits[name]
+        if name in self.cold:
+            return self.splits["test"].take(self.cold[name])
+        raise ValueError(
+            f"unknown click slice {name!r}; expected one of {SPLITS + tuple(self.cold)}"
+        )
+
+
+def _labels(raw: RawInteractions, click_threshold: float | None) -> np.ndarray:
+    if click_threshold is None or raw.ratings is None:
+        return np.ones(len(raw), np.int8)
+    ratings = np.asarray(raw.ratings, np.float64)
+    if np.isnan(ratings).any():
+        row = int(np.flatnonzero(np.isnan(ratings))[0])
+        raise DataError(f"{raw.name}: interaction {row} has no rating; a click label needs one")
+    return (ratings >= click_threshold).astype(np.int8)
+
+
+def _negatives(raw: RawInteractions, ratio: int, seed: int) -> tuple[np.ndarray, ...]:
+    """(users, items, times, source rows) of `ratio` unseen pairs per interaction."""
+    users, items = raw.user_ids, raw.item_ids
+    catalogue = np.unique(items)
+    seen = set(zip(users.tolist(), items.tolist(), strict=True))
+    rng = np.random.default_rng([seed, 0xC11C])
+    n = len(raw) * ratio
+    src = np.repeat(np.arange(len(raw)), ratio)
+    out_items = catalogue[rng.integers(len(catalogue), size=n)]
+    # Redraw pairs the log shows (few: a user sees a small share of the catalogue).
+    for _ in range(100):
+        clash = np.fromiter(
+            ((u, i) in seen for u, i in zip(users[src].tolist(), out_items.tolist(), strict=True)),
+            bool,
+            count=n,
+        )
+        if not clash.any():
+            break
+        out_items[clash] = catalogue[rng.integers(len(catalogue), size=int(clash.sum()))]
+    else:
+        keep = ~clash
+        src, out_items = src[keep], out_items[keep]
+    times = _times(raw)[src]
+    return users[src], out_items, times, src
+
+
+def _times(raw: RawInteractions) -> np.ndarray:
+    if raw.timestamps is None:
+        return np.arange(len(raw), dtype=np.float64)
+    return np.asarray(raw.timestamps, np.float64)
+
+
+def _kind(values: list) -> str:
+    if all(isinstance(v, tuple | list) for v in values):
+        return "bag"
+    if all(
+        isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+        for v in values
+    ):
+        return "number"
+    return "category"
+
+
+def _columns(
+    raw: RawInteractions,
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray,
+    categorical: set[str],
+) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+    """Per row: the categorical fields' raw values and the numeric columns (NaN = missing)."""
+    cats: dict[str, list] = {"user": users.tolist(), "item": items.tolist()}
+    nums: dict[str, np.ndarray] = {}
+    for side, keys, table in (
+        ("user", users, raw.user_features),
+        ("item", items, raw.item_features),
+    ):
+        for name in sorted(table):
+            values = table[name]
+            kind = "category" if name in categorical else _kind(list(values.values()))
+            column = [values.get(k) for k in keys.tolist()]
+            label = f"{side}_{name}"
+            if kind == "category":
+                cats[label] = column
+            elif kind == "number":
+                nums[label] = np.array([np.nan if v is None else float(v) for v in column])
+            else:  # a bag: one 0/1 column per value
+                for value in sorted({v for row in values.values() for v in row}, key=str):
+                    nums[f"{label}={value}"] = np.array(
+                        [float(row is not None and value in row) for row in column]
+                    )
+    if raw.timestamps is not None:
+        seconds = times.astype(np.int64)
+        cats["hour"] = ((seconds // 3600) % 24).tolist()
+        cats["weekday"] = ((seconds // 86400 + 3) % 7).tolist()  # 1970-01-01 was a Thursday
+    return cats, nums
+
+
+def build(
+    raw: RawInteractions,
+    *,
+    click_threshold: float | None = 4.0,
+    negatives: int = 1,
+    train_fraction: float = 0.8,
+    valid_fraction: float = 0.1,
+    categorical: Mapping[str, Any] | set[str] = frozenset(),
+    drop_features: set[str] = frozenset(),
+    seed: int = 0,
+) -> ClickData:
+    """Click rows of `raw`, split by time (see the module docstring).
+
+    Args:
+      raw: the interactions as read, with their side features.
+      click_threshold: ratings at or above it are clicks; None: every
+        interaction is one (implicit data).
+      negatives: sampled unseen pairs per interaction (0: none).
+      train_fraction, valid_fraction: the earliest shares of the rows for
+        training and validation; the rest is the test split.
+      categorical: integer side features to read as categories, not numbers.
+      drop_features: side features left out (e.g. free text such as titles).
+      seed: the sampling of non-clicks.
+    """
+    if not 0 < train_fraction < 1 or not 0 < valid_fraction < 1 - train_fraction:
+        raise ValueError(
+            f"train_fraction={train_fraction}, valid_fraction={valid_fraction}: expected "
+            "both in (0, 1) with a test share left"
+        )
+    if negatives < 0:
+        raise ValueError(f"negatives={negatives}; expected an integer >= 0")
+    if len(raw) == 0:
+        raise DataError(f"{raw.name}: no interactions")
+    raw = dataclasses.replace(
+        raw,
+        item_features={k: v for k, v in raw.item_features.items() if k not in drop_features},
+        user_features={k: v for k, v in raw.user_features.items() if k not in drop_features},
+    )
+    labels = _labels(raw, click_threshold)
+    users, items, times = raw.user_ids, raw.item_ids, _times(raw)
+    sampled = 0
+    if negatives:
+        n_users, n_items, n_times, _ = _negatives(raw, negatives, seed)
+        sampled = len(n_users)
+        users = np.concatenate([users, n_users])
+        items = np.concatenate([items, n_items])
+        times = np.concatenate([times, n_times])
+        labels = np.concatenate([labels, np.zeros(sampled, np.int8)])
+    is_sampled = np.arange(len(labels)) >= len(raw)
+    order = np.argsort(times, kind="stable")
+    users, items, times, labels, is_sampled = (
+        a[order] for a in (users, items, times, labels, is_sampled)
+    )
+    n = len(labels)
+    cut1, cut2 = int(train_fraction * n), int((train_fraction + valid_fraction) * n)
+    parts = {"train": slice(0, cut1), "valid": slice(cut1, cut2), "test": slice(cut2, n)}
+    cats, nums = _columns(raw, users, items, times, set(categorical))
+    train = parts["train"]
+    fields, vocab_sizes, cat_cols = [], [], []
+    for name, column in cats.items():
+        values = column[train]
+        vocab = {
+            v: i + 1 for i, v in enumerate(sorted({v for v in values if v is not None}, key=str))
+        }
+        fields.append(name)
+        vocab_sizes.append(len(vocab))
+        cat_cols.append(np.array([vocab.get(v, 0) for v in column], np.int32))
+    num_names, num_cols = [], []
+    for name, column in nums.items():
+        known = column[train][~np.isnan(column[train])]
+        if known.size == 0:
+            continue  # no training row has it: nothing to learn from
+        mean, std = known.mean(), known.std()
+        scaled = (column - mean) / (std if std > 0 else 1.0)
+        num_names.append(name)
+        num_cols.append(np.where(np.isnan(scaled), 0.0, scaled).astype(np.float32))
+    categorical_m = np.stack(cat_cols, axis=1)
+    numeric_m = np.stack(num_cols, axis=1) if num_cols else np.zeros((n, 0), np.float32)
+    splits = {
+        k: ClickSplit(categorical_m[s], numeric_m[s], labels[s], users[s], items[s], times[s])
+        for k, s in parts.items()
+    }
+    train_users, train_items = set(users[train].tolist()), set(items[train].tolist())
+    test = splits["test"]
+    cold = {
+        "cold_users": np.flatnonzero([u not in train_users for u in test.users.tolist()]),
+        "cold_items": np.flatnonzero([i not in train_items for i in test.items.tolist()]),
+    }
+    counts = {
+        k: {
+            "rows": int(s.stop - s.start),
+            "clicks": int(labels[s].sum()),
+            "sampled_non_clicks": int(is_sampled[s].sum()),
+        }
+        for k, s in parts.items()
+    }
+    counts["cold"] = {k: len(v) for k, v in cold.items()}
+    return ClickData(
+        splits=splits,
+        fields=tuple(fields),
+        vocab_sizes=tuple(vocab_sizes),
+        numeric_names=tuple(num_names),
+        cold=cold,
+        name=raw.name,
+        counts=counts,
+    )

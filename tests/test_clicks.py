@@ -1,0 +1,102 @@
+"""Click data: labels, sampled non-clicks, the time split, vocabularies from training only."""
+
+import numpy as np
+import pytest
+
+from distill_jax.data import clicks, sources
+from distill_jax.data.types import DataError, RawInteractions
+from tests.test_dataset import DATASETS, _need
+
+
+def _raw():
+    # 10 users x 4 ratings over time; user 9 and item 'z' appear only late.
+    users, items, times, ratings = [], [], [], []
+    for t in range(40):
+        u = t % 9 if t < 36 else 9
+        users.append(u)
+        items.append("z" if t >= 38 else f"i{(t * 7) % 6}")
+        times.append(1_000_000 + 3600 * t)
+        ratings.append(1 + t % 5)
+    return RawInteractions(
+        name="toy",
+        user_ids=np.array(users),
+        item_ids=np.array(items, object),
+        timestamps=np.array(times),
+        ratings=np.array(ratings, np.float32),
+        item_features={"genres": {f"i{k}": (("a",) if k % 2 else ("a", "b")) for k in range(6)}},
+        user_features={
+            "age": {u: 20 + 3 * u for u in range(10)},
+            "job": {u: f"j{u % 3}" for u in range(10)},
+        },
+    )
+
+
+def test_labels_negatives_and_the_time_split():
+    raw = _raw()
+    data = clicks.build(raw, click_threshold=4, negatives=2, seed=3)
+    rows = sum(len(s) for s in data.splits.values())
+    assert rows == 40 * 3
+    seen = set(zip(raw.user_ids.tolist(), raw.item_ids.tolist(), strict=True))
+    all_rows = [data.splits[k] for k in clicks.SPLITS]
+    times = np.concatenate([s.times for s in all_rows])
+    assert (np.diff(times) >= 0).all()  # train, then valid, then test, by time
+    assert [len(s) for s in all_rows] == [96, 12, 12]
+    clicks_total = sum(int(s.labels.sum()) for s in all_rows)
+    assert clicks_total == int((raw.ratings >= 4).sum())
+    for s in all_rows:
+        for u, i, y in zip(s.users.tolist(), s.items.tolist(), s.labels.tolist(), strict=True):
+            if (u, i) not in seen:
+                assert y == 0  # every sampled pair is a non-click
+    assert sum(c["sampled_non_clicks"] for k, c in data.counts.items() if k in clicks.SPLITS) == 80
+
+
+def test_features_come_from_training_rows_only():
+    data = clicks.build(_raw(), click_threshold=4, negatives=0)
+    assert data.fields == ("user", "item", "user_job", "hour", "weekday")
+    assert "user_age" in data.numeric_names and "item_genres=b" in data.numeric_names
+    train, test = data.splits["train"], data.splits["test"]
+    user_col, item_col = data.fields.index("user"), data.fields.index("item")
+    # User 9 and item 'z' first appear after the training rows: out of vocabulary.
+    late = test.users == 9
+    assert late.any() and (test.categorical[late, user_col] == 0).all()
+    assert (test.categorical[test.items == "z", item_col] == 0).all()
+    assert (train.categorical[:, user_col] > 0).all()
+    assert data.vocab_sizes[user_col] == len(set(train.users.tolist()))
+    # Standardised with the training rows' statistics.
+    age = data.numeric_names.index("user_age")
+    np.testing.assert_allclose(train.numeric[:, age].mean(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(train.numeric[:, age].std(), 1.0, atol=1e-5)
+    # Cold slices: test rows of users/items training never saw.
+    assert set(data.slice("cold_users").users.tolist()) == {9}
+    assert set(data.slice("cold_items").items.tolist()) == {"z"}
+    hour = data.fields.index("hour")
+    assert data.vocab_sizes[hour] == 24
+
+
+def test_implicit_data_and_bad_settings():
+    raw = _raw()
+    raw.ratings = None
+    data = clicks.build(raw, click_threshold=None, negatives=1)
+    assert sum(int(s.labels.sum()) for s in data.splits.values()) == 40
+    with pytest.raises(ValueError, match="train_fraction=0.95, valid_fraction=0.1"):
+        clicks.build(raw, train_fraction=0.95, valid_fraction=0.1)
+    with pytest.raises(ValueError, match="negatives=-1"):
+        clicks.build(raw, negatives=-1)
+    bad = _raw()
+    bad.ratings[3] = np.nan
+    with pytest.raises(DataError, match="toy: interaction 3 has no rating"):
+        clicks.build(bad)
+    with pytest.raises(ValueError, match="unknown click slice 'cold'"):
+        clicks.build(_raw()).slice("cold")
+
+
+def test_movielens_100k_as_clicks():
+    path = _need(DATASETS / "ml-100k")
+    raw = sources.read_movielens(path)
+    data = clicks.build(raw, click_threshold=4, negatives=1, drop_features={"title"})
+    assert sum(len(s) for s in data.splits.values()) == 200_000
+    assert sum(int(s.labels.sum()) for s in data.splits.values()) == 55_375
+    assert {"user", "item", "user_gender", "user_occupation", "hour", "weekday"} <= set(data.fields)
+    assert {"user_age", "item_year"} <= set(data.numeric_names)
+    assert sum(n.startswith("item_genres=") for n in data.numeric_names) == 19
+    assert data.counts["cold"]["cold_users"] > 0
