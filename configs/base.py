@@ -93,6 +93,38 @@ def cold_variants(
         config.teacher.use_features = config.student.use_features = True
 
 
+def click_model_config(**overrides) -> ml_collections.ConfigDict:
+    """One click model's subtree (distill_jax/models/click.py) and its optimisation."""
+    c = ml_collections.ConfigDict()
+    c.embed_dim = 16  #: Width of every categorical field's embedding.
+    c.num_cross = 3  #: DCN-v2 cross layers (0: none; with no mlp_dims, a logistic model).
+    c.cross_rank = 0  #: 0: full-rank cross weights; r > 0: low rank r.
+    c.mlp_dims = "256,128"  #: Comma-separated hidden widths after the cross layers.
+    c.dropout = 0.1  #: Dropout after each hidden layer in training.
+    c.learning_rate = 1e-3
+    c.weight_decay = 0.0
+    c.batch_size = 1024
+    c.num_steps = 2000
+    c.warmup_steps = 100
+    c.grad_clip_norm = 1.0
+    c.update(overrides)
+    return c
+
+
+def click_config() -> ml_collections.ConfigDict:
+    """config.click: the click task's data and models (config.task='click')."""
+    c = ml_collections.ConfigDict()
+    c.click_threshold = 4.0  #: Ratings at or above it are clicks; 0: every interaction is one.
+    c.negatives = 1  #: Sampled unseen (user, item) pairs per interaction, as non-clicks.
+    c.train_fraction = 0.8  #: The earliest share of the rows (by time) for training.
+    c.valid_fraction = 0.1  #: The next share for validation; the rest is the test split.
+    c.categorical = ""  #: Comma-separated integer side features read as categories.
+    c.drop_features = "title"  #: Comma-separated side features left out (free text).
+    c.teacher = click_model_config()
+    c.student = click_model_config(embed_dim=4, num_cross=0, mlp_dims="32", learning_rate=3e-3)
+    return c
+
+
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """One model's subtree: architecture plus its own optimisation settings."""
     c = ml_collections.ConfigDict()
@@ -139,6 +171,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     """Returns the config with every key declared."""
     config = ml_collections.ConfigDict()
     config.seed = 0  #: Random seed of the job: synthetic data, splits, init, dropout, batches.
+    #: 'sequence' (next-item recommenders) or 'click' (click models; config.click).
+    config.task = "sequence"
     #: Comma-separated stages of the main job, run in this order.
     config.stages = "popularity,teacher,student_kd,student_scratch,compress,export,report"
 
@@ -204,6 +238,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     #: them (MovieLens demographics, data.user_features_path): added to every position.
     config.features.users = True
 
+    config.click = click_config()
     config.teacher = model_config()
     config.student = model_config(embed_dim=16, num_blocks=1, num_heads=1, mlp_dim=64)
     # The scratch student's own optimisation settings, where its search chose

@@ -29,10 +29,73 @@ SHARED_MODEL_KEYS = ("max_len", "num_items")
 SCRATCH_KEYS = ("learning_rate", "dropout", "weight_decay", "exclude_history")
 
 
+TASKS = ("sequence", "click")
+CLICK_STAGES = ("logistic", "teacher", "student_kd", "student_scratch", "report")
+
+
+def _validate_click(config: ml_collections.ConfigDict) -> None:
+    """The keys config.task='click' reads."""
+    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+    _expect(
+        bool(stages) and all(s in CLICK_STAGES for s in stages),
+        "stages",
+        config.stages,
+        f"a comma-separated subset of {CLICK_STAGES} (config.task='click')",
+    )
+    d = config.data
+    _expect(
+        d.source in ("movielens", "s3rec", "interactions"),
+        "data.source",
+        d.source,
+        "a real source ('movielens', 's3rec' or 'interactions'): the click task reads "
+        "interactions as logged",
+    )
+    _expect(bool(d.path), "data.path", d.path, "the path of the data")
+    c = config.click
+    _expect(c.click_threshold >= 0, "click.click_threshold", c.click_threshold, ">= 0")
+    _expect(
+        isinstance(c.negatives, int) and c.negatives >= 0,
+        "click.negatives",
+        c.negatives,
+        "an integer >= 0",
+    )
+    _expect(
+        0 < c.train_fraction < 1 and 0 < c.valid_fraction < 1 - c.train_fraction,
+        "click.valid_fraction",
+        c.valid_fraction,
+        f"in (0, 1 - click.train_fraction={c.train_fraction}), leaving a test share",
+    )
+    for name in ("teacher", "student"):
+        m = c[name]
+        _positive_int(m, f"click.{name}", "embed_dim", "batch_size", "num_steps")
+        for key in ("num_cross", "cross_rank", "warmup_steps"):
+            _expect(isinstance(m[key], int) and m[key] >= 0, f"click.{name}.{key}", m[key], ">= 0")
+        try:
+            dims = [int(x) for x in str(m.mlp_dims).replace(" ", "").split(",") if x]
+        except ValueError:
+            dims = [0]
+        _expect(
+            all(x > 0 for x in dims),
+            f"click.{name}.mlp_dims",
+            m.mlp_dims,
+            "comma-separated positive widths, or '' for none",
+        )
+        _expect(0.0 <= m.dropout < 1.0, f"click.{name}.dropout", m.dropout, "a rate in [0, 1)")
+        _expect(m.learning_rate > 0, f"click.{name}.learning_rate", m.learning_rate, "> 0")
+    t = config.distill
+    _expect(t.temperature > 0, "distill.temperature", t.temperature, "> 0")
+    _expect(0.0 <= t.alpha <= 1.0, "distill.alpha", t.alpha, "in [0, 1]")
+    _positive_int(config.eval, "eval", "batch_size", "every_steps")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first invalid key of `config`."""
     from distill_jax.models import MODELS  # Late: keeps config checks import-light.
 
+    _expect(config.task in TASKS, "task", config.task, f"one of {TASKS}")
+    if config.task == "click":
+        _validate_click(config)
+        return
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
     _expect(bool(stages), "stages", config.stages, f"a comma-separated subset of {KNOWN_STAGES}")
     for s in stages:

@@ -192,6 +192,10 @@ def run(
 ) -> dict | None:
     """Runs the configured stages in `workdir`; returns the report (if written)."""
     config_lib.validate(config)
+    if config.task == "click":
+        from distill_jax.train import click  # the click task's stages
+
+        return click.run(config, workdir, stop_at_step)
     os.makedirs(workdir, exist_ok=True)
     data = dataset_lib.load(config, workdir)
     _check_catalogue(config, data.split.num_items)

@@ -146,15 +146,7 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
         t0 = time.time()
 
     if not current and jax.process_index() == 0:
-        raw = sources.read_source(cfg.source, path, **_reader_kwargs(cfg))
-        if cfg.source != "interactions":
-            raw = sources.add_side_features(
-                raw,
-                **_side_files(cfg),
-                item_col=cfg.item_col,
-                user_col=cfg.user_col,
-                delimiter=cfg.delimiter,
-            )
+        raw = raw_interactions(cfg, path)
         done("read the raw files of")
         fresh = preprocess.preprocess(raw, **_preprocess_options(cfg))
         done("cleaned and split")
@@ -173,6 +165,21 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
     done("read back")
     phases.close()
     return cache.processed(builders.metadata(name, data_dir), data, timestamps), fp
+
+
+def raw_interactions(cfg: ml_collections.ConfigDict, path: Path | None = None):
+    """The interactions of `config.data` as read, with their side feature files joined."""
+    path = movielens_path(cfg) if path is None else path
+    raw = sources.read_source(cfg.source, path, **_reader_kwargs(cfg))
+    if cfg.source != "interactions":
+        raw = sources.add_side_features(
+            raw,
+            **_side_files(cfg),
+            item_col=cfg.item_col,
+            user_col=cfg.user_col,
+            delimiter=cfg.delimiter,
+        )
+    return raw
 
 
 def _sync(name: str) -> None:

@@ -66,6 +66,8 @@ class BatchSource:
         # Grain's DataLoader stores this in its state and refuses to restore a
         # state into a source with another repr: name all that fixes batches.
         b = self._batches
+        if hasattr(b, "source_repr"):  # another task's batches name what fixes them
+            return f"BatchSource(num_steps={self._num_steps}, {b.source_repr()})"
         return (
             f"BatchSource(num_steps={self._num_steps}, num_windows={b.num_windows}, "
             f"num_items={b.num_items}, max_len={b.max_len}, batch_size={b.batch_size}, "

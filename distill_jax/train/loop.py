@@ -245,6 +245,61 @@ def train_stage(
     evaluator = Evaluator(split, config, mesh)
     # One scorer for the whole stage, so validation compiles once.
     scorer = model_scorer(model, None, shardings.params)
+
+    def validate(params) -> dict:
+        scorer.params = params
+        return evaluator.evaluate(scorer, "valid")
+
+    return run_steps(
+        name=name,
+        mcfg=mcfg,
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        state=state,
+        shardings=shardings,
+        model_shardings=model_shardings,
+        step_fn=step_fn,
+        batches=batches,
+        step_rng=step_rng,
+        teacher_params=teacher.params if teacher else None,
+        validate=validate,
+        select_metric=SELECT_METRIC,
+        log_metrics=LOG_METRICS,
+        stop_at_step=stop_at_step,
+        select_from_step=select_from_step,
+    )
+
+
+def run_steps(
+    *,
+    name: str,
+    mcfg: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh,
+    state,
+    shardings,
+    model_shardings,
+    step_fn,
+    batches,
+    step_rng,
+    teacher_params,
+    validate,
+    select_metric: str,
+    log_metrics: tuple[str, ...],
+    stop_at_step: int | None = None,
+    select_from_step: int = 0,
+) -> StageResult:
+    """The training loop every task shares: steps, validation, the best params, checkpoints.
+
+    `batches` is step-indexed (`batch(step)`; a `TrainBatches` or a click
+    task's batches), `step_fn(state, teacher_params, batch, rng)` the jitted
+    step, `validate(params) -> metrics` scores the validation split; the
+    stage keeps the parameters with the best `select_metric` (higher is
+    better), stops early after `config.eval.patience` evaluations without a
+    gain, and resumes from its latest checkpoint in `workdir`.
+    """
     ckpt = StageCheckpointer(workdir)
     meta = {
         "best_metric": -1.0,
@@ -280,15 +335,15 @@ def train_stage(
     meta.setdefault("curves", {"train": [], "valid": []})  # checkpoints of older runs
     writer = _Writer(os.path.join(workdir, "tb"))
     writer.text("config", _config_text(name, mcfg, config), step=int(state.step))
-    teacher_params = teacher.params if teacher else None
     num_steps = mcfg.num_steps
     step = int(state.step)
     t_start = time.time()
     seconds_before = meta["train_seconds"]
     log.info(
-        "[%s] %d training windows, %d steps/epoch, %d steps",
+        "[%s] %d training %s, %d steps/epoch, %d steps",
         name,
         batches.num_windows,
+        getattr(batches, "unit", "windows"),
         batches.steps_per_epoch,
         num_steps,
     )
@@ -323,15 +378,14 @@ def train_stage(
         else:
             bar.update()
         if step % config.eval.every_steps == 0 or step == num_steps:
-            scorer.params = state.params
-            valid = evaluator.evaluate(scorer, "valid")
+            valid = validate(state.params)
             writer.scalars(step, valid, "valid")
-            meta["curves"]["valid"].append([step, valid[SELECT_METRIC]])
+            meta["curves"]["valid"].append([step, valid[select_metric]])
             selectable = step >= select_from_step
-            improved = selectable and valid[SELECT_METRIC] > meta["best_metric"]
+            improved = selectable and valid[select_metric] > meta["best_metric"]
             if improved:
                 meta.update(
-                    best_metric=valid[SELECT_METRIC], best_step=step, best_valid=valid, bad_evals=0
+                    best_metric=valid[select_metric], best_step=step, best_valid=valid, bad_evals=0
                 )
                 best_params = copy_params(state.params)
             elif selectable:
@@ -340,7 +394,7 @@ def train_stage(
                 "[%s] step %d valid %s%s",
                 name,
                 step,
-                " ".join(f"{k}={valid[k]:.4f}" for k in LOG_METRICS if k in valid),
+                " ".join(f"{k}={valid[k]:.4f}" for k in log_metrics if k in valid),
                 " (best)" if improved else "",
             )
             patience = config.eval.patience

@@ -40,15 +40,20 @@ def make_optimizer(
     return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
-def _dummy_inputs(model: nn.Module) -> jax.Array:
-    return jnp.ones((1, model.max_len), jnp.int32)
+def _dummy_inputs(model: nn.Module) -> tuple[jax.Array, ...]:
+    if hasattr(model, "vocab_sizes"):  # a click model: (categorical, numeric) rows
+        return (
+            jnp.zeros((1, len(model.vocab_sizes)), jnp.int32),
+            jnp.zeros((1, model.num_numeric), jnp.float32),
+        )
+    return (jnp.ones((1, model.max_len), jnp.int32),)
 
 
 def init_params_fn(model: nn.Module):
     """A function rng -> boxed params (logical axis names kept)."""
 
     def init(rng):
-        return model.init({"params": rng, "dropout": rng}, _dummy_inputs(model), train=False)[
+        return model.init({"params": rng, "dropout": rng}, *_dummy_inputs(model), train=False)[
             "params"
         ]
 

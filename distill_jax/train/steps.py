@@ -265,24 +265,8 @@ def make_loss_fn(
     return loss_fn
 
 
-def make_train_step(
-    model: nn.Module,
-    *,
-    task: str,
-    mesh,
-    state_shardings: Any,
-    teacher: nn.Module | None = None,
-    teacher_shardings: Any = None,
-    distill_cfg: ml_collections.ConfigDict | None = None,
-    loss_cfg: ml_collections.ConfigDict | None = None,
-    exclude_history: bool = False,
-):
-    """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
-
-    The state is donated (updated in place); the teacher's parameters keep
-    their own sharding and receive no gradient. `teacher_params` is ignored
-    (pass None) for task='train'.
-    """
+def _sequence_loss(model, task, mesh, teacher, distill_cfg, loss_cfg, exclude_history):
+    """The sequence models' loss, after checking that its form runs on this mesh and backend."""
     form = "dense" if loss_cfg is None else loss_cfg.form
     target = "label" if task == "train" else distill_cfg.method
     if losses.PAIRS[(target, form)].single_device:
@@ -301,7 +285,32 @@ def make_train_step(
                 f"config.loss.form={form!r} runs on the CPU backend only, not "
                 f"{jax.default_backend()!r}; use config.loss.form='dense'."
             )
-    loss_fn = make_loss_fn(model, task, teacher, distill_cfg, loss_cfg, exclude_history)
+    return make_loss_fn(model, task, teacher, distill_cfg, loss_cfg, exclude_history)
+
+
+def make_train_step(
+    model: nn.Module,
+    *,
+    task: str,
+    mesh,
+    state_shardings: Any,
+    teacher: nn.Module | None = None,
+    teacher_shardings: Any = None,
+    distill_cfg: ml_collections.ConfigDict | None = None,
+    loss_cfg: ml_collections.ConfigDict | None = None,
+    exclude_history: bool = False,
+    loss_fn=None,
+):
+    """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
+
+    The state is donated (updated in place); the teacher's parameters keep
+    their own sharding and receive no gradient. `teacher_params` is ignored
+    (pass None) for task='train'. `loss_fn(params, teacher_params, batch,
+    rng)`: another task's loss (the click task's); None builds the sequence
+    models' loss from `task` and the configs.
+    """
+    if loss_fn is None:
+        loss_fn = _sequence_loss(model, task, mesh, teacher, distill_cfg, loss_cfg, exclude_history)
 
     def step(state, teacher_params, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)

@@ -1,0 +1,380 @@
+"""The click task on the one trainer: a click teacher distilled into a small click model.
+
+`config.task = 'click'` runs these stages (`config.stages`, comma-separated,
+in order) in the work directory, each resumable like the sequence stages:
+
+* `logistic`: the baseline, a logistic model over the feature embeddings
+  (`config.click.student` with no cross layer and no hidden layer);
+* `teacher`: `config.click.teacher` (a DCN-v2 by default) on the labels;
+* `student_kd`: `config.click.student` distilled from the teacher's logits
+  with `losses.binary_distill` (`config.distill.temperature`, `alpha`);
+* `student_scratch`: the same student on the labels alone;
+* `report`: `report.json` and `report.md`, AUC, log loss and calibration per
+  model on the test split and its cold slices, and the reliability diagrams.
+
+Training runs through `loop.run_steps` (the loop of the sequence stages:
+checkpoints, validation, the best parameters, early stopping); only the
+batches, the loss and the validation differ. Validation picks the
+parameters with the best AUC on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import zlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from distill_jax import losses
+from distill_jax import sharding as sharding_lib
+from distill_jax import workdir as workdir_lib
+from distill_jax.data import clicks as clicks_lib
+from distill_jax.data import dataset as dataset_lib
+from distill_jax.evaluation import click_metrics
+from distill_jax.models.click import ClickModel
+from distill_jax.train import loop
+from distill_jax.train import state as state_lib
+from distill_jax.train import steps as steps_lib
+
+log = logging.getLogger(__name__)
+
+STAGES = ("logistic", "teacher", "student_kd", "student_scratch", "report")
+SELECT_METRIC = "auc"
+LOG_METRICS = ("auc", "logloss", "ece")
+EVAL_SLICES = ("test", "cold_users", "cold_items")
+
+
+class ClickBatches:
+    """Training batches of click rows, a pure function of (seed, step).
+
+    Each epoch visits the rows in a seeded permutation; the last batch of an
+    epoch is padded with rows whose `where` is False.
+    """
+
+    unit = "rows"
+
+    def __init__(
+        self, split: clicks_lib.ClickSplit, batch_size: int, seed: int, num_shards: int = 1
+    ):
+        if len(split) == 0:
+            raise ValueError("No training rows: the click training split is empty.")
+        if batch_size % num_shards:
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of num_shards={num_shards} "
+                "(the mesh's data axis)."
+            )
+        self.split, self.batch_size, self.seed, self.num_shards = (
+            split,
+            batch_size,
+            seed,
+            num_shards,
+        )
+        self.num_windows = len(split)
+        self.steps_per_epoch = -(-len(split) // batch_size)
+        self._epoch, self._order = -1, None
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._epoch = epoch
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return rows_batch(self.split, rows, self.batch_size)
+
+    def source_repr(self) -> str:
+        return (
+            f"ClickBatches(rows={self.num_windows}, batch_size={self.batch_size}, "
+            f"seed={self.seed}, num_shards={self.num_shards})"
+        )
+
+
+def rows_batch(split: clicks_lib.ClickSplit, rows: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """The rows as a batch of `size` (padding rows: zeros, `where` False)."""
+    n = len(rows)
+    out = {
+        "categorical": np.zeros((size, split.categorical.shape[1]), np.int32),
+        "numeric": np.zeros((size, split.numeric.shape[1]), np.float32),
+        "labels": np.zeros(size, np.float32),
+        "where": np.zeros(size, bool),
+    }
+    out["categorical"][:n] = split.categorical[rows]
+    out["numeric"][:n] = split.numeric[rows]
+    out["labels"][:n] = split.labels[rows]
+    out["where"][:n] = True
+    return out
+
+
+def build_model(mcfg: ml_collections.ConfigDict, data: clicks_lib.ClickData) -> ClickModel:
+    """The click model of a `config.click.teacher`/`student` subtree for `data`'s columns."""
+    return ClickModel(
+        vocab_sizes=tuple(data.vocab_sizes),
+        num_numeric=len(data.numeric_names),
+        embed_dim=mcfg.embed_dim,
+        num_cross=mcfg.num_cross,
+        cross_rank=mcfg.cross_rank,
+        mlp_dims=parse_dims(mcfg.mlp_dims),
+        dropout_rate=float(mcfg.dropout),
+    )
+
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in str(text).replace(" ", "").split(",") if d)
+
+
+def make_loss_fn(model: ClickModel, teacher: ClickModel | None, distill_cfg) -> Any:
+    """loss(params, teacher_params, batch, rng): BCE, or binary distillation from the teacher."""
+
+    def loss_fn(params, teacher_params, batch, rng):
+        logits = model.apply(
+            {"params": params},
+            batch["categorical"],
+            batch["numeric"],
+            train=True,
+            rngs={"dropout": rng},
+        )
+        if teacher is None:
+            per_row = optax.sigmoid_binary_cross_entropy(logits, batch["labels"])
+            return losses.masked_mean(per_row, batch["where"])
+        t_logits = teacher.apply(
+            {"params": teacher_params}, batch["categorical"], batch["numeric"], train=False
+        )
+        return losses.binary_distill(
+            logits,
+            jax.lax.stop_gradient(t_logits),
+            batch["labels"],
+            temperature=distill_cfg.temperature,
+            alpha=distill_cfg.alpha,
+            where=batch["where"],
+        )
+
+    return loss_fn
+
+
+def predict(model: ClickModel, params, split: clicks_lib.ClickSplit, batch_size: int, mesh):
+    """Click probabilities `[R]` of every row of `split`."""
+    fn = jax.jit(
+        lambda p, c, x: jax.nn.sigmoid(model.apply({"params": p}, c, x, train=False)),
+    )
+    out = []
+    with jax.set_mesh(mesh):
+        for start in range(0, len(split), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(split)))
+            b = sharding_lib.put_batch(rows_batch(split, rows, batch_size), mesh)
+            out.append(
+                np.asarray(jax.device_get(fn(params, b["categorical"], b["numeric"])))[: len(rows)]
+            )
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def evaluate(model, params, data: clicks_lib.ClickData, name: str, batch_size: int, mesh) -> dict:
+    split = data.slice(name)
+    return click_metrics.click_metrics(
+        predict(model, params, split, batch_size, mesh), split.labels
+    )
+
+
+def _model_cfg(config, stage: str) -> ml_collections.ConfigDict:
+    c = config.click
+    if stage == "teacher":
+        return c.teacher
+    mcfg = c.student.copy_and_resolve_references()
+    if stage == "logistic":
+        mcfg.update(num_cross=0, mlp_dims="")
+    return mcfg
+
+
+def run_stage(
+    config, data: clicks_lib.ClickData, mesh, workdir: str, stage: str, stop_at_step=None
+):
+    """Trains (or reads back) one click stage; its result, or None when stopped early."""
+    stage_dir = workdir_lib.stage_dir(workdir, stage)
+    result_path = os.path.join(stage_dir, "result.json")
+    if os.path.exists(result_path):
+        log.info("[%s] finished earlier; skipping (%s)", stage, result_path)
+        return workdir_lib.read_json(result_path)
+    mcfg = _model_cfg(config, stage)
+    model = build_model(mcfg, data)
+    teacher = teacher_params = teacher_shardings = None
+    if stage == "student_kd":
+        if not workdir_lib.finished(workdir, "teacher"):
+            raise ValueError(
+                f"stage 'student_kd' distils from the 'teacher' stage, which has not finished in "
+                f"{workdir}; put 'teacher' before it in config.stages."
+            )
+        teacher = build_model(config.click.teacher, data)
+        teacher_params, teacher_shardings = workdir_lib.load_best_params(
+            teacher, config, mesh, workdir_lib.stage_dir(workdir, "teacher")
+        )
+    sharding_lib.check_batch_size(mcfg.batch_size, mesh, f"click.{stage}.batch_size")
+    rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(stage.encode()))
+    init_rng, step_rng = jax.random.split(rng)
+    state, shardings = state_lib.create_state(
+        model, mcfg, mesh, sharding_lib.rules(config), init_rng
+    )
+    step_fn = steps_lib.make_train_step(
+        model,
+        task="distill" if teacher is not None else "train",
+        mesh=mesh,
+        state_shardings=shardings,
+        teacher_shardings=teacher_shardings,
+        loss_fn=make_loss_fn(model, teacher, config.distill),
+    )
+    batches = ClickBatches(
+        data.splits["train"], mcfg.batch_size, config.seed, num_shards=mesh.shape["data"]
+    )
+    eval_batch = config.eval.batch_size
+    res = loop.run_steps(
+        name=stage,
+        mcfg=mcfg,
+        config=config,
+        workdir=stage_dir,
+        mesh=mesh,
+        state=state,
+        shardings=shardings,
+        model_shardings=shardings.params,
+        step_fn=step_fn,
+        batches=batches,
+        step_rng=step_rng,
+        teacher_params=teacher_params,
+        validate=lambda p: _scalars(evaluate(model, p, data, "valid", eval_batch, mesh)),
+        select_metric=SELECT_METRIC,
+        log_metrics=LOG_METRICS,
+        stop_at_step=stop_at_step,
+    )
+    if not res.finished:
+        return None
+    metrics = {"valid": res.best_valid}
+    for name in EVAL_SLICES:
+        metrics[name] = evaluate(model, res.params, data, name, eval_batch, mesh)
+    t = metrics["test"]
+    log.info(
+        "[%s] test auc=%s logloss=%.4f ece=%.4f", stage, _fmt(t["auc"]), t["logloss"], t["ece"]
+    )
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(res.params))
+    result = {
+        "model": model_name(mcfg),
+        "params": int(params),
+        "metrics": metrics,
+        "best_step": res.best_step,
+        "train_seconds": res.train_seconds,
+        "curves": res.curves,
+    }
+    workdir_lib.write_json(result_path, result)
+    return result
+
+
+def model_name(mcfg) -> str:
+    if mcfg.num_cross:
+        return f"dcn-v2 ({mcfg.num_cross} cross)"
+    return "mlp" if parse_dims(mcfg.mlp_dims) else "logistic"
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _scalars(m: dict) -> dict:
+    """The validation metrics as scalars (an undefined AUC counts as 0.5, chance)."""
+    out = {k: v for k, v in m.items() if isinstance(v, int | float)}
+    out["auc"] = 0.5 if m.get("auc") is None else m["auc"]
+    return out
+
+
+def load(config: ml_collections.ConfigDict) -> clicks_lib.ClickData:
+    """The click rows of `config.data` as `config.click` says."""
+    c = config.click
+    raw = dataset_lib.raw_interactions(config.data)
+    return clicks_lib.build(
+        raw,
+        click_threshold=c.click_threshold if c.click_threshold > 0 else None,
+        negatives=c.negatives,
+        train_fraction=c.train_fraction,
+        valid_fraction=c.valid_fraction,
+        categorical={s.strip() for s in c.categorical.split(",") if s.strip()},
+        drop_features={s.strip() for s in c.drop_features.split(",") if s.strip()},
+        seed=config.seed,
+    )
+
+
+def stages(config) -> list[str]:
+    names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    for s in names:
+        if s not in STAGES:
+            raise ValueError(
+                f"config.stages has {s!r}, not a stage of config.task='click'; expected a "
+                f"comma-separated subset of {STAGES}"
+            )
+    return names
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None):
+    """Runs the click stages in `workdir`; returns the report (if written)."""
+    order = stages(config)
+    os.makedirs(workdir, exist_ok=True)
+    data = load(config)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    log.info(
+        "click data %s: %s; %d categorical fields, %d numeric columns; mesh %s",
+        data.name,
+        json.dumps(data.counts),
+        len(data.fields),
+        len(data.numeric_names),
+        dict(mesh.shape),
+    )
+    results, report = {}, None
+    for stage in order:
+        if stage == "report":
+            report = {
+                "task": "click",
+                "config": json.loads(config.to_json_best_effort()),
+                "dataset": {
+                    "name": data.name,
+                    "counts": data.counts,
+                    "fields": list(data.fields),
+                    "vocab_sizes": list(data.vocab_sizes),
+                    "numeric": list(data.numeric_names),
+                },
+                "models": results,
+            }
+            workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
+            with open(os.path.join(workdir, "report.md"), "w") as f:
+                f.write(markdown(report))
+            log.info("report written: %s", os.path.join(workdir, "report.md"))
+            continue
+        result = run_stage(config, data, mesh, workdir, stage, stop_at_step)
+        if result is None:
+            log.info("stopped during stage %s; re-run to resume", stage)
+            return None
+        results[stage] = result
+    return report
+
+
+def markdown(report: dict) -> str:
+    """report.md of the click task: AUC, log loss and ECE per model and slice."""
+    d = report["dataset"]
+    lines = [
+        "# distill_jax click report",
+        "",
+        f"Data: {d['name']}: rows per split {json.dumps(d['counts'])}; "
+        f"{len(d['fields'])} categorical fields, {len(d['numeric'])} numeric columns. "
+        "Split by time; vocabularies and standardisation from the training rows.",
+        "",
+    ]
+    header = ["model", "arch", "params"]
+    for s in EVAL_SLICES:
+        header += [f"{s} {m}" for m in LOG_METRICS]
+    lines += ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for name, r in report["models"].items():
+        cells = [name, r["model"], f"{r['params']:,}"]
+        for s in EVAL_SLICES:
+            m = r["metrics"].get(s, {})
+            cells += [_fmt(m.get(k)) for k in LOG_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
