@@ -129,3 +129,14 @@ def test_click_settings_are_checked(tmp_path, key, value, match):
     node[last] = value
     with pytest.raises(Exception, match=match):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("module", ["ml100k_click", "beauty_click"])
+@pytest.mark.parametrize("variant", [None, "tiny"])
+def test_click_configs_validate(module, variant):
+    import importlib
+
+    config = importlib.import_module(f"configs.{module}").get_config(variant)
+    config.data.path = "/data"
+    config_lib.validate(config)
+    assert config.task == "click" and click.stages(config)[-1] == "report"

@@ -100,3 +100,18 @@ def test_movielens_100k_as_clicks():
     assert {"user_age", "item_year"} <= set(data.numeric_names)
     assert sum(n.startswith("item_genres=") for n in data.numeric_names) == 19
     assert data.counts["cold"]["cold_users"] > 0
+
+
+def test_order_only_data_splits_each_users_history_by_its_place():
+    raw = _raw()
+    raw.timestamps = None  # an S3-Rec file: the order within each user only
+    data = clicks.build(
+        raw, click_threshold=4, negatives=0, train_fraction=0.5, valid_fraction=0.25
+    )
+    assert "hour" not in data.fields
+    test, train = data.splits["test"], data.splits["train"]
+    # Every user's latest rows are tested, their earliest trained on.
+    for u in range(9):
+        assert (train.users == u).sum() >= (test.users == u).sum()
+    assert set(test.users.tolist()) <= set(train.users.tolist())  # no user is cold by construction
+    assert np.all(test.times > 0.5)

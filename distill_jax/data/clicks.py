@@ -10,7 +10,8 @@ From interactions as read (`RawInteractions`, any source):
   takes the time (and so the context) of the interaction it was drawn for.
 * The split is by time, as a click model is used: rows sorted by time (ties
   by file order), the first `train_fraction` train, the next
-  `valid_fraction` validate, the rest test. Test rows whose user (item) has
+  `valid_fraction` validate, the rest test. Data with an order but no times
+  (S3-Rec files) use each row's relative place in its user's history. Test rows whose user (item) has
   no training row form the `cold_users` (`cold_items`) slices.
 * Features. Categorical fields: the user and item ids, every categorical side
   feature (a bag such as genres becomes one multi-hot numeric column per
@@ -132,9 +133,20 @@ def _negatives(raw: RawInteractions, ratio: int, seed: int) -> tuple[np.ndarray,
 
 
 def _times(raw: RawInteractions) -> np.ndarray:
-    if raw.timestamps is None:
-        return np.arange(len(raw), dtype=np.float64)
-    return np.asarray(raw.timestamps, np.float64)
+    """The rows' times; order-only data (S3-Rec files): each row's place in its user's history.
+
+    Without times, row j of a user with n rows gets (j + 0.5) / n, so the time
+    split gives every user's earliest share to training and their latest to
+    the test split, as a split by time does for users active throughout.
+    """
+    if raw.timestamps is not None:
+        return np.asarray(raw.timestamps, np.float64)
+    _, user_index, counts = np.unique(raw.user_ids, return_inverse=True, return_counts=True)
+    order = np.argsort(user_index, kind="stable")  # file order within each user
+    place = np.empty(len(raw), np.float64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    place[order] = np.arange(len(raw)) - np.repeat(starts, counts)
+    return (place + 0.5) / counts[user_index]
 
 
 def _kind(values: list) -> str:
