@@ -100,6 +100,11 @@ def test_the_click_stages_run_end_to_end_and_resume_exactly(tmp_path):
     for r in report["models"].values():
         assert r["metrics"]["test"]["auc"] > 0.75
     assert "| teacher | dcn-v2 (1 cross) |" in (tmp_path / "run" / "report.md").read_text()
+    assert "![reliability](plots/reliability.png)" in (tmp_path / "run" / "report.md").read_text()
+    import matplotlib.image
+
+    img = matplotlib.image.imread(tmp_path / "run" / "plots" / "reliability.png")
+    assert img.shape[0] > 200 and img[..., :3].std() > 0.05
     # Stopped during the distillation and resumed: the same result as in one go.
     part = tmp_path / "part"
     assert pipeline.run(config, str(part), stop_at_step=33) is None

@@ -11,8 +11,9 @@ From interactions as read (`RawInteractions`, any source):
 * The split is by time, as a click model is used: rows sorted by time (ties
   by file order), the first `train_fraction` train, the next
   `valid_fraction` validate, the rest test. Data with an order but no times
-  (S3-Rec files) use each row's relative place in its user's history. Test rows whose user (item) has
-  no training row form the `cold_users` (`cold_items`) slices.
+  (S3-Rec files) use each row's relative place in its user's history. Test
+  rows whose user (item) has no training row form the `cold_users`
+  (`cold_items`) slices.
 * Features. Categorical fields: the user and item ids, every categorical side
   feature (a bag such as genres becomes one multi-hot numeric column per
   value), and with timestamps the hour and weekday (UTC). Numbers (age,

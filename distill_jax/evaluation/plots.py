@@ -10,6 +10,7 @@ same in a terminal, a CI job and a notebook (whatever its backend).
   quality_size.png  test NDCG@10 against parameters, bytes and top-10 latency
   long_tail.png     share of top-10 recommendations and HR@10 per popularity decile
   agreement.png     each student's top-10 overlap with the teacher
+  reliability.png   the click task: click rate against predicted probability, per model
 """
 
 import os
@@ -267,11 +268,49 @@ FIGURES = {
 }
 
 
-def write_all(reports: list[dict], out_dir: str) -> dict[str, str]:
-    """Draws every figure the reports have data for into `out_dir`; returns name -> path."""
+def reliability(reports: list[dict]) -> Figure | None:
+    """Click task: the reliability diagram of each model on the test split (first report)."""
+    models = {
+        n: r["metrics"]["test"].get("reliability")
+        for n, r in reports[0]["models"].items()
+        if r.get("metrics", {}).get("test", {}).get("reliability")
+    }
+    if not models:
+        return None
+    colors = _palette(reports)
+    fig = _figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--", label="calibrated")
+    for name, curve in models.items():
+        pts = [
+            (p, y)
+            for p, y in zip(curve["mean_probability"], curve["click_rate"], strict=True)
+            if p is not None
+        ]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", ms=3, color=colors[name], label=name)
+    ax.set(
+        xlabel="predicted click probability (bin mean)",
+        ylabel="click rate",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="Reliability on the test split",
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
+# The click task's report (distill_jax/train/click.py).
+CLICK_FIGURES = {"reliability": reliability}
+
+
+def write_all(reports: list[dict], out_dir: str, figures: dict | None = None) -> dict[str, str]:
+    """Draws every figure (of `figures`, default `FIGURES`) the reports have data for into
+    `out_dir`; returns name -> path."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
-    for name, draw in FIGURES.items():
+    for name, draw in (FIGURES if figures is None else figures).items():
         fig = draw(reports)
         if fig is None:
             continue

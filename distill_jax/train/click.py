@@ -37,7 +37,7 @@ from distill_jax import sharding as sharding_lib
 from distill_jax import workdir as workdir_lib
 from distill_jax.data import clicks as clicks_lib
 from distill_jax.data import dataset as dataset_lib
-from distill_jax.evaluation import click_metrics
+from distill_jax.evaluation import click_metrics, plots
 from distill_jax.models.click import ClickModel
 from distill_jax.train import loop
 from distill_jax.train import state as state_lib
@@ -344,9 +344,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | Non
                 "models": results,
             }
             workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
+            figures = plots.write_all([report], os.path.join(workdir, "plots"), plots.CLICK_FIGURES)
             with open(os.path.join(workdir, "report.md"), "w") as f:
-                f.write(markdown(report))
-            log.info("report written: %s", os.path.join(workdir, "report.md"))
+                f.write(markdown(report, figures))
+            log.info(
+                "report written: %s",
+                ", ".join([os.path.join(workdir, "report.md"), *figures.values()]),
+            )
             continue
         result = run_stage(config, data, mesh, workdir, stage, stop_at_step)
         if result is None:
@@ -356,8 +360,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | Non
     return report
 
 
-def markdown(report: dict) -> str:
-    """report.md of the click task: AUC, log loss and ECE per model and slice."""
+def markdown(report: dict, figures: dict[str, str] | None = None) -> str:
+    """report.md of the click task: AUC, log loss and ECE per model and slice, and the figures."""
     d = report["dataset"]
     lines = [
         "# distill_jax click report",
@@ -377,4 +381,6 @@ def markdown(report: dict) -> str:
             m = r["metrics"].get(s, {})
             cells += [_fmt(m.get(k)) for k in LOG_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
+    for name, path in (figures or {}).items():
+        lines += ["", f"![{name}](plots/{os.path.basename(path)})"]
     return "\n".join(lines) + "\n"
