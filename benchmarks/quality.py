@@ -15,6 +15,14 @@ then the ratios the distillation result is judged by (student_kd against the
 teacher and against student_scratch), seed by seed and mean ± std. The
 report's figures (distill_jax/evaluation/plots.py), with error bars of one
 standard deviation over the seeds, go to WORKDIR/plots/.
+
+A click config (`config.task='click'`, e.g. configs/ml100k_click.py) gets the
+click table instead: AUC, log loss and ECE on the test split and its cold
+slices per model (the logistic baseline, teacher, student_kd,
+student_scratch), then the checks the click distillation is judged by, seed
+by seed: the share of the teacher's AUC gain over the student trained alone
+that the distilled student closes, and the distilled student's log loss and
+ECE against the student trained alone.
 """
 
 import copy
@@ -69,6 +77,65 @@ def ratios(reports: list[dict]) -> list[dict]:
     return out
 
 
+CLICK_COLUMNS = ("auc", "logloss", "ece")
+CLICK_SLICES = ("test", "cold_users", "cold_items")
+
+
+def _mean_std(values: list[float | None]) -> str:
+    v = np.array([x for x in values if x is not None], np.float64)
+    if len(v) == 0:
+        return "-"
+    return f"{v.mean():.4f} ± {(v.std(ddof=1) if len(v) > 1 else 0.0):.4f}"
+
+
+def click_checks(reports: list[dict]) -> list[dict]:
+    """Per seed: the share of the AUC gap closed, and log loss / ECE against scratch."""
+    out = []
+    for r in reports:
+        m = {
+            k: r["models"][k]["metrics"]["test"]
+            for k in ("teacher", "student_kd", "student_scratch")
+        }
+        gap = m["teacher"]["auc"] - m["student_scratch"]["auc"]
+        out.append(
+            {
+                "teacher_auc_gain": gap,
+                "gap_closed": (m["student_kd"]["auc"] - m["student_scratch"]["auc"]) / gap
+                if gap > 0
+                else None,
+                "kd_logloss_minus_scratch": m["student_kd"]["logloss"]
+                - m["student_scratch"]["logloss"],
+                "kd_ece_minus_scratch": m["student_kd"]["ece"] - m["student_scratch"]["ece"],
+            }
+        )
+    return out
+
+
+def click_table(reports: list[dict], seeds: list[int]) -> list[str]:
+    """The click task's table (mean ± std over seeds) and its checks."""
+    d = reports[0]["dataset"]
+    lines = [
+        f"{d['name']}: {json.dumps(d['counts'])}; split by time; mean ± std over seeds {seeds}",
+        "",
+    ]
+    header = ["model", "params"] + [f"{s} {c}" for s in CLICK_SLICES for c in CLICK_COLUMNS]
+    lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, first in reports[0]["models"].items():
+        cells = [name, f"{first['params']:,}"]
+        for s in CLICK_SLICES:
+            for c in CLICK_COLUMNS:
+                cells.append(_mean_std([r["models"][name]["metrics"][s].get(c) for r in reports]))
+        lines.append("| " + " | ".join(cells) + " |")
+    if all(k in reports[0]["models"] for k in ("teacher", "student_kd", "student_scratch")):
+        checks = click_checks(reports)
+        lines.append("")
+        for key in checks[0]:
+            per_seed = [c[key] for c in checks]
+            shown = ", ".join("-" if x is None else f"{x:.4f}" for x in per_seed)
+            lines.append(f"- {key}: {_mean_std(per_seed)} (per seed: {shown})")
+    return lines
+
+
 def missing_reports(seeds: list[int], reports: list[dict | None], workdir: str) -> str | None:
     """Why there is no table: the seeds whose run wrote no report, or None."""
     missing = [s for s, r in zip(seeds, reports, strict=True) if r is None]
@@ -106,6 +173,10 @@ def main(argv: Sequence[str]) -> None:
     why = missing_reports(seeds, reports, args.workdir)
     if why:
         print(why)
+        return
+    if reports[0].get("task") == "click":
+        for line in click_table(reports, seeds):
+            print(line)
         return
     names = list(reports[0]["models"])
     rows = []

@@ -585,3 +585,23 @@ def test_cold_start_table_and_its_checks(tmp_path, capsys):
     assert "[held] with features, cold_users hr@10: student_kd 0.0600" in out
     with pytest.raises(SystemExit, match="No seed of"):
         cold_start.main(["cold_start", f"--without={tmp_path}", f"--with={tmp_path}"])
+
+
+def test_quality_prints_the_click_table_and_its_checks():
+    def report(t, kd, sc):
+        models = {}
+        for name, auc, loss in (
+            ("teacher", t, 0.5),
+            ("student_kd", kd, 0.52),
+            ("student_scratch", sc, 0.55),
+        ):
+            m = {"auc": auc, "logloss": loss, "ece": loss / 10}
+            models[name] = {"params": 10, "metrics": {s: dict(m) for s in quality.CLICK_SLICES}}
+        return {"task": "click", "dataset": {"name": "d", "counts": {}}, "models": models}
+
+    lines = quality.click_table([report(0.80, 0.76, 0.70), report(0.82, 0.78, 0.72)], [0, 1])
+    text = "\n".join(lines)
+    assert "| teacher | 10 | 0.8100 ± 0.0141 |" in text
+    # (0.76 - 0.70) / (0.80 - 0.70) = 0.6 on both seeds.
+    assert "- gap_closed: 0.6000 ± 0.0000 (per seed: 0.6000, 0.6000)" in text
+    assert "- kd_logloss_minus_scratch: -0.0300 ± 0.0000" in text
