@@ -115,3 +115,36 @@ def test_order_only_data_splits_each_users_history_by_its_place():
         assert (train.users == u).sum() >= (test.users == u).sum()
     assert set(test.users.tolist()) <= set(train.users.tolist())  # no user is cold by construction
     assert np.all(test.times > 0.5)
+
+
+def test_click_rows_round_trip_through_the_tfds_data_set(tmp_path, monkeypatch):
+    data = clicks.build(_raw(), click_threshold=4, negatives=2, seed=1)
+    clicks.write(data, "toy", str(tmp_path), "fp1")
+    back = clicks.read("toy", str(tmp_path), "fp1")
+    assert clicks.read("toy", str(tmp_path), "other") is None  # another fingerprint: rebuild
+    assert back.fields == data.fields and back.vocab_sizes == data.vocab_sizes
+    assert back.numeric_names == data.numeric_names and back.counts == data.counts
+    for name in clicks.SPLITS:
+        a, b = data.splits[name], back.splits[name]
+        for field in ("categorical", "numeric", "labels", "times"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert a.users.tolist() == b.users.tolist() and a.items.tolist() == b.items.tolist()
+    for k in data.cold:
+        np.testing.assert_array_equal(data.cold[k], back.cold[k])
+
+
+def test_the_click_task_builds_its_rows_once(tmp_path, monkeypatch):
+    from distill_jax.data import dataset
+    from distill_jax.train import click
+    from tests.test_click_task import _config, _interactions
+
+    config = _config(_interactions(tmp_path / "c.csv"))
+    first = click.load(config, str(tmp_path / "w"))
+    calls = []
+    monkeypatch.setattr(dataset, "raw_interactions", lambda *a, **k: calls.append(1))
+    again = click.load(config, str(tmp_path / "w"))
+    assert not calls  # read back, the raw file untouched
+    np.testing.assert_array_equal(first.splits["test"].numeric, again.splits["test"].numeric)
+    config.seed = 1  # other sampled non-clicks: another data set
+    with pytest.raises(TypeError):
+        click.load(config, str(tmp_path / "w"))

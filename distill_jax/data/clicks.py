@@ -26,16 +26,20 @@ From interactions as read (`RawInteractions`, any source):
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
+from distill_jax.data import builders
 from distill_jax.data.types import DataError, RawInteractions
 
-__all__ = ["ClickData", "ClickSplit", "build"]
+__all__ = ["ClickData", "ClickSplit", "build", "read", "write"]
 
 SPLITS = ("train", "valid", "test")
+FORMAT = 1  # of the stored rows: a change rebuilds every stored click data set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,4 +305,164 @@ def build(
         cold=cold,
         name=raw.name,
         counts=counts,
+    )
+
+
+# The TFDS data set of click rows: one record per CHUNK rows of a split, the
+# arrays stored as raw bytes; the original user and item ids as indices into
+# lists in the metadata (they may be strings). Layout as builders.py's:
+# `<data_dir>/click_rows/<name>/1.0.0/`, written atomically.
+CHUNK = 8192
+
+
+@dataclasses.dataclass(eq=False)
+class ClickRowsConfig(tfds.core.BuilderConfig):
+    data: Any = dataclasses.field(default=None, repr=False)  # ClickData
+    fingerprint: str = ""
+
+
+class ClickRowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Click rows per split, CHUNK rows a record (see `write`)."""
+
+    name = "click_rows"
+    VERSION = tfds.core.Version(builders.DATASET_VERSION)
+    RELEASE_NOTES = {builders.DATASET_VERSION: "Chunks of click rows per split."}
+    code_path = None  # as builders.SequenceBuilder: nothing is downloaded
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        raw = tfds.features.Encoding.BYTES
+        data = self.builder_config.data if self.builder_config is not None else None
+        f = len(data.fields) if data is not None else None
+        n = len(data.numeric_names) if data is not None else None
+        features = {
+            "chunk": tfds.features.Scalar(np.int64),
+            "categorical": tfds.features.Tensor(shape=(None, f), dtype=np.int32, encoding=raw),
+            "labels": tfds.features.Tensor(shape=(None,), dtype=np.int8, encoding=raw),
+            "users": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=raw),
+            "items": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=raw),
+            "times": tfds.features.Tensor(shape=(None,), dtype=np.float64, encoding=raw),
+        }
+        if n != 0:  # (zero columns do not decode from raw bytes; read() makes them)
+            features["numeric"] = tfds.features.Tensor(
+                shape=(None, n), dtype=np.float32, encoding=raw
+            )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Click rows with their fields, numeric columns and labels.",
+            features=tfds.features.FeaturesDict(features),
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        data: ClickData = self.builder_config.data
+        users = _unique(np.concatenate([s.users for s in data.splits.values()]))
+        items = _unique(np.concatenate([s.items for s in data.splits.values()]))
+        self.info.metadata.update(
+            fingerprint=self.builder_config.fingerprint,
+            name=data.name,
+            fields=list(data.fields),
+            vocab_sizes=list(data.vocab_sizes),
+            numeric_names=list(data.numeric_names),
+            cold={k: v.tolist() for k, v in data.cold.items()},
+            counts=data.counts,
+            users=[_json(u) for u in users],
+            items=[_json(i) for i in items],
+        )
+        index = (
+            {_key(u): k for k, u in enumerate(users)},
+            {_key(i): k for k, i in enumerate(items)},
+        )
+        return {k: self._generate_examples(s, index) for k, s in data.splits.items()}
+
+    def _generate_examples(self, split: ClickSplit, index):
+        users, items = index
+        for c, start in enumerate(range(0, len(split), CHUNK)):
+            rows = split.take(np.arange(start, min(start + CHUNK, len(split))))
+            record = {
+                "chunk": c,
+                "categorical": rows.categorical,
+                "labels": rows.labels,
+                "users": np.array([users[_key(u)] for u in rows.users.tolist()], np.int32),
+                "items": np.array([items[_key(i)] for i in rows.items.tolist()], np.int32),
+                "times": rows.times.astype(np.float64),
+            }
+            if rows.numeric.shape[1]:
+                record["numeric"] = rows.numeric
+            yield c, record
+
+
+def _key(value: Any) -> tuple[str, Any]:
+    return (type(value).__name__, value)
+
+
+def _json(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _unique(values: np.ndarray) -> list:
+    seen, out = set(), []
+    for v in values.tolist():
+        if _key(v) not in seen:
+            seen.add(_key(v))
+            out.append(v)
+    return out
+
+
+def write(data: ClickData, name: str, data_dir: str, fingerprint: str) -> None:
+    """Writes `data` as the TFDS data set `name` (replacing one of another fingerprint)."""
+    path = _path(name, data_dir)
+    if path.exists():
+        path.rmtree()
+    cfg = ClickRowsConfig(
+        name=name, description=f"fingerprint {fingerprint}", data=data, fingerprint=fingerprint
+    )
+    builder = ClickRowsBuilder(config=cfg, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"))
+
+
+def _path(name: str, data_dir: str):
+    from etils import epath
+
+    return epath.Path(data_dir) / "click_rows" / name / builders.DATASET_VERSION
+
+
+def read(name: str, data_dir: str, fingerprint: str | None = None) -> ClickData | None:
+    """The stored click rows, or None when there are none with `fingerprint`."""
+    path = _path(name, data_dir)
+    meta = builders.read_metadata(path)
+    if meta is None or (fingerprint is not None and meta.get("fingerprint") != fingerprint):
+        return None
+    users, items = np.array(meta["users"], object), np.array(meta["items"], object)
+    builder = tfds.builder_from_directory(os.fspath(path))
+    splits = {}
+    for split in SPLITS:
+        source = builder.as_data_source(split=split)
+        chunks = source.__getitems__(list(range(len(source))))
+        width = {"categorical": len(meta["fields"]), "numeric": len(meta["numeric_names"])}
+        arrays = {
+            k: np.concatenate([np.asarray(c[k]) for c in chunks])
+            if chunks and k in chunks[0]
+            else np.zeros((0, width[k]) if k in width else (0,))
+            for k in ("categorical", "numeric", "labels", "users", "items", "times")
+        }
+        if not width["numeric"]:
+            arrays["numeric"] = np.zeros((len(arrays["labels"]), 0), np.float32)
+        splits[split] = ClickSplit(
+            categorical=arrays["categorical"].astype(np.int32),
+            numeric=arrays["numeric"].astype(np.float32),
+            labels=arrays["labels"].astype(np.int8),
+            users=users[arrays["users"].astype(np.int64)],
+            items=items[arrays["items"].astype(np.int64)],
+            times=arrays["times"].astype(np.float64),
+        )
+    return ClickData(
+        splits=splits,
+        fields=tuple(meta["fields"]),
+        vocab_sizes=tuple(meta["vocab_sizes"]),
+        numeric_names=tuple(meta["numeric_names"]),
+        cold={k: np.asarray(v, np.int64) for k, v in meta["cold"].items()},
+        name=meta["name"],
+        counts=meta["counts"],
     )

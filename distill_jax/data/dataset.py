@@ -159,12 +159,20 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
             extra_metadata=cache.metadata(fresh, listed, options),
         )
         done("wrote the ArrayRecord dataset of")
-    _sync("distill_jax_data_built")
+    sync("distill_jax_data_built")
     # Fresh or cached, the run reads the dataset back: one path, the same data.
     data, timestamps = builders.read(name, data_dir, fingerprint=fp)
     done("read back")
     phases.close()
     return cache.processed(builders.metadata(name, data_dir), data, timestamps), fp
+
+
+def source_files(cfg: ml_collections.ConfigDict) -> tuple[Path, list[Path], dict]:
+    """`config.data`'s path, the files it is read from and the reading options (a fingerprint's)."""
+    path = movielens_path(cfg)
+    options = {**_reader_kwargs(cfg), "source": cfg.source}
+    options.update({k: str(v) for k, v in _side_files(cfg).items() if v is not None})
+    return path, _source_files(path, cfg), options
 
 
 def raw_interactions(cfg: ml_collections.ConfigDict, path: Path | None = None):
@@ -182,7 +190,7 @@ def raw_interactions(cfg: ml_collections.ConfigDict, path: Path | None = None):
     return raw
 
 
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

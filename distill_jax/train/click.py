@@ -35,6 +35,7 @@ import optax
 from distill_jax import losses
 from distill_jax import sharding as sharding_lib
 from distill_jax import workdir as workdir_lib
+from distill_jax.data import builders
 from distill_jax.data import clicks as clicks_lib
 from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import click_metrics, plots
@@ -287,10 +288,36 @@ def _scalars(m: dict) -> dict:
     return out
 
 
-def load(config: ml_collections.ConfigDict) -> clicks_lib.ClickData:
-    """The click rows of `config.data` as `config.click` says."""
+def load(config: ml_collections.ConfigDict, workdir: str) -> clicks_lib.ClickData:
+    """The click rows of `config.data` as `config.click` says, built once as a TFDS data set.
+
+    The data set (`WORKDIR/data/click_rows/...`, or under `data.cache_dir`) is
+    keyed by a fingerprint of the source files, the reading options, the
+    click settings and the seed (which samples the non-clicks); every run
+    reads the rows back from it, fresh or not.
+    """
+    cfg, c = config.data, config.click
+    path, files, options = dataset_lib.source_files(cfg)
+    settings = {k: v for k, v in c.items() if not isinstance(v, ml_collections.ConfigDict)}
+    fp = builders.fingerprint(
+        files, cache_format=clicks_lib.FORMAT, seed=config.seed, **options, **settings
+    )
+    name = f"{cfg.source}_{path.stem or path.name}".replace("-", "_").lower()
+    data_dir = cfg.cache_dir or os.path.join(workdir, "data")
+    data = clicks_lib.read(name, data_dir, fp)
+    if data is None:
+        if jax.process_index() == 0:
+            clicks_lib.write(_build(config, path), name, data_dir, fp)
+        dataset_lib.sync("distill_jax_click_rows_built")
+        data = clicks_lib.read(name, data_dir, fp)
+    else:
+        log.info("click data: %s is current; the raw files are not read", name)
+    return data
+
+
+def _build(config: ml_collections.ConfigDict, path) -> clicks_lib.ClickData:
     c = config.click
-    raw = dataset_lib.raw_interactions(config.data)
+    raw = dataset_lib.raw_interactions(config.data, path)
     return clicks_lib.build(
         raw,
         click_threshold=c.click_threshold if c.click_threshold > 0 else None,
@@ -318,7 +345,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | Non
     """Runs the click stages in `workdir`; returns the report (if written)."""
     order = stages(config)
     os.makedirs(workdir, exist_ok=True)
-    data = load(config)
+    data = load(config, workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     log.info(
         "click data %s: %s; %d categorical fields, %d numeric columns; mesh %s",
