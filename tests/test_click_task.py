@@ -145,3 +145,23 @@ def test_click_configs_validate(module, variant):
     config.data.path = "/data"
     config_lib.validate(config)
     assert config.task == "click" and click.stages(config)[-1] == "report"
+
+
+def test_a_vocab_sharded_mesh_gives_the_one_device_result(tmp_path):
+    csv = _interactions(tmp_path / "clicks.csv")
+    results = {}
+    for name, (data, model) in {"one": (8, 1), "sharded": (2, 4)}.items():
+        config = _config(csv)
+        config.stages = "teacher,student_kd"
+        config.click.teacher.num_steps = config.click.student.num_steps = 20
+        config.mesh.update(data=data, model=model)
+        pipeline.run(config, str(tmp_path / name))
+        results[name] = {
+            stage: json.loads((tmp_path / name / stage / "result.json").read_text())
+            for stage in ("teacher", "student_kd")
+        }
+    for stage in ("teacher", "student_kd"):
+        a, b = results["one"][stage], results["sharded"][stage]
+        assert a["params"] == b["params"]  # the padding rows are not parameters
+        for key in ("auc", "logloss", "ece"):
+            assert a["metrics"]["test"][key] == pytest.approx(b["metrics"]["test"][key], abs=2e-4)

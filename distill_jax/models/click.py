@@ -57,6 +57,9 @@ class ClickModel(nn.Module):
       mlp_dims: the MLP's hidden widths after the cross layers.
       dropout_rate: dropout after each MLP layer in training.
       dtype: compute dtype; parameters stay float32, the logit is float32.
+      table_rows: rows of the shared table; 0: exactly the fields' rows, more
+        pads it to a multiple of the mesh's vocab shards (the extra rows are
+        never looked up).
     """
 
     vocab_sizes: tuple[int, ...]
@@ -67,6 +70,7 @@ class ClickModel(nn.Module):
     mlp_dims: tuple[int, ...] = ()
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    table_rows: int = 0
 
     @property
     def input_width(self) -> int:
@@ -82,6 +86,10 @@ class ClickModel(nn.Module):
             )
         offsets = table_offsets(self.vocab_sizes)
         rows = int(offsets[-1] + self.vocab_sizes[-1] + 1) if num_fields else 0
+        if self.table_rows:
+            if self.table_rows < rows:
+                raise ValueError(f"table_rows={self.table_rows} is below the fields' {rows} rows")
+            rows = self.table_rows
         parts = []
         if num_fields:
             table = self.param(

@@ -112,9 +112,17 @@ def rows_batch(split: clicks_lib.ClickSplit, rows: np.ndarray, size: int) -> dic
     return out
 
 
-def build_model(mcfg: ml_collections.ConfigDict, data: clicks_lib.ClickData) -> ClickModel:
-    """The click model of a `config.click.teacher`/`student` subtree for `data`'s columns."""
+def build_model(
+    mcfg: ml_collections.ConfigDict, data: clicks_lib.ClickData, vocab_shards: int = 1
+) -> ClickModel:
+    """The click model of a `config.click.teacher`/`student` subtree for `data`'s columns.
+
+    `vocab_shards` > 1 pads the shared field table to a multiple of it, so any
+    vocabulary size shards along the mesh's `model` axis.
+    """
+    rows = sum(data.vocab_sizes) + len(data.vocab_sizes)
     return ClickModel(
+        table_rows=0 if vocab_shards <= 1 else -(-rows // vocab_shards) * vocab_shards,
         vocab_sizes=tuple(data.vocab_sizes),
         num_numeric=len(data.numeric_names),
         embed_dim=mcfg.embed_dim,
@@ -201,7 +209,8 @@ def run_stage(
         log.info("[%s] finished earlier; skipping (%s)", stage, result_path)
         return workdir_lib.read_json(result_path)
     mcfg = _model_cfg(config, stage)
-    model = build_model(mcfg, data)
+    shards = sharding_lib.vocab_shards(config, mesh)
+    model = build_model(mcfg, data, shards)
     teacher = teacher_params = teacher_shardings = None
     if stage == "student_kd":
         if not workdir_lib.finished(workdir, "teacher"):
@@ -209,7 +218,7 @@ def run_stage(
                 f"stage 'student_kd' distils from the 'teacher' stage, which has not finished in "
                 f"{workdir}; put 'teacher' before it in config.stages."
             )
-        teacher = build_model(config.click.teacher, data)
+        teacher = build_model(config.click.teacher, data, shards)
         teacher_params, teacher_shardings = workdir_lib.load_best_params(
             teacher, config, mesh, workdir_lib.stage_dir(workdir, "teacher")
         )
@@ -259,6 +268,10 @@ def run_stage(
         "[%s] test auc=%s logloss=%.4f ece=%.4f", stage, _fmt(t["auc"]), t["logloss"], t["ece"]
     )
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(res.params))
+    if model.table_rows:  # padding rows of a sharded table are never looked up
+        params -= (model.table_rows - sum(model.vocab_sizes) - len(model.vocab_sizes)) * (
+            model.embed_dim
+        )
     result = {
         "model": model_name(mcfg),
         "params": int(params),
