@@ -136,6 +136,21 @@ def click_table(reports: list[dict], seeds: list[int]) -> list[str]:
     return lines
 
 
+def merge(reports: list[dict], seeds: list[int], workdirs: list[str]) -> None:
+    """Adds to each seed's report the models the same seed's report in `workdirs` has and it lacks."""
+    for workdir in workdirs:
+        for seed, report in zip(seeds, reports, strict=True):
+            path = os.path.join(workdir, f"seed_{seed}", "report.json")
+            if not os.path.exists(path):
+                sys.exit(
+                    f"--merge_from={workdir}: {path} does not exist (seed {seed} not run there)"
+                )
+            with open(path) as f:
+                other = json.load(f)
+            for name, model in other["models"].items():
+                report["models"].setdefault(name, model)
+
+
 def missing_reports(seeds: list[int], reports: list[dict | None], workdir: str) -> str | None:
     """Why there is no table: the seeds whose run wrote no report, or None."""
     missing = [s for s, r in zip(seeds, reports, strict=True) if r is None]
@@ -157,6 +172,14 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_string(
         "workdir", None, "Each seed runs in WORKDIR/seed_N.", required=True, flag_values=flag_values
     )
+    flags.DEFINE_string(
+        "merge_from",
+        "",
+        "Comma-separated quality.py workdirs of the same seeds (another point of a search, "
+        "e.g. the student trained alone at its own learning rate): their models join the "
+        "table where this run has none of that name.",
+        flag_values=flag_values,
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -174,6 +197,7 @@ def main(argv: Sequence[str]) -> None:
     if why:
         print(why)
         return
+    merge(reports, seeds, [d for d in args.merge_from.split(",") if d])
     if reports[0].get("task") == "click":
         for line in click_table(reports, seeds):
             print(line)

@@ -605,3 +605,15 @@ def test_quality_prints_the_click_table_and_its_checks():
     # (0.76 - 0.70) / (0.80 - 0.70) = 0.6 on both seeds.
     assert "- gap_closed: 0.6000 ± 0.0000 (per seed: 0.6000, 0.6000)" in text
     assert "- kd_logloss_minus_scratch: -0.0300 ± 0.0000" in text
+
+
+def test_merge_adds_the_models_of_another_workdir(tmp_path):
+    for seed in (0, 1):
+        d = tmp_path / "other" / f"seed_{seed}"
+        d.mkdir(parents=True)
+        (d / "report.json").write_text(json.dumps({"models": {"a": {"x": seed}, "b": {"x": 9}}}))
+    reports = [{"models": {"a": {"x": -1}}}, {"models": {"a": {"x": -2}}}]
+    quality.merge(reports, [0, 1], [str(tmp_path / "other")])
+    assert reports[1]["models"] == {"a": {"x": -2}, "b": {"x": 9}}  # its own 'a' kept
+    with pytest.raises(SystemExit, match="seed 2 not run there"):
+        quality.merge([{"models": {}}], [2], [str(tmp_path / "other")])
