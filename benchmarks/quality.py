@@ -137,7 +137,7 @@ def click_table(reports: list[dict], seeds: list[int]) -> list[str]:
 
 
 def merge(reports: list[dict], seeds: list[int], workdirs: list[str]) -> None:
-    """Adds to each seed's report the models the same seed's report in `workdirs` has and it lacks."""
+    """Adds to each seed's report the models that the same seed's reports in `workdirs` add."""
     for workdir in workdirs:
         for seed, report in zip(seeds, reports, strict=True):
             path = os.path.join(workdir, f"seed_{seed}", "report.json")
