@@ -120,6 +120,11 @@ def click_config() -> ml_collections.ConfigDict:
     c.valid_fraction = 0.1  #: The next share for validation; the rest is the test split.
     c.categorical = ""  #: Comma-separated integer side features read as categories.
     c.drop_features = "title"  #: Comma-separated side features left out (free text).
+    # data.source='click_table': a CSV/Parquet whose rows are examples (features and a label).
+    c.label_col = "label"  #: click_table: the 0/1 label column.
+    c.time_col = ""  #: click_table: the column that orders rows for the split ('': file order).
+    c.user_col = ""  #: click_table: the user column, if any (names the cold-user slice).
+    c.item_col = ""  #: click_table: the item column, if any (names the cold-item slice).
     c.teacher = click_model_config()
     c.student = click_model_config(embed_dim=4, num_cross=0, mlp_dims="32", learning_rate=3e-3)
     return c

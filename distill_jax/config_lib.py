@@ -44,14 +44,20 @@ def _validate_click(config: ml_collections.ConfigDict) -> None:
     )
     d = config.data
     _expect(
-        d.source in ("movielens", "s3rec", "interactions"),
+        d.source in ("movielens", "s3rec", "interactions", "click_table"),
         "data.source",
         d.source,
-        "a real source ('movielens', 's3rec' or 'interactions'): the click task reads "
-        "interactions as logged",
+        "a real source ('movielens', 's3rec', 'interactions', or 'click_table': a table of "
+        "examples with a label): the click task reads data as logged",
     )
     _expect(bool(d.path), "data.path", d.path, "the path of the data")
     c = config.click
+    _expect(
+        d.source != "click_table" or bool(c.label_col),
+        "click.label_col",
+        c.label_col,
+        "the label column of the click_table",
+    )
     _expect(c.click_threshold >= 0, "click.click_threshold", c.click_threshold, ">= 0")
     _expect(
         isinstance(c.negatives, int) and c.negatives >= 0,

@@ -148,3 +148,58 @@ def test_the_click_task_builds_its_rows_once(tmp_path, monkeypatch):
     config.seed = 1  # other sampled non-clicks: another data set
     with pytest.raises(TypeError):
         click.load(config, str(tmp_path / "w"))
+
+
+def _table(path, rows=400):
+    rng = np.random.default_rng(0)
+    lines = ["label,t,user,item,device,price,slot"]
+    for r in range(rows):
+        device = ["phone", "tablet", "desktop"][r % 3]
+        price = float(rng.uniform(1, 50))
+        label = int(device == "phone" or price < 5)
+        user = f"u{r % 25}" if r < 0.8 * rows else f"new{r}"
+        lines.append(f"{label},{1000 + r},{user},i{r % 7},{device},{price:.2f},{r % 4}")
+    lines.append(f"0,{1000 + rows},u1,i1,,,1")  # missing device and price
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_table_of_examples_becomes_click_rows(tmp_path):
+    path = _table(tmp_path / "t.csv")
+    data = clicks.from_table(
+        str(path),
+        label_col="label",
+        time_col="t",
+        user_col="user",
+        item_col="item",
+        categorical={"slot"},
+    )
+    assert data.fields == ("user", "item", "device", "slot")
+    assert data.numeric_names == ("price",)
+    assert sum(len(s) for s in data.splits.values()) == 401
+    train, test = data.splits["train"], data.splits["test"]
+    np.testing.assert_allclose(train.numeric[:, 0].mean(), 0.0, atol=1e-5)
+    # The last row's device and price are missing: out of vocabulary, the training mean.
+    device = data.fields.index("device")
+    assert test.categorical[-1, device] == 0 and test.numeric[-1, 0] == 0.0
+    assert len(data.cold["cold_users"]) == int((test.users != "u1").sum())  # the 'new' users
+    with pytest.raises(DataError, match=r"t.csv: no column 'y' \(config.click.label_col\)"):
+        clicks.from_table(str(path), label_col="y")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("label,x\n1,a\n2,b\n")
+    with pytest.raises(
+        DataError, match=r"bad.csv:3: expected a 0/1 label in column 'label', got 2"
+    ):
+        clicks.from_table(str(bad), label_col="label")
+
+
+def test_the_click_task_reads_a_table_of_examples(tmp_path):
+    from distill_jax import pipeline
+    from tests.test_click_task import _config
+
+    config = _config(_table(tmp_path / "t.csv", rows=1200))
+    config.data.update(source="click_table", path=str(tmp_path / "t.csv"))
+    config.click.update(label_col="label", time_col="t", user_col="user", item_col="item")
+    config.stages = "logistic,report"
+    report = pipeline.run(config, str(tmp_path / "run"))
+    assert report["models"]["logistic"]["metrics"]["test"]["auc"] > 0.9

@@ -224,11 +224,7 @@ def build(
       drop_features: side features left out (e.g. free text such as titles).
       seed: the sampling of non-clicks.
     """
-    if not 0 < train_fraction < 1 or not 0 < valid_fraction < 1 - train_fraction:
-        raise ValueError(
-            f"train_fraction={train_fraction}, valid_fraction={valid_fraction}: expected "
-            "both in (0, 1) with a test share left"
-        )
+    _check_fractions(train_fraction, valid_fraction)
     if negatives < 0:
         raise ValueError(f"negatives={negatives}; expected an integer >= 0")
     if len(raw) == 0:
@@ -253,10 +249,36 @@ def build(
     users, items, times, labels, is_sampled = (
         a[order] for a in (users, items, times, labels, is_sampled)
     )
+    cats, nums = _columns(raw, users, items, times, set(categorical))
+    return _assemble(
+        users,
+        items,
+        times,
+        labels,
+        is_sampled,
+        cats,
+        nums,
+        raw.name,
+        train_fraction,
+        valid_fraction,
+    )
+
+
+def _check_fractions(train_fraction: float, valid_fraction: float) -> None:
+    if not 0 < train_fraction < 1 or not 0 < valid_fraction < 1 - train_fraction:
+        raise ValueError(
+            f"train_fraction={train_fraction}, valid_fraction={valid_fraction}: expected "
+            "both in (0, 1) with a test share left"
+        )
+
+
+def _assemble(
+    users, items, times, labels, is_sampled, cats, nums, name, train_fraction, valid_fraction
+) -> ClickData:
+    """Rows sorted by time -> the split, training vocabularies and statistics, cold slices."""
     n = len(labels)
     cut1, cut2 = int(train_fraction * n), int((train_fraction + valid_fraction) * n)
     parts = {"train": slice(0, cut1), "valid": slice(cut1, cut2), "test": slice(cut2, n)}
-    cats, nums = _columns(raw, users, items, times, set(categorical))
     train = parts["train"]
     fields, vocab_sizes, cat_cols = [], [], []
     for name, column in cats.items():
@@ -303,8 +325,92 @@ def build(
         vocab_sizes=tuple(vocab_sizes),
         numeric_names=tuple(num_names),
         cold=cold,
-        name=raw.name,
+        name=name,
         counts=counts,
+    )
+
+
+def from_table(
+    path: str,
+    *,
+    label_col: str,
+    time_col: str = "",
+    user_col: str = "",
+    item_col: str = "",
+    categorical: set[str] = frozenset(),
+    delimiter: str = ",",
+    train_fraction: float = 0.8,
+    valid_fraction: float = 0.1,
+) -> ClickData:
+    """Click rows of a CSV/Parquet table whose rows are examples: features and a 0/1 label.
+
+    Every column but the label (and the time) is a feature: text columns, and
+    integer columns named in `categorical`, are categorical fields (their
+    vocabulary from the training rows; a value first seen later, or a missing
+    one, is out of vocabulary, id 0); other number columns are standardised
+    with the training rows' statistics (a missing number is their mean).
+    `time_col` orders the rows for the split (none: the file's order);
+    `user_col` / `item_col`, where given, are fields like the others and name
+    the test rows' cold slices.
+    """
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from distill_jax.data import readers_util as ru
+
+    _check_fractions(train_fraction, valid_fraction)
+    path = Path(path)
+    columns = ru.table_columns(path, delimiter)
+    named = {
+        "label_col": label_col,
+        "time_col": time_col,
+        "user_col": user_col,
+        "item_col": item_col,
+    }
+    ru.require_columns(
+        path, columns, {v: f"config.click.{k}" for k, v in named.items() if v}, delimiter
+    )
+    table, locate = ru.read_table(path, columns, delimiter, text=[])
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    labels = ru.numbers(table[label_col], label_col, pa.int64(), "a 0/1 label", locate)
+    if not np.isin(labels, (0, 1)).all():
+        row = int(np.flatnonzero(~np.isin(labels, (0, 1)))[0])
+        raise DataError(
+            f"{locate(row)}: expected a 0/1 label in column {label_col!r}, got {labels[row]}"
+        )
+    n = len(labels)
+    times = (
+        np.asarray(ru.timestamps(table[time_col], time_col, locate), np.float64)
+        if time_col
+        else np.arange(n, dtype=np.float64)
+    )
+    order = np.argsort(times, kind="stable")
+    cats, nums = {}, {}
+    for name in columns:
+        if name in (label_col, time_col):
+            continue
+        column = table[name]
+        if ru.is_text_column(column) or name in categorical or name in (user_col, item_col):
+            cats[name] = ru.categories(column)
+        else:
+            nums[name] = ru.numbers(column, name, pa.float64(), "a number", locate)
+    cats = {k: [v[i] for i in order.tolist()] for k, v in cats.items()}
+    nums = {k: v[order] for k, v in nums.items()}
+    users = np.array(cats[user_col], object) if user_col else np.zeros(n, np.int64)
+    items = np.array(cats[item_col], object) if item_col else np.zeros(n, np.int64)
+    return _assemble(
+        users,
+        items,
+        times[order],
+        labels[order].astype(np.int8),
+        np.zeros(n, bool),
+        cats,
+        nums,
+        str(path),
+        train_fraction,
+        valid_fraction,
     )
 
 

@@ -368,6 +368,17 @@ def _flat(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column
 
 
+def is_text_column(column) -> bool:
+    """Whether a table column holds text."""
+    return _is_text(_flat(column).type)
+
+
+def categories(column) -> list:
+    """A column's values as Python objects, None where missing (null or '')."""
+    column = _flat(column)
+    return [None if m else v for v, m in zip(column.to_pylist(), _missing(column), strict=True)]
+
+
 def numbers(column, name: str, to: pa.DataType, what: str, locate: Callable) -> np.ndarray:
     """A numeric or text column as numbers; missing entries become NaN if `to` is float.
 

@@ -311,7 +311,9 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> clicks_lib.ClickDat
     """
     cfg, c = config.data, config.click
     path, files, options = dataset_lib.source_files(cfg)
-    settings = {k: v for k, v in c.items() if not isinstance(v, ml_collections.ConfigDict)}
+    settings = {
+        f"click.{k}": v for k, v in c.items() if not isinstance(v, ml_collections.ConfigDict)
+    }
     fp = builders.fingerprint(
         files, cache_format=clicks_lib.FORMAT, seed=config.seed, **options, **settings
     )
@@ -330,6 +332,18 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> clicks_lib.ClickDat
 
 def _build(config: ml_collections.ConfigDict, path) -> clicks_lib.ClickData:
     c = config.click
+    if config.data.source == "click_table":
+        return clicks_lib.from_table(
+            str(path),
+            label_col=c.label_col,
+            time_col=c.time_col,
+            user_col=c.user_col,
+            item_col=c.item_col,
+            categorical={s.strip() for s in c.categorical.split(",") if s.strip()},
+            delimiter=config.data.delimiter,
+            train_fraction=c.train_fraction,
+            valid_fraction=c.valid_fraction,
+        )
     raw = dataset_lib.raw_interactions(config.data, path)
     return clicks_lib.build(
         raw,
