@@ -101,12 +101,12 @@ def click_model_config(**overrides) -> ml_collections.ConfigDict:
     c.cross_rank = 0  #: 0: full-rank cross weights; r > 0: low rank r.
     c.mlp_dims = "256,128"  #: Comma-separated hidden widths after the cross layers.
     c.dropout = 0.1  #: Dropout after each hidden layer in training.
-    c.learning_rate = 1e-3
-    c.weight_decay = 0.0
-    c.batch_size = 1024
-    c.num_steps = 2000
-    c.warmup_steps = 100
-    c.grad_clip_norm = 1.0
+    c.learning_rate = 1e-3  #: Peak AdamW learning rate of the click model.
+    c.weight_decay = 0.0  #: AdamW weight decay of the click model's matrices.
+    c.batch_size = 1024  #: Click rows per training batch.
+    c.num_steps = 2000  #: Training steps of the click model.
+    c.warmup_steps = 100  #: Linear warm-up steps of the click model's learning rate.
+    c.grad_clip_norm = 1.0  #: Global gradient-norm clip of the click model; 0 = off.
     c.update(overrides)
     return c
 
@@ -176,8 +176,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     """Returns the config with every key declared."""
     config = ml_collections.ConfigDict()
     config.seed = 0  #: Random seed of the job: synthetic data, splits, init, dropout, batches.
-    #: 'sequence' (next-item recommenders) or 'click' (click models; config.click).
-    config.task = "sequence"
+    config.task = "sequence"  #: 'sequence' (next-item models) or 'click' (config.click).
     #: Comma-separated stages of the main job, run in this order.
     config.stages = "popularity,teacher,student_kd,student_scratch,compress,export,report"
 
@@ -195,9 +194,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.min_user_interactions = 3  #: Fewer after filtering: dropped and counted.
     config.data.cold_user_fraction = 0.0  #: Share of users held out, never seen in training.
     config.data.cold_item_fraction = 0.0  #: Items first seen in the last share of the log.
-    #: Which items are cold: 'time' (first seen in that last share; needs timestamps)
-    #: or 'random' (that share of the items, drawn with config.seed).
-    config.data.cold_item_rule = "time"
+    # 'time': items first seen in that last share (needs timestamps); 'random': that
+    # share of the items, drawn with config.seed (data with an order only).
+    config.data.cold_item_rule = "time"  #: Which items are cold: 'time' or 'random'.
     # Column names and files of an 'interactions' source.
     config.data.user_col = "user_id"  #: The user id column.
     config.data.item_col = "item_id"  #: The item id column.
@@ -239,9 +238,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.features.categorical = ""  #: Comma-separated integer features read as categories.
     config.features.fusion = "gate"  #: How ids and features combine: 'sum', 'concat' or 'gate'.
     config.features.id_dropout = 0.5  #: Training: chance an item's id part is dropped a step.
-    #: Models with use_features also read the users' side features where the data has
-    #: them (MovieLens demographics, data.user_features_path): added to every position.
-    config.features.users = True
+    # Models with use_features also read the users' side features where the data has
+    # them (MovieLens demographics, data.user_features_path): added to every position.
+    config.features.users = True  #: Models with side features also read the users'.
 
     config.click = click_config()
     config.teacher = model_config()

@@ -323,7 +323,7 @@ def nearest_keys(key: str, keys: list[str], n: int = 3) -> list[str]:
     ]
     if not any(score >= 0.6 for score, _ in scored):
         scored = [(_likeness(parts[-1], k.rsplit(".", 1)[-1]), k) for k in keys]
-    scored.sort(key=lambda sk: -sk[0])
+    scored.sort(key=lambda sk: (-sk[0], sk[1].count(".")))  # ties: the shallower key first
     best = scored[0][0] if scored else 0.0
     return [k for score, k in scored if score >= max(0.6, best - 0.1)][:n]
 

@@ -155,7 +155,7 @@ def test_type_names():
         ("distill.temp", ["distill.temperature"]),
         ("evl.ks", ["eval.ks"]),
         ("studnet", ["student"]),
-        ("embed_dim", ["student.embed_dim", "teacher.embed_dim"]),
+        ("embed_dim", ["student.embed_dim", "teacher.embed_dim", "click.student.embed_dim"]),
         ("zzzz", []),
     ],
 )

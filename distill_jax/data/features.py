@@ -454,7 +454,7 @@ def catalogue_features(
     encoded = encode(feats, num_items + 1, categorical=categorical, where=where)
     known = np.unique(np.concatenate([np.asarray(s) for s in train] or [np.zeros(0, np.int32)]))
     users = None
-    if cfg.users and user_features:
+    if user_features and cfg.users:
         users = encode(
             user_features,
             num_users + 1,
