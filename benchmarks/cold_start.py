@@ -34,7 +34,7 @@ from absl import flags
 
 from benchmarks import common
 
-SLICES = ("test", "cold_items", "cold_users")
+SLICES = ("test", "cold_items", "cold_users", "cold_items_valid", "cold_users_valid")
 COLUMNS = ("hr@10", "ndcg@10", "tail_ndcg@10", "coverage@10")
 MODELS = ("popularity", "teacher", "student_kd", "student_scratch")
 TRAINED = MODELS[1:]

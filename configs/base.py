@@ -197,6 +197,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # 'time': items first seen in that last share (needs timestamps); 'random': that
     # share of the items, drawn with config.seed (data with an order only).
     config.data.cold_item_rule = "time"  #: Which items are cold: 'time' or 'random'.
+    #: Share of each cold slice held for validation ('cold_users_valid', 'cold_items_valid').
+    config.data.cold_valid_fraction = 0.0
     # Column names and files of an 'interactions' source.
     config.data.user_col = "user_id"  #: The user id column.
     config.data.item_col = "item_id"  #: The item id column.

@@ -140,7 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         d.min_user_interactions,
         ">= 3 (leave-one-out needs a training, a validation and a test item)",
     )
-    for key in ("cold_user_fraction", "cold_item_fraction"):
+    for key in ("cold_user_fraction", "cold_item_fraction", "cold_valid_fraction"):
         _expect(0.0 <= d[key] < 1.0, f"data.{key}", d[key], "a fraction in [0, 1)")
     from distill_jax.data.splits import COLD_ITEM_RULES
 

@@ -58,6 +58,16 @@ def test_cold_start_slices_are_evaluated(tmp_path):
     config.data.cold_item_fraction = 0.05
     data = dataset.load(config, str(tmp_path))
     assert data.eval_splits == ("test", "valid", "cold_users", "cold_items")
+    config.data.cold_valid_fraction = 0.5
+    held = dataset.load(config, str(tmp_path))
+    assert held.eval_splits == (
+        "test",
+        "valid",
+        "cold_users",
+        "cold_users_valid",
+        "cold_items",
+        "cold_items_valid",
+    )
     train_items = {int(i) for s in data.split.train for i in s}
     assert not train_items & {int(i) for i in data.split.cold_items}
 

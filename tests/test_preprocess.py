@@ -395,6 +395,45 @@ def test_random_cold_items_need_no_timestamps():
         pp.cold_start_split(p, cold_item_fraction=0.2, cold_item_rule="newest")
 
 
+def test_a_share_of_each_cold_slice_is_held_for_validation():
+    p = _timed_processed()
+    whole = pp.cold_start_split(p, cold_user_fraction=0.25, cold_item_fraction=0.3, seed=1)
+    split = pp.cold_start_split(
+        p, cold_user_fraction=0.25, cold_item_fraction=0.3, cold_valid_fraction=0.4, seed=1
+    )
+    for name in ("cold_users", "cold_items"):
+        all_hist, all_tgt = whole.eval_examples(name)
+        test_hist, test_tgt = split.eval_examples(name)
+        valid_hist, valid_tgt = split.eval_examples(f"{name}_valid")
+        assert len(valid_tgt) == round(0.4 * len(all_tgt)) > 0
+        assert len(test_tgt) + len(valid_tgt) == len(all_tgt)
+        users = split.user_ids(name) if split.item_features else None
+        assert users is None  # no user features: no ids
+        # The two parts are the whole slice, each example once.
+        got = sorted(
+            (tuple(h.tolist()), int(t))
+            for h, t in [
+                *zip(test_hist, test_tgt, strict=True),
+                *zip(valid_hist, valid_tgt, strict=True),
+            ]
+        )
+        want = sorted((tuple(h.tolist()), int(t)) for h, t in zip(all_hist, all_tgt, strict=True))
+        assert got == want
+        assert split.counts[f"{name}_valid"] == len(valid_tgt)
+    with pytest.raises(ValueError, match="no 'cold_items_valid' slice"):
+        whole.eval_examples("cold_items_valid")
+    # With user features in use, each part keeps its users' ids.
+    import dataclasses
+    import types
+
+    featured = dataclasses.replace(split, item_features=types.SimpleNamespace(users=object()))
+    mask = split.cold_valid["cold_items"]
+    np.testing.assert_array_equal(
+        featured.user_ids("cold_items_valid"), split.cold_item_users[mask]
+    )
+    np.testing.assert_array_equal(featured.user_ids("cold_items"), split.cold_item_users[~mask])
+
+
 def test_cold_start_split_is_deterministic_by_seed():
     p = _timed_processed()
     a = pp.cold_start_split(p, cold_user_fraction=0.3, cold_item_fraction=0.2, seed=3)

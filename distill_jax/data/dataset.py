@@ -247,14 +247,16 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
             cold_user_fraction=cfg.cold_user_fraction,
             cold_item_fraction=cfg.cold_item_fraction,
             cold_item_rule=cfg.cold_item_rule,
+            cold_valid_fraction=cfg.cold_valid_fraction,
             seed=config.seed,
         )
         info["split_counts"] = dict(split.counts)
         eval_splits = ["test", "valid"]
-        if len(split.cold_user_targets):
-            eval_splits.append("cold_users")
-        if len(split.cold_item_targets):
-            eval_splits.append("cold_items")
+        for name in ("cold_users", "cold_items"):
+            if len(split.eval_examples(name)[1]):
+                eval_splits.append(name)
+            if name in split.cold_valid and split.cold_valid[name].any():
+                eval_splits.append(f"{name}_valid")
     else:
         split, eval_splits = splits.leave_one_out(data), ["test", "valid"]
     item_features = None

@@ -91,6 +91,7 @@ def cold_start_split(
     cold_user_fraction: float = 0.0,
     cold_item_fraction: float = 0.0,
     cold_item_rule: str = "time",
+    cold_valid_fraction: float = 0.0,
     seed: int = 0,
 ) -> ColdStartSplit:
     """Splits processed data into warm leave-one-out, cold users and cold items.
@@ -105,6 +106,10 @@ def cold_start_split(
         interactions at the end of the log whose time starts the cold-item
         period; rule 'random': the share of the items that is cold.
       cold_item_rule: 'time' or 'random' (see the module docstring).
+      cold_valid_fraction: in [0, 1): the share of each cold slice's
+        examples (by a seeded draw) held for validation, as the slices
+        'cold_users_valid' and 'cold_items_valid'; the rest keep the slices'
+        names. 0: no validation part.
       seed: picks the cold users (and the 'random' rule's cold items); the
         same seed gives the same split.
 
@@ -114,6 +119,7 @@ def cold_start_split(
     for key, value in (
         ("cold_user_fraction", cold_user_fraction),
         ("cold_item_fraction", cold_item_fraction),
+        ("cold_valid_fraction", cold_valid_fraction),
     ):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{key} must be in [0, 1), got {value}.")
@@ -167,6 +173,14 @@ def cold_start_split(
     counts["cold_users"] = len(cold_users)
     counts["cold_item_users"] = len(ci_users)
     warm = leave_one_out(SequenceData(processed.num_items, warm_seqs, processed.name))
+    cold_valid = {}
+    if cold_valid_fraction > 0:
+        draw = np.random.default_rng([seed, 0xC01D, 2])
+        for name, n in (("cold_users", len(cold_users)), ("cold_items", len(ci_users))):
+            mask = np.zeros(n, bool)
+            mask[draw.choice(n, size=int(round(cold_valid_fraction * n)), replace=False)] = True
+            cold_valid[name] = mask
+            counts[f"{name}_valid"] = int(mask.sum())
     return ColdStartSplit(
         warm=warm,
         warm_users=np.array(warm_users, np.int64),
@@ -179,6 +193,7 @@ def cold_start_split(
         cold_item_histories=ci_hist,
         cold_item_targets=np.array(ci_tgt, np.int32),
         counts=counts,
+        cold_valid=cold_valid,
     )
 
 

@@ -214,6 +214,19 @@ class ColdStartSplit:
     cold_item_targets: np.ndarray
     counts: dict[str, int]
     item_features: Any = None  #: As `LeaveOneOut.item_features`.
+    #: 'cold_users' / 'cold_items' -> bool mask over that slice's examples: the
+    #: rows held for validation ('<slice>_valid'); the others are the slice.
+    cold_valid: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def _cold_rows(self, split: str) -> tuple[str, np.ndarray | None]:
+        """(the cold slice a split name refers to, the rows of it it takes; None: all)."""
+        base = split.removesuffix("_valid")
+        mask = self.cold_valid.get(base)
+        if split.endswith("_valid"):
+            if mask is None:
+                raise ValueError(f"no {split!r} slice: data.cold_valid_fraction is 0")
+            return base, np.flatnonzero(mask)
+        return base, None if mask is None else np.flatnonzero(~mask)
 
     @property
     def num_items(self) -> int:
@@ -227,13 +240,19 @@ class ColdStartSplit:
         """Histories and targets of 'valid', 'test', 'cold_users' or 'cold_items'."""
         if split in ("valid", "test"):
             return self.warm.eval_examples(split)
-        if split == "cold_users":
-            return self.cold_user_histories, self.cold_user_targets
-        if split == "cold_items":
-            return self.cold_item_histories, self.cold_item_targets
-        raise ValueError(
-            f"Unknown split {split!r}; expected 'valid', 'test', 'cold_users' or 'cold_items'."
-        )
+        base, rows = self._cold_rows(split) if split.startswith("cold_") else (split, None)
+        if base == "cold_users":
+            hist, tgt = self.cold_user_histories, self.cold_user_targets
+        elif base == "cold_items":
+            hist, tgt = self.cold_item_histories, self.cold_item_targets
+        else:
+            raise ValueError(
+                f"Unknown split {split!r}; expected 'valid', 'test', 'cold_users' or "
+                "'cold_items' (or a cold slice's '_valid' part)."
+            )
+        if rows is None:
+            return hist, tgt
+        return [hist[r] for r in rows], tgt[rows]
 
     def user_ids(self, split: str = "train") -> np.ndarray | None:
         """User ids of the rows of `train` or of a split's examples (see `LeaveOneOut`)."""
@@ -246,6 +265,8 @@ class ColdStartSplit:
             "cold_users": self.cold_users,
             "cold_items": self.cold_item_users,
         }
-        if split not in ids:
+        base, rows = self._cold_rows(split) if split.startswith("cold_") else (split, None)
+        if base not in ids:
             raise ValueError(f"Unknown split {split!r}; expected one of {sorted(ids)}.")
-        return np.asarray(ids[split], np.int32)
+        out = np.asarray(ids[base], np.int32)
+        return out if rows is None else out[rows]

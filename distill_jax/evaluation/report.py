@@ -63,7 +63,7 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-COLD_SLICES = ("cold_users", "cold_items")
+COLD_SLICES = ("cold_users", "cold_items", "cold_users_valid", "cold_items_valid")
 COLD_COLUMNS = ("hr@10", "ndcg@10", "tail_ndcg@10", "coverage@10")
 
 
