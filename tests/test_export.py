@@ -33,7 +33,7 @@ def _scorer(name: str, int8: bool):
     return evaluator_lib.model_scorer(model, params, jax.tree.map(lambda _: rep, params))
 
 
-def _write(tmp_path, scorer, ids=None):
+def _write(tmp_path, scorer, ids=None, user_ids=None):
     ids = np.array([None] + [f"item-{i}" for i in range(1, V + 1)], object) if ids is None else ids
     out = str(tmp_path / "export")
     export.write_artifact(
@@ -45,6 +45,7 @@ def _write(tmp_path, scorer, ids=None):
         item_id_to_original=ids,
         popular_items=np.arange(V, 0, -1),
         provenance={"model": "test"},
+        user_id_to_original=user_ids,
     )
     return out
 
@@ -237,21 +238,10 @@ def _user_scorer():
 def test_an_artifact_with_user_features_takes_the_user(tmp_path, capsys):
     scorer = _user_scorer()
     assert scorer.reads_users
-    out = str(tmp_path / "export")
     user_ids = np.array([None, "ann", "bob", "cy", "dee", "eve"], object)
     with pytest.raises(ValueError, match="pass user_id_to_original"):
         _write(tmp_path / "no_users", scorer)
-    export.write_artifact(
-        out,
-        scorer,
-        num_items=V,
-        top_k=K,
-        exclude_history=True,
-        item_id_to_original=np.array([None] + [f"item-{i}" for i in range(1, V + 1)], object),
-        popular_items=np.arange(V, 0, -1),
-        provenance={"model": "test"},
-        user_id_to_original=user_ids,
-    )
+    out = _write(tmp_path, scorer, user_ids=user_ids)
     art = recommend.load(out)
     assert art.manifest["version"] == 2 and art.manifest["user_ids"][1:] == [
         "ann",
