@@ -315,8 +315,11 @@ def test_user_features_are_added_at_every_position_against_a_float64_reference()
 def test_batches_carry_the_user_of_each_window():
     from distill_jax.data import pipeline
 
+    import functools
+
     seqs = [np.arange(1, 9, dtype=np.int32), np.array([2, 3, 4], np.int32)]
-    batches = pipeline.TrainBatches(
+    make = functools.partial(
+        pipeline.TrainBatches,
         seqs,
         num_items=9,
         max_len=4,
@@ -324,27 +327,16 @@ def test_batches_carry_the_user_of_each_window():
         causal=True,
         mask_prob=0.0,
         seed=0,
-        users=[7, 3],
     )
+    batches = make(users=[7, 3])
     batch = batches.window_batch(np.arange(batches.num_windows))
     # Windows are made user by user: the first user's come first.
     owners = [7] * (batches.num_windows - 1) + [3]
     np.testing.assert_array_equal(batch["users"][: batches.num_windows], owners)
     assert (batch["users"][batches.num_windows :] == 0).all()
-    assert "users" not in pipeline.TrainBatches(
-        seqs, num_items=9, max_len=4, batch_size=4, causal=True, mask_prob=0.0, seed=0
-    ).batch(0)
+    assert "users" not in make().batch(0)
     with pytest.raises(ValueError, match="1 user ids for 2 training sequences"):
-        pipeline.TrainBatches(
-            seqs,
-            num_items=9,
-            max_len=4,
-            batch_size=4,
-            causal=True,
-            mask_prob=0.0,
-            seed=0,
-            users=[1],
-        )
+        make(users=[1])
     hist = [np.array([1, 2]), np.array([3, 4, 5]), np.array([6])]
     (eval_batch,) = pipeline.eval_batches(
         hist,
