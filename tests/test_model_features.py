@@ -313,9 +313,9 @@ def test_user_features_are_added_at_every_position_against_a_float64_reference()
 
 
 def test_batches_carry_the_user_of_each_window():
-    from distill_jax.data import pipeline
-
     import functools
+
+    from distill_jax.data import pipeline
 
     seqs = [np.arange(1, 9, dtype=np.int32), np.array([2, 3, 4], np.int32)]
     make = functools.partial(
