@@ -60,6 +60,18 @@ def _validate_click(config: ml_collections.ConfigDict) -> None:
     )
     _expect(c.click_threshold >= 0, "click.click_threshold", c.click_threshold, ">= 0")
     _expect(
+        isinstance(c.history, int) and c.history >= 0,
+        "click.history",
+        c.history,
+        "an integer >= 0 (clicks before each row; 0: none)",
+    )
+    _expect(
+        d.source != "click_table" or not c.history or bool(c.user_col and c.item_col),
+        "click.history",
+        c.history,
+        "0, or click.user_col and click.item_col set (a history is the items a user clicked)",
+    )
+    _expect(
         isinstance(c.negatives, int) and c.negatives >= 0,
         "click.negatives",
         c.negatives,

@@ -23,12 +23,21 @@ def _init(model):
     return nn.unbox(model.init({"params": jax.random.key(0)}, cat, num, train=False))["params"]
 
 
-def _reference(model, params, cat, num):
+def _reference(model, params, cat, num, history=None):
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     offsets = table_offsets(model.vocab_sizes)
     cat = np.asarray(cat)
     ids = np.where((cat >= 0) & (cat <= np.array(model.vocab_sizes)), cat, 0) + offsets
-    x0 = np.concatenate([p["embedding"][ids].reshape(B, -1), np.asarray(num, np.float64)], 1)
+    parts = [p["embedding"][ids].reshape(B, -1)]
+    if model.history_field >= 0:
+        f = model.history_field
+        pooled = np.zeros((B, model.embed_dim))
+        for b in range(B):
+            rows = [h + offsets[f] for h in np.asarray(history)[b] if 0 < h <= model.vocab_sizes[f]]
+            if rows:
+                pooled[b] = p["embedding"][rows].mean(0)
+        parts.append(pooled)
+    x0 = np.concatenate([*parts, np.asarray(num, np.float64)], 1)
     x = x0
     for layer in range(model.num_cross):
         if model.cross_rank:
@@ -60,6 +69,27 @@ def test_logits_match_the_float64_reference(num_cross, cross_rank, mlp_dims):
     chex.assert_type(logits, jnp.float32)
     np.testing.assert_allclose(logits, _reference(model, params, cat, num), rtol=1e-5, atol=1e-5)
     assert params["embedding"].shape == (sum(VOCAB) + len(VOCAB), D)
+
+
+@pytest.mark.parametrize("num_cross, mlp_dims", [(0, ()), (2, (8,))], ids=["logistic", "dcn"])
+def test_the_history_is_the_mean_of_its_items_embeddings(num_cross, mlp_dims):
+    model = ClickModel(VOCAB, N, D, num_cross=num_cross, mlp_dims=mlp_dims, history_field=2)
+    cat, num = _rows(2)
+    # Valid ids, padding (0), and out-of-range ids (dropped), one row with none at all.
+    history = jnp.asarray([[1, 7, 0], [0, 0, 0], [3, 3, 8], [-1, 2, 5], [7, 6, 1], [4, 0, 2]])
+    params = nn.unbox(model.init({"params": jax.random.key(1)}, cat, num, history, train=False))[
+        "params"
+    ]
+    logits = model.apply({"params": params}, cat, num, history, train=False)
+    chex.assert_shape(logits, (B,))
+    want = _reference(model, params, cat, num, history)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    assert model.input_width == (len(VOCAB) + 1) * D + N
+    # The history changes the logit; a model that reads one refuses to run without it.
+    other = model.apply({"params": params}, cat, num, jnp.zeros_like(history), train=False)
+    assert np.abs(np.asarray(other) - np.asarray(logits)).max() > 1e-4
+    with pytest.raises(ValueError, match="reads a history input"):
+        model.apply({"params": params}, cat, num, train=False)
 
 
 def test_out_of_vocabulary_ids_share_their_fields_bucket():

@@ -23,6 +23,7 @@ def _split(n=10):
         users=np.arange(n),
         items=np.arange(n),
         times=np.arange(n, dtype=np.float64),
+        history=rng.integers(0, 3, (n, 2)).astype(np.int32),
     )
 
 
@@ -80,6 +81,7 @@ def _interactions(path):
 def _config(path):
     config = ml100k_click.get_config("tiny")
     config.data.update(source="interactions", path=str(path), rating_col="rating")
+    config.click.history = 3  # the rows carry their users' earlier clicks
     for m in (config.click.teacher, config.click.student):
         m.update(num_steps=60, batch_size=64, learning_rate=2e-2)
     config.eval.every_steps = config.checkpoint.every_steps = 20
@@ -122,6 +124,7 @@ def test_the_click_stages_run_end_to_end_and_resume_exactly(tmp_path):
         ("click.valid_fraction", 0.3, r"config.click.valid_fraction=0.3 is invalid"),
         ("data.source", "synthetic", r"config.data.source='synthetic' is invalid"),
         ("task", "ranking", r"config.task='ranking' is invalid"),
+        ("click.history", -1, r"config.click.history=-1 is invalid"),
     ],
 )
 def test_click_settings_are_checked(tmp_path, key, value, match):

@@ -117,8 +117,55 @@ def test_order_only_data_splits_each_users_history_by_its_place():
     assert np.all(test.times > 0.5)
 
 
+def _history_reference(users, times, clicked, k):
+    out = []
+    for r in range(len(users)):
+        before = [
+            j
+            for j in range(len(users))
+            if users[j] == users[r] and times[j] < times[r] and clicked[j]
+        ]
+        out.append([-1] * (k - len(before[-k:])) + before[-k:])
+    return np.array(out, np.int64).reshape(len(users), k)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_history_rows_are_the_users_earlier_clicks(k):
+    rng = np.random.default_rng(k)
+    users = rng.integers(0, 4, 60)
+    times = np.sort(rng.integers(0, 25, 60)).astype(np.float64)  # ties: same-time rows
+    clicked = rng.random(60) < 0.6
+    got = clicks.history_rows(users, times, clicked, k)
+    np.testing.assert_array_equal(got, _history_reference(users, times, clicked, k))
+
+
+def test_rows_carry_the_items_clicked_before_them():
+    raw = _raw()
+    data = clicks.build(raw, click_threshold=4, negatives=2, history=3, seed=1)
+    item_field = data.fields.index("item")
+    assert data.history_field == item_field
+    inverse = {}
+    for split in data.splits.values():
+        inverse.update(zip(split.categorical[:, item_field].tolist(), split.items.tolist()))
+    inverse.pop(0, None)
+    clicks_of = {}  # user -> [(time, item)] of real clicks
+    for u, i, t, r in zip(raw.user_ids, raw.item_ids, raw.timestamps, raw.ratings, strict=True):
+        if r >= 4:
+            clicks_of.setdefault(u, []).append((t, i))
+    checked = 0
+    for split in data.splits.values():
+        assert split.history.shape == (len(split), 3)
+        for u, t, h in zip(split.users.tolist(), split.times.tolist(), split.history, strict=True):
+            want = [i for s, i in sorted(clicks_of.get(u, [])) if s < t][-3:]
+            got = [inverse.get(x, "<oov>") for x in h.tolist() if x]
+            assert got == [i if i in inverse.values() else "<oov>" for i in want][-len(got) :]
+            assert len(got) == len(want)
+            checked += bool(want)
+    assert checked > 20
+
+
 def test_click_rows_round_trip_through_the_tfds_data_set(tmp_path, monkeypatch):
-    data = clicks.build(_raw(), click_threshold=4, negatives=2, seed=1)
+    data = clicks.build(_raw(), click_threshold=4, negatives=2, history=2, seed=1)
     clicks.write(data, "toy", str(tmp_path), "fp1")
     back = clicks.read("toy", str(tmp_path), "fp1")
     assert clicks.read("toy", str(tmp_path), "other") is None  # another fingerprint: rebuild
@@ -126,9 +173,10 @@ def test_click_rows_round_trip_through_the_tfds_data_set(tmp_path, monkeypatch):
     assert back.numeric_names == data.numeric_names and back.counts == data.counts
     for name in clicks.SPLITS:
         a, b = data.splits[name], back.splits[name]
-        for field in ("categorical", "numeric", "labels", "times"):
+        for field in ("categorical", "numeric", "labels", "times", "history"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
         assert a.users.tolist() == b.users.tolist() and a.items.tolist() == b.items.tolist()
+    assert back.history_field == data.history_field == data.fields.index("item")
     for k in data.cold:
         np.testing.assert_array_equal(data.cold[k], back.cold[k])
 

@@ -21,6 +21,12 @@ From interactions as read (`RawInteractions`, any source):
   only: a value first seen later is out of vocabulary (id 0). Numeric columns
   are standardised with the training rows' mean and deviation; a missing
   number is the training mean (0 after standardising).
+* History (`history` > 0): per row, the items of the user's last `history`
+  clicks strictly before the row's time (real interactions only, never a
+  sampled pair, never the row itself), as ids of the item field (0: none, or
+  an item out of vocabulary). A row and the non-clicks sampled for it share
+  a history, so a model learns from it how the candidate relates to what the
+  user clicked before; at serving time that history is known.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from distill_jax.data.types import DataError, RawInteractions
 __all__ = ["ClickData", "ClickSplit", "build", "read", "write"]
 
 SPLITS = ("train", "valid", "test")
-FORMAT = 1  # of the stored rows: a change rebuilds every stored click data set
+FORMAT = 2  # of the stored rows: a change rebuilds every stored click data set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,8 @@ class ClickSplit:
       labels: ``[R]`` int8 clicks.
       users, items: ``[R]`` the rows' original ids (for slices and reports).
       times: ``[R]`` float64 times (the order where the data has no times).
+      history: ``[R, K]`` int32 item-field ids of the user's last K clicks
+        before the row (0: none); K = 0 without a history.
     """
 
     categorical: np.ndarray
@@ -60,6 +68,7 @@ class ClickSplit:
     users: np.ndarray
     items: np.ndarray
     times: np.ndarray
+    history: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,6 +89,8 @@ class ClickData:
       cold: 'cold_users' / 'cold_items' -> row indices into the test split.
       name: the data's name.
       counts: rows, clicks and sampled non-clicks per split.
+      history_field: the field (index into `fields`) whose ids the rows'
+        history holds; -1: the rows have no history.
     """
 
     splits: dict[str, ClickSplit]
@@ -89,6 +100,7 @@ class ClickData:
     cold: dict[str, np.ndarray]
     name: str
     counts: dict[str, dict[str, int]]
+    history_field: int = -1
 
     def slice(self, name: str) -> ClickSplit:
         """'train', 'valid', 'test', 'cold_users' or 'cold_items'."""
@@ -209,6 +221,7 @@ def build(
     valid_fraction: float = 0.1,
     categorical: Mapping[str, Any] | set[str] = frozenset(),
     drop_features: set[str] = frozenset(),
+    history: int = 0,
     seed: int = 0,
 ) -> ClickData:
     """Click rows of `raw`, split by time (see the module docstring).
@@ -222,6 +235,7 @@ def build(
         training and validation; the rest is the test split.
       categorical: integer side features to read as categories, not numbers.
       drop_features: side features left out (e.g. free text such as titles).
+      history: the clicks before each row to give it (0: no history).
       seed: the sampling of non-clicks.
     """
     _check_fractions(train_fraction, valid_fraction)
@@ -261,7 +275,35 @@ def build(
         raw.name,
         train_fraction,
         valid_fraction,
+        history_rows(users, times, (labels == 1) & ~is_sampled, history),
     )
+
+
+def history_rows(users: np.ndarray, times: np.ndarray, clicked: np.ndarray, k: int) -> np.ndarray:
+    """``[R, k]`` int64: per row (sorted by time), its user's last k clicked rows before it.
+
+    Only rows with `clicked` count, and only those strictly earlier in time
+    (rows at the same time never see each other); -1 pads. Oldest first.
+    """
+    out = np.full((len(users), k), -1, np.int64)
+    if k <= 0 or len(users) == 0:
+        return out
+    keys = np.unique(users, return_inverse=True)[1]
+    by_user = np.argsort(keys, kind="stable")  # each user's rows, in time order
+    bounds = np.flatnonzero(np.diff(keys[by_user])) + 1
+    for group in np.split(by_user, bounds):
+        recent: list[int] = []  # the user's clicked rows so far (the last k)
+        pending: list[int] = []  # clicked rows at the current time, not yet visible
+        now = None
+        for row in group.tolist():
+            if times[row] != now:
+                recent = (recent + pending)[-k:]
+                pending, now = [], times[row]
+            if recent:
+                out[row, k - len(recent) :] = recent
+            if clicked[row]:
+                pending.append(row)
+    return out
 
 
 def _check_fractions(train_fraction: float, valid_fraction: float) -> None:
@@ -273,7 +315,18 @@ def _check_fractions(train_fraction: float, valid_fraction: float) -> None:
 
 
 def _assemble(
-    users, items, times, labels, is_sampled, cats, nums, name, train_fraction, valid_fraction
+    users,
+    items,
+    times,
+    labels,
+    is_sampled,
+    cats,
+    nums,
+    name,
+    train_fraction,
+    valid_fraction,
+    hist_rows: np.ndarray | None = None,
+    item_field: str = "item",
 ) -> ClickData:
     """Rows sorted by time -> the split, training vocabularies and statistics, cold slices."""
     n = len(labels)
@@ -300,8 +353,17 @@ def _assemble(
         num_cols.append(np.where(np.isnan(scaled), 0.0, scaled).astype(np.float32))
     categorical_m = np.stack(cat_cols, axis=1)
     numeric_m = np.stack(num_cols, axis=1) if num_cols else np.zeros((n, 0), np.float32)
+    history_field = -1
+    if hist_rows is None or hist_rows.shape[1] == 0:
+        history = np.zeros((n, 0), np.int32)
+    else:
+        history_field = fields.index(item_field)
+        item_ids = cat_cols[history_field]
+        history = np.where(hist_rows >= 0, item_ids[np.maximum(hist_rows, 0)], 0).astype(np.int32)
     splits = {
-        k: ClickSplit(categorical_m[s], numeric_m[s], labels[s], users[s], items[s], times[s])
+        k: ClickSplit(
+            categorical_m[s], numeric_m[s], labels[s], users[s], items[s], times[s], history[s]
+        )
         for k, s in parts.items()
     }
     train_users, train_items = set(users[train].tolist()), set(items[train].tolist())
@@ -327,6 +389,7 @@ def _assemble(
         cold=cold,
         name=name,
         counts=counts,
+        history_field=history_field,
     )
 
 
@@ -341,6 +404,7 @@ def from_table(
     delimiter: str = ",",
     train_fraction: float = 0.8,
     valid_fraction: float = 0.1,
+    history: int = 0,
 ) -> ClickData:
     """Click rows of a CSV/Parquet table whose rows are examples: features and a 0/1 label.
 
@@ -351,7 +415,8 @@ def from_table(
     with the training rows' statistics (a missing number is their mean).
     `time_col` orders the rows for the split (none: the file's order);
     `user_col` / `item_col`, where given, are fields like the others and name
-    the test rows' cold slices.
+    the test rows' cold slices; a `history` needs both (every row with label 1
+    is a click of its user).
     """
     from pathlib import Path
 
@@ -360,6 +425,11 @@ def from_table(
     from distill_jax.data import readers_util as ru
 
     _check_fractions(train_fraction, valid_fraction)
+    if history > 0 and not (user_col and item_col):
+        raise ValueError(
+            f"config.click.history={history} needs config.click.user_col and "
+            "config.click.item_col: a history is the items a user clicked"
+        )
     path = Path(path)
     columns = ru.table_columns(path, delimiter)
     named = {
@@ -400,17 +470,20 @@ def from_table(
     nums = {k: v[order] for k, v in nums.items()}
     users = np.array(cats[user_col], object) if user_col else np.zeros(n, np.int64)
     items = np.array(cats[item_col], object) if item_col else np.zeros(n, np.int64)
+    labels = labels[order].astype(np.int8)
     return _assemble(
         users,
         items,
         times[order],
-        labels[order].astype(np.int8),
+        labels,
         np.zeros(n, bool),
         cats,
         nums,
         str(path),
         train_fraction,
         valid_fraction,
+        history_rows(users.astype(str), times[order], labels == 1, history) if history else None,
+        item_field=item_col,
     )
 
 
@@ -440,6 +513,7 @@ class ClickRowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         data = self.builder_config.data if self.builder_config is not None else None
         f = len(data.fields) if data is not None else None
         n = len(data.numeric_names) if data is not None else None
+        k = data.splits["train"].history.shape[1] if data is not None else None
         features = {
             "chunk": tfds.features.Scalar(np.int64),
             "categorical": tfds.features.Tensor(shape=(None, f), dtype=np.int32, encoding=raw),
@@ -451,6 +525,10 @@ class ClickRowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if n != 0:  # (zero columns do not decode from raw bytes; read() makes them)
             features["numeric"] = tfds.features.Tensor(
                 shape=(None, n), dtype=np.float32, encoding=raw
+            )
+        if k != 0:
+            features["history"] = tfds.features.Tensor(
+                shape=(None, k), dtype=np.int32, encoding=raw
             )
         return tfds.core.DatasetInfo(
             builder=self,
@@ -471,6 +549,8 @@ class ClickRowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             fields=list(data.fields),
             vocab_sizes=list(data.vocab_sizes),
             numeric_names=list(data.numeric_names),
+            history_field=data.history_field,
+            history_len=int(data.splits["train"].history.shape[1]),
             cold={k: v.tolist() for k, v in data.cold.items()},
             counts=data.counts,
             users=[_json(u) for u in users],
@@ -496,6 +576,8 @@ class ClickRowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             }
             if rows.numeric.shape[1]:
                 record["numeric"] = rows.numeric
+            if rows.history.shape[1]:
+                record["history"] = rows.history
             yield c, record
 
 
@@ -546,15 +628,20 @@ def read(name: str, data_dir: str, fingerprint: str | None = None) -> ClickData 
     for split in SPLITS:
         source = builder.as_data_source(split=split)
         chunks = source.__getitems__(list(range(len(source))))
-        width = {"categorical": len(meta["fields"]), "numeric": len(meta["numeric_names"])}
+        width = {
+            "categorical": len(meta["fields"]),
+            "numeric": len(meta["numeric_names"]),
+            "history": meta["history_len"],
+        }
         arrays = {
             k: np.concatenate([np.asarray(c[k]) for c in chunks])
             if chunks and k in chunks[0]
             else np.zeros((0, width[k]) if k in width else (0,))
-            for k in ("categorical", "numeric", "labels", "users", "items", "times")
+            for k in ("categorical", "numeric", "labels", "users", "items", "times", "history")
         }
-        if not width["numeric"]:
-            arrays["numeric"] = np.zeros((len(arrays["labels"]), 0), np.float32)
+        for k in ("numeric", "history"):
+            if not width[k]:
+                arrays[k] = np.zeros((len(arrays["labels"]), 0), np.float32)
         splits[split] = ClickSplit(
             categorical=arrays["categorical"].astype(np.int32),
             numeric=arrays["numeric"].astype(np.float32),
@@ -562,6 +649,7 @@ def read(name: str, data_dir: str, fingerprint: str | None = None) -> ClickData 
             users=users[arrays["users"].astype(np.int64)],
             items=items[arrays["items"].astype(np.int64)],
             times=arrays["times"].astype(np.float64),
+            history=arrays["history"].astype(np.int32),
         )
     return ClickData(
         splits=splits,
@@ -571,4 +659,5 @@ def read(name: str, data_dir: str, fingerprint: str | None = None) -> ClickData 
         cold={k: np.asarray(v, np.int64) for k, v in meta["cold"].items()},
         name=meta["name"],
         counts=meta["counts"],
+        history_field=meta["history_field"],
     )

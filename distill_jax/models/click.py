@@ -6,7 +6,8 @@ columns (standardised). Every field's ids index one shared embedding table
 at the field's offset (``table_offsets``), so the big tables of a catalogue
 shard along ``vocab`` like the item tables of the sequence models.
 
-``x0 = [e_1; ...; e_F; numeric]`` (width ``F * D + n``), then
+``x0 = [e_1; ...; e_F; h; numeric]`` (width ``F * D + n``, plus ``D`` with a
+history), then
 
 * ``num_cross`` cross layers of DCN-v2 (Wang et al., WWW 2021):
   ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l``, with ``W_l`` full-rank, or
@@ -14,6 +15,11 @@ shard along ``vocab`` like the item tables of the sequence models.
 * an MLP of widths ``mlp_dims`` (ReLU, dropout) on the cross output
   (the stacked form of the paper);
 * a linear map to one logit.
+
+``h`` is the user's behaviour before the row (``history_field`` set): the
+mean of the embeddings of the last items they clicked, read from the rows of
+the item field, so the cross layers can compare the candidate item with what
+the user clicked before (a product a logistic model cannot form).
 
 So ``num_cross=0`` is an MLP over the embeddings, and ``num_cross=0`` with
 no ``mlp_dims`` is a logistic model over them (the classic baseline): the
@@ -45,7 +51,7 @@ def table_offsets(vocab_sizes: Sequence[int]) -> np.ndarray:
 
 
 class ClickModel(nn.Module):
-    """``(categorical [B, F] int32, numeric [B, n] float32) -> logits [B]``.
+    """``(categorical [B, F] int32, numeric [B, n] float32[, history [B, K]]) -> logits [B]``.
 
     Attributes:
       vocab_sizes: per categorical field, its number of known values (ids
@@ -57,6 +63,8 @@ class ClickModel(nn.Module):
       mlp_dims: the MLP's hidden widths after the cross layers.
       dropout_rate: dropout after each MLP layer in training.
       dtype: compute dtype; parameters stay float32, the logit is float32.
+      history_field: the field whose ids the history holds (the item field),
+        or -1: no history input. History ids are that field's ids, 0 = none.
       table_rows: rows of the shared table; 0: exactly the fields' rows, more
         pads it to a multiple of the mesh's vocab shards (the extra rows are
         never looked up).
@@ -70,15 +78,30 @@ class ClickModel(nn.Module):
     mlp_dims: tuple[int, ...] = ()
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    history_field: int = -1
     table_rows: int = 0
 
     @property
     def input_width(self) -> int:
-        return len(self.vocab_sizes) * self.embed_dim + self.num_numeric
+        fields = len(self.vocab_sizes) + (self.history_field >= 0)
+        return fields * self.embed_dim + self.num_numeric
 
     @nn.compact
-    def __call__(self, categorical: jax.Array, numeric: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self,
+        categorical: jax.Array,
+        numeric: jax.Array,
+        history: jax.Array | None = None,
+        *,
+        train: bool,
+    ) -> jax.Array:
         num_fields = len(self.vocab_sizes)
+        if self.history_field >= num_fields:
+            raise ValueError(
+                f"history_field={self.history_field}; the model has {num_fields} fields"
+            )
+        if self.history_field >= 0 and history is None:
+            raise ValueError("this click model reads a history input; none was given")
         if categorical.shape[-1] != num_fields or numeric.shape[-1] != self.num_numeric:
             raise ValueError(
                 f"click rows have {categorical.shape[-1]} categorical and {numeric.shape[-1]} "
@@ -105,6 +128,8 @@ class ClickModel(nn.Module):
             ids = jnp.where((categorical >= 0) & (categorical <= sizes), categorical, 0)
             emb = embedding_lookup(table, ids + jnp.asarray(offsets))
             parts.append(emb.reshape(emb.shape[:-2] + (num_fields * self.embed_dim,)))
+            if self.history_field >= 0:
+                parts.append(self._pooled(table, history, int(offsets[self.history_field])))
         if self.num_numeric:
             parts.append(numeric.astype(jnp.float32))
         x0 = jnp.concatenate(parts, axis=-1).astype(self.dtype)
@@ -136,3 +161,12 @@ class ClickModel(nn.Module):
         hidden_axis = "mlp" if self.mlp_dims else None
         logit = Dense((1,), (hidden_axis, None), (None,), dtype=self.dtype, name="logit")(x)
         return logit[..., 0].astype(jnp.float32)
+
+    def _pooled(self, table: jax.Array, history: jax.Array, offset: int) -> jax.Array:
+        """``[B, D]``: the mean embedding of each row's history ids (zeros for none)."""
+        size = self.vocab_sizes[self.history_field]
+        valid = (history > 0) & (history <= size)
+        rows = embedding_lookup(table, jnp.where(valid, history, 0) + offset)
+        rows = jnp.where(valid[..., None], rows, 0.0)
+        count = jnp.maximum(valid.sum(-1, keepdims=True), 1)
+        return rows.sum(-2) / count

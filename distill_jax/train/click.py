@@ -102,10 +102,12 @@ def rows_batch(split: clicks_lib.ClickSplit, rows: np.ndarray, size: int) -> dic
     out = {
         "categorical": np.zeros((size, split.categorical.shape[1]), np.int32),
         "numeric": np.zeros((size, split.numeric.shape[1]), np.float32),
+        "history": np.zeros((size, split.history.shape[1]), np.int32),
         "labels": np.zeros(size, np.float32),
         "where": np.zeros(size, bool),
     }
     out["categorical"][:n] = split.categorical[rows]
+    out["history"][:n] = split.history[rows]
     out["numeric"][:n] = split.numeric[rows]
     out["labels"][:n] = split.labels[rows]
     out["where"][:n] = True
@@ -130,6 +132,7 @@ def build_model(
         cross_rank=mcfg.cross_rank,
         mlp_dims=parse_dims(mcfg.mlp_dims),
         dropout_rate=float(mcfg.dropout),
+        history_field=data.history_field,
     )
 
 
@@ -143,17 +146,14 @@ def make_loss_fn(model: ClickModel, teacher: ClickModel | None, distill_cfg) -> 
     def loss_fn(params, teacher_params, batch, rng):
         logits = model.apply(
             {"params": params},
-            batch["categorical"],
-            batch["numeric"],
+            *inputs(batch),
             train=True,
             rngs={"dropout": rng},
         )
         if teacher is None:
             per_row = optax.sigmoid_binary_cross_entropy(logits, batch["labels"])
             return losses.masked_mean(per_row, batch["where"])
-        t_logits = teacher.apply(
-            {"params": teacher_params}, batch["categorical"], batch["numeric"], train=False
-        )
+        t_logits = teacher.apply({"params": teacher_params}, *inputs(batch), train=False)
         return losses.binary_distill(
             logits,
             jax.lax.stop_gradient(t_logits),
@@ -166,19 +166,21 @@ def make_loss_fn(model: ClickModel, teacher: ClickModel | None, distill_cfg) -> 
     return loss_fn
 
 
+def inputs(batch: dict) -> tuple:
+    """A click model's inputs from a batch: (categorical, numeric, history)."""
+    return batch["categorical"], batch["numeric"], batch["history"]
+
+
 def predict(model: ClickModel, params, split: clicks_lib.ClickSplit, batch_size: int, mesh):
     """Click probabilities `[R]` of every row of `split`."""
-    fn = jax.jit(
-        lambda p, c, x: jax.nn.sigmoid(model.apply({"params": p}, c, x, train=False)),
-    )
+    fn = jax.jit(lambda p, b: jax.nn.sigmoid(model.apply({"params": p}, *inputs(b), train=False)))
     out = []
     with jax.set_mesh(mesh):
         for start in range(0, len(split), batch_size):
             rows = np.arange(start, min(start + batch_size, len(split)))
             b = sharding_lib.put_batch(rows_batch(split, rows, batch_size), mesh)
-            out.append(
-                np.asarray(jax.device_get(fn(params, b["categorical"], b["numeric"])))[: len(rows)]
-            )
+            b = {k: b[k] for k in ("categorical", "numeric", "history")}
+            out.append(np.asarray(jax.device_get(fn(params, b)))[: len(rows)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -343,6 +345,7 @@ def _build(config: ml_collections.ConfigDict, path) -> clicks_lib.ClickData:
             delimiter=config.data.delimiter,
             train_fraction=c.train_fraction,
             valid_fraction=c.valid_fraction,
+            history=c.history,
         )
     raw = dataset_lib.raw_interactions(config.data, path)
     return clicks_lib.build(
@@ -353,6 +356,7 @@ def _build(config: ml_collections.ConfigDict, path) -> clicks_lib.ClickData:
         valid_fraction=c.valid_fraction,
         categorical={s.strip() for s in c.categorical.split(",") if s.strip()},
         drop_features={s.strip() for s in c.drop_features.split(",") if s.strip()},
+        history=c.history,
         seed=config.seed,
     )
 

@@ -45,6 +45,7 @@ def _dummy_inputs(model: nn.Module) -> tuple[jax.Array, ...]:
         return (
             jnp.zeros((1, len(model.vocab_sizes)), jnp.int32),
             jnp.zeros((1, model.num_numeric), jnp.float32),
+            jnp.zeros((1, 1), jnp.int32),
         )
     return (jnp.ones((1, model.max_len), jnp.int32),)
 
