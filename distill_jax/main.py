@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from distill_jax import describe, distributed, pipeline, progress
+from distill_jax import describe, distributed, faults, pipeline, progress
 from distill_jax.config_checks import ConfigError
 from distill_jax.data.types import DataError
 from distill_jax.distributed import DistributedError
@@ -25,7 +25,16 @@ from distill_jax.train.checkpoint import CheckpointLayoutError
 
 # Errors that name what the user must fix (a config key, a file and line):
 # shown as one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, DistributedError, CheckpointLayoutError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    DistributedError,
+    CheckpointLayoutError,
+    faults.ConfigChangedError,
+    faults.NonFiniteError,
+    faults.CheckpointDamagedError,
+    faults.WorkdirError,
+)
 
 if __name__ == "__main__":
     # Without --config, defining the flag already loads the default file and applies the
@@ -40,14 +49,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and the report.", required=True
 )
+_FRESH = flags.DEFINE_bool(
+    "fresh",
+    False,
+    "Start over in a workdir that holds work of another config: that work is moved to "
+    "WORKDIR/replaced-<time>/ first. Without it such a run is refused, naming the keys.",
+)
 
 
 def main(argv):
     try:
         _run(argv)
+    except faults.Preempted as e:
+        print(f"distill_jax.main: {e}", file=sys.stderr)
+        sys.exit(faults.EXIT_PREEMPTED)
     except USER_ERRORS as e:
         print(f"distill_jax.main: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(faults.EXIT_USER_ERROR)
 
 
 def _run(argv):
@@ -78,9 +96,9 @@ def _run(argv):
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-            pipeline.run(_CONFIG.value, _WORKDIR.value)
+            pipeline.run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
     else:
-        pipeline.run(_CONFIG.value, _WORKDIR.value)
+        pipeline.run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
 
 
 if __name__ == "__main__":

@@ -188,10 +188,18 @@ def run_ensemble(config, data: dataset_lib.Dataset, mesh, workdir: str) -> dict:
 
 
 def run(
-    config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stop_at_step: int | None = None,
+    fresh: bool = False,
 ) -> dict | None:
-    """Runs the configured stages in `workdir`; returns the report (if written)."""
+    """Runs the configured stages in `workdir`; returns the report (if written).
+
+    A workdir holding work of another config is refused (`workdir.check_config`);
+    `fresh` moves that work aside and starts over.
+    """
     config_lib.validate(config)
+    workdir_lib.check_config(config, workdir, fresh)
     if config.task == "click":
         from distill_jax.train import click  # the click task's stages
 

@@ -8,11 +8,13 @@ training stages (`pipeline.py`) and the compress and export stages
 
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import ml_collections
 
-from distill_jax import config_lib, distributed, models
+from distill_jax import config_lib, distributed, faults, models
 from distill_jax import sharding as sharding_lib
 from distill_jax.evaluation.evaluator import Evaluator
 from distill_jax.train import state as state_lib
@@ -32,6 +34,88 @@ def write_json(path: str, obj: Any) -> None:
             json.dump(obj, f, indent=2)  # insertion order: steps stay in run order
         os.replace(tmp, path)
     distributed.barrier(f"distill_jax_wrote_{path}")
+
+
+CONFIG_FILE = "config.json"
+# Keys a resumed run may change: they cannot change its parameters or metrics
+# (what runs next, how often to log or save, where caches and coordinators
+# are, how many rows an evaluation batch holds).
+FREE_KEYS = (
+    "stages",
+    "log_every_steps",
+    "checkpoint.every_steps",
+    "eval.batch_size",
+    "eval.latency_batch_sizes",
+    "eval.latency_repeats",
+    "data.cache_dir",
+    "data.download",
+    "distributed.",
+)
+_REPLACED = "replaced-"
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _free(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in FREE_KEYS)
+
+
+def config_changes(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, current value) of the keys that differ and may change the result.
+
+    Keys the stored config lacks (added by a later version, at their
+    defaults) and `FREE_KEYS` are not compared.
+    """
+    a, b = _flat(stored), _flat(current)
+    return [(k, a[k], b.get(k)) for k in sorted(a) if not _free(k) and a[k] != b.get(k)]
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str, fresh: bool = False) -> None:
+    """Refuses to resume work in `workdir` done with another config, unless `fresh`.
+
+    The first run writes `WORKDIR/config.json`; a later run compares its
+    config with it and raises `faults.ConfigChangedError` naming every key
+    that differs (`FREE_KEYS` may). With `fresh` the work there is moved to
+    `WORKDIR/replaced-<UTC time>/` (nothing is deleted) and the run starts over.
+    """
+    current = json.loads(config.to_json_best_effort())
+    path = os.path.join(workdir, CONFIG_FILE)
+    if fresh:
+        _move_aside(workdir)
+    elif os.path.exists(path):
+        changes = config_changes(read_json(path)["config"], current)
+        if changes:
+            shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in changes[:12])
+            more = f" and {len(changes) - 12} more" if len(changes) > 12 else ""
+            raise faults.ConfigChangedError(
+                f"{workdir} holds work of another config: {shown}{more} (stored in {path}). "
+                "Resume with the stored config, use another --workdir, or pass --fresh to move "
+                f"that work to {workdir}/{_REPLACED}<time>/ and start over."
+            )
+    if not os.path.exists(path) or fresh:
+        os.makedirs(workdir, exist_ok=True)
+        write_json(path, {"config": current})
+
+
+def _move_aside(workdir: str) -> None:
+    """Moves everything in `workdir` (but earlier replaced work) into a replaced-<time> folder."""
+    if distributed.is_main_process() and os.path.isdir(workdir):
+        names = [n for n in sorted(os.listdir(workdir)) if not n.startswith(_REPLACED)]
+        if names:
+            target = os.path.join(
+                workdir, _REPLACED + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            )
+            os.makedirs(target)
+            for n in names:
+                shutil.move(os.path.join(workdir, n), os.path.join(target, n))
+    distributed.barrier(f"distill_jax_fresh_{workdir}")
 
 
 def build(config: ml_collections.ConfigDict, key: str, catalogue, stage: str = "", mesh=None):
