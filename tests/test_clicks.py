@@ -146,7 +146,9 @@ def test_rows_carry_the_items_clicked_before_them():
     assert data.history_field == item_field
     inverse = {}
     for split in data.splits.values():
-        inverse.update(zip(split.categorical[:, item_field].tolist(), split.items.tolist()))
+        inverse.update(
+            zip(split.categorical[:, item_field].tolist(), split.items.tolist(), strict=True)
+        )
     inverse.pop(0, None)
     clicks_of = {}  # user -> [(time, item)] of real clicks
     for u, i, t, r in zip(raw.user_ids, raw.item_ids, raw.timestamps, raw.ratings, strict=True):
