@@ -34,6 +34,7 @@ def _raw():
 def test_labels_negatives_and_the_time_split():
     raw = _raw()
     data = clicks.build(raw, click_threshold=4, negatives=2, seed=3)
+    assert data.name == "toy"
     rows = sum(len(s) for s in data.splits.values())
     assert rows == 40 * 3
     seen = set(zip(raw.user_ids.tolist(), raw.item_ids.tolist(), strict=True))

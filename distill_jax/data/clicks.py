@@ -45,7 +45,7 @@ from distill_jax.data.types import DataError, RawInteractions
 __all__ = ["ClickData", "ClickSplit", "build", "read", "write"]
 
 SPLITS = ("train", "valid", "test")
-FORMAT = 2  # of the stored rows: a change rebuilds every stored click data set
+FORMAT = 3  # of the stored rows: a change rebuilds every stored click data set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,22 +334,22 @@ def _assemble(
     parts = {"train": slice(0, cut1), "valid": slice(cut1, cut2), "test": slice(cut2, n)}
     train = parts["train"]
     fields, vocab_sizes, cat_cols = [], [], []
-    for name, column in cats.items():
+    for field, column in cats.items():
         values = column[train]
         vocab = {
             v: i + 1 for i, v in enumerate(sorted({v for v in values if v is not None}, key=str))
         }
-        fields.append(name)
+        fields.append(field)
         vocab_sizes.append(len(vocab))
         cat_cols.append(np.array([vocab.get(v, 0) for v in column], np.int32))
     num_names, num_cols = [], []
-    for name, column in nums.items():
+    for column_name, column in nums.items():
         known = column[train][~np.isnan(column[train])]
         if known.size == 0:
             continue  # no training row has it: nothing to learn from
         mean, std = known.mean(), known.std()
         scaled = (column - mean) / (std if std > 0 else 1.0)
-        num_names.append(name)
+        num_names.append(column_name)
         num_cols.append(np.where(np.isnan(scaled), 0.0, scaled).astype(np.float32))
     categorical_m = np.stack(cat_cols, axis=1)
     numeric_m = np.stack(num_cols, axis=1) if num_cols else np.zeros((n, 0), np.float32)
