@@ -97,8 +97,14 @@ def click_checks(reports: list[dict]) -> list[dict]:
             for k in ("teacher", "student_kd", "student_scratch")
         }
         gap = m["teacher"]["auc"] - m["student_scratch"]["auc"]
+        row = {}
+        if "logistic" in r["models"]:
+            row["teacher_minus_logistic"] = (
+                m["teacher"]["auc"] - r["models"]["logistic"]["metrics"]["test"]["auc"]
+            )
         out.append(
-            {
+            row
+            | {
                 "teacher_auc_gain": gap,
                 "gap_closed": (m["student_kd"]["auc"] - m["student_scratch"]["auc"]) / gap
                 if gap > 0

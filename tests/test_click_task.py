@@ -65,6 +65,34 @@ def test_losses_are_bce_and_binary_distillation():
     np.testing.assert_allclose(kd, want, rtol=1e-5)
 
 
+def test_platt_scaling_recovers_the_calibration_map():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=20000) * 2
+    labels = (rng.random(z.size) < 1 / (1 + np.exp(-(0.5 * z - 0.7)))).astype(np.int8)
+    a, b = click.platt_scaling(1 / (1 + np.exp(-z)), labels)
+    assert abs(a - 0.5) < 0.05 and abs(b + 0.7) < 0.05
+    with pytest.raises(ValueError, match="clicks and non-clicks"):
+        click.platt_scaling(np.full(4, 0.3), np.ones(4))
+
+
+def test_a_calibrated_teacher_gives_the_mapped_soft_labels():
+    student = ClickModel((3, 3), 1, 4, mlp_dims=(8,))
+    teacher = ClickModel((3, 3), 1, 4, num_cross=1, mlp_dims=(8,))
+    batch = {k: jnp.asarray(v) for k, v in click.rows_batch(_split(), np.arange(7), 8).items()}
+    sp = student.init({"params": jax.random.key(0)}, *click.inputs(batch), train=False)["params"]
+    tp = teacher.init({"params": jax.random.key(1)}, *click.inputs(batch), train=False)["params"]
+    cfg = config_lib.ml_collections.ConfigDict({"temperature": 1.5, "alpha": 0.2})
+    got = click.make_loss_fn(student, teacher, cfg, (0.6, -0.3))(sp, tp, batch, jax.random.key(0))
+    s = student.apply({"params": sp}, *click.inputs(batch), train=False)
+    t = teacher.apply({"params": tp}, *click.inputs(batch), train=False)
+    want = losses.binary_distill(
+        s, 0.6 * t - 0.3, batch["labels"], temperature=1.5, alpha=0.2, where=batch["where"]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    plain = click.make_loss_fn(student, teacher, cfg)(sp, tp, batch, jax.random.key(0))
+    assert abs(float(plain) - float(got)) > 1e-4
+
+
 def _interactions(path):
     """Even items are liked (rated 5), odd ones not (rated 1)."""
     rng = np.random.default_rng(0)
@@ -82,6 +110,7 @@ def _config(path):
     config = ml100k_click.get_config("tiny")
     config.data.update(source="interactions", path=str(path), rating_col="rating")
     config.click.history = 3  # the rows carry their users' earlier clicks
+    config.click.calibrate_teacher = True
     for m in (config.click.teacher, config.click.student):
         m.update(num_steps=60, batch_size=64, learning_rate=2e-2)
     config.eval.every_steps = config.checkpoint.every_steps = 20
@@ -114,6 +143,7 @@ def test_the_click_stages_run_end_to_end_and_resume_exactly(tmp_path):
     a = json.loads((tmp_path / "run" / "student_kd" / "result.json").read_text())
     b = json.loads((part / "student_kd" / "result.json").read_text())
     assert a["metrics"] == b["metrics"]
+    assert a["teacher_calibration"] == b["teacher_calibration"] != [1.0, 0.0]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ in order) in the work directory, each resumable like the sequence stages:
   (`config.click.student` with no cross layer and no hidden layer);
 * `teacher`: `config.click.teacher` (a DCN-v2 by default) on the labels;
 * `student_kd`: `config.click.student` distilled from the teacher's logits
-  with `losses.binary_distill` (`config.distill.temperature`, `alpha`);
+  with `losses.binary_distill` (`config.distill.temperature`, `alpha`); with
+  `config.click.calibrate_teacher` the teacher's logits are Platt-scaled on
+  the validation rows first, so the soft labels are calibrated probabilities;
 * `student_scratch`: the same student on the labels alone;
 * `report`: `report.json` and `report.md`, AUC, log loss and calibration per
   model on the test split and its cold slices, and the reliability diagrams.
@@ -140,8 +142,18 @@ def parse_dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in str(text).replace(" ", "").split(",") if d)
 
 
-def make_loss_fn(model: ClickModel, teacher: ClickModel | None, distill_cfg) -> Any:
-    """loss(params, teacher_params, batch, rng): BCE, or binary distillation from the teacher."""
+def make_loss_fn(
+    model: ClickModel,
+    teacher: ClickModel | None,
+    distill_cfg,
+    calibration: tuple[float, float] = (1.0, 0.0),
+) -> Any:
+    """loss(params, teacher_params, batch, rng): BCE, or binary distillation from the teacher.
+
+    `calibration` (a, b) maps the teacher's logit t to ``a * t + b`` before it
+    becomes a soft label (`platt_scaling`); (1, 0) leaves it as it is.
+    """
+    scale, shift = calibration
 
     def loss_fn(params, teacher_params, batch, rng):
         logits = model.apply(
@@ -156,7 +168,7 @@ def make_loss_fn(model: ClickModel, teacher: ClickModel | None, distill_cfg) -> 
         t_logits = teacher.apply({"params": teacher_params}, *inputs(batch), train=False)
         return losses.binary_distill(
             logits,
-            jax.lax.stop_gradient(t_logits),
+            jax.lax.stop_gradient(scale * t_logits + shift),
             batch["labels"],
             temperature=distill_cfg.temperature,
             alpha=distill_cfg.alpha,
@@ -182,6 +194,24 @@ def predict(model: ClickModel, params, split: clicks_lib.ClickSplit, batch_size:
             b = {k: b[k] for k in ("categorical", "numeric", "history")}
             out.append(np.asarray(jax.device_get(fn(params, b)))[: len(rows)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def platt_scaling(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(a, b) of Platt scaling: ``sigmoid(a * logit + b)`` fit to `labels` by log loss.
+
+    A logistic regression (scikit-learn, unregularised) on the one feature
+    logit(p); used on the validation rows to calibrate a teacher before its
+    probabilities become a student's soft labels.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("Platt scaling needs clicks and non-clicks in the validation rows")
+    p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+    logit = np.log(p) - np.log1p(-p)
+    fit = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(logit[:, None], labels)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
 def evaluate(model, params, data: clicks_lib.ClickData, name: str, batch_size: int, mesh) -> dict:
@@ -214,6 +244,7 @@ def run_stage(
     shards = sharding_lib.vocab_shards(config, mesh)
     model = build_model(mcfg, data, shards)
     teacher = teacher_params = teacher_shardings = None
+    calibration = (1.0, 0.0)
     if stage == "student_kd":
         if not workdir_lib.finished(workdir, "teacher"):
             raise ValueError(
@@ -224,6 +255,16 @@ def run_stage(
         teacher_params, teacher_shardings = workdir_lib.load_best_params(
             teacher, config, mesh, workdir_lib.stage_dir(workdir, "teacher")
         )
+        if config.click.calibrate_teacher:
+            valid = data.splits["valid"]
+            calibration = platt_scaling(
+                predict(teacher, teacher_params, valid, config.eval.batch_size, mesh), valid.labels
+            )
+            log.info(
+                "[%s] the teacher's logits calibrated on the validation rows: %.4f * t + %.4f",
+                stage,
+                *calibration,
+            )
     sharding_lib.check_batch_size(mcfg.batch_size, mesh, f"click.{stage}.batch_size")
     rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(stage.encode()))
     init_rng, step_rng = jax.random.split(rng)
@@ -236,7 +277,7 @@ def run_stage(
         mesh=mesh,
         state_shardings=shardings,
         teacher_shardings=teacher_shardings,
-        loss_fn=make_loss_fn(model, teacher, config.distill),
+        loss_fn=make_loss_fn(model, teacher, config.distill, calibration),
     )
     batches = ClickBatches(
         data.splits["train"], mcfg.batch_size, config.seed, num_shards=mesh.shape["data"]
@@ -282,6 +323,8 @@ def run_stage(
         "train_seconds": res.train_seconds,
         "curves": res.curves,
     }
+    if teacher is not None:
+        result["teacher_calibration"] = list(calibration)
     workdir_lib.write_json(result_path, result)
     return result
 
