@@ -162,6 +162,9 @@ def _delete_meta(step_dir: pathlib.Path) -> None:
     (step_dir / "meta" / "metadata").unlink()
 
 
+# A failed read of a truncated file leaves an orbax coroutine behind that finds its event
+# loop closed later; harmless, and not ours to fix.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", [_truncate_state, _delete_meta], ids=["truncated", "missing"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     tmp_path, uninterrupted, damage, caplog
