@@ -328,12 +328,14 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step leaves params and optimiser state as they were (NaN
         # never reaches them, nor a checkpoint); the step count moves on with the
-        # data. lax.cond runs only the branch taken: no pass over the params.
-        new_state = jax.lax.cond(
-            finite,
-            lambda s: s.apply_gradients(grads=grads),
-            lambda s: s.replace(step=s.step + 1),
-            state,
+        # data. A select, not lax.cond (as optax.apply_if_finite uses): it fuses
+        # into the optimiser's elementwise update, where a GPU conditional would
+        # copy its predicate to the host and wait for it every step.
+        new = state.apply_gradients(grads=grads)
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+        new_state = new.replace(
+            params=keep(new.params, state.params),
+            opt_state=keep(new.opt_state, state.opt_state),
         )
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
