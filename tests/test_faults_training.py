@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import synthetic
-from distill_jax import faults, pipeline
+from distill_jax import config_lib, faults, pipeline
 from distill_jax import sharding as sharding_lib
 from distill_jax.train import checkpoint, click, loop, steps
 from distill_jax.train import state as state_lib
@@ -287,6 +287,19 @@ def test_a_nan_step_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, mon
     meta = ckpt.restore_meta()
     ckpt.close()
     assert meta["skipped_steps"] == 0 and not meta["finished"]
+    # What the message offers: the same workdir resumes with 'skip' (a key a resume may change).
+    pipeline.run(_click_config(tmp_path, "skip"), str(tmp_path))
+    ckpt = checkpoint.StageCheckpointer(str(tmp_path / "logistic"))
+    meta = ckpt.restore_meta()
+    ckpt.close()
+    assert meta["skipped_steps"] == 1 and meta["finished"]
+
+
+def test_on_nonfinite_is_checked_naming_the_key():
+    config = seq_config()
+    config.train.on_nonfinite = "ignore"
+    with pytest.raises(config_lib.ConfigError, match=r"config.train.on_nonfinite='ignore'"):
+        config_lib.validate(config)
 
 
 def test_a_nan_step_is_skipped_and_counted_with_skip(tmp_path, monkeypatch, caplog):
@@ -306,7 +319,8 @@ def test_a_nan_step_is_skipped_and_counted_with_skip(tmp_path, monkeypatch, capl
 def test_a_nonfinite_step_changes_neither_params_nor_optimiser_state():
     split = test_click_task._split(8)
     model = click.ClickModel((3, 3), 1, 4, mlp_dims=(8,))
-    config = _click_config_for_state()
+    config = synthetic.get_config("tiny")  # the mesh and a click model's optimiser settings
+    config.click.student.update(warmup_steps=1, num_steps=10)
     mesh = sharding_lib.make_mesh(config.mesh)
     state, shardings = state_lib.create_state(
         model, config.click.student, mesh, sharding_lib.rules(config), jax.random.key(0)
@@ -328,12 +342,6 @@ def test_a_nonfinite_step_changes_neither_params_nor_optimiser_state():
     after = jax.device_get((state.params, state.opt_state))
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(x, y)
-
-
-def _click_config_for_state():
-    config = synthetic.get_config("tiny")
-    config.click.student.update(warmup_steps=1, num_steps=10)
-    return config
 
 
 # ---------------------------------------------------------------- full or unwritable disk
