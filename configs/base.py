@@ -386,4 +386,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 200  #: Training steps between checkpoints.
     config.log_every_steps = 100  #: Training steps between progress lines.
+
+    # Every training stage (distill_jax/train/loop.py). A step whose loss or
+    # gradient norm is NaN or Inf never changes the parameters (nor reaches a
+    # checkpoint); 'stop' then ends the run naming the step, keeping the last
+    # good checkpoint; 'skip' goes on and counts the skipped steps.
+    config.train = ml_collections.ConfigDict()
+    #: A step with a NaN/Inf loss or gradient: 'stop' the run or 'skip' the step.
+    config.train.on_nonfinite = "stop"
     return config

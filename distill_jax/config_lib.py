@@ -30,6 +30,8 @@ SCRATCH_KEYS = ("learning_rate", "dropout", "weight_decay", "exclude_history")
 
 
 TASKS = ("sequence", "click")
+# config.train.on_nonfinite: what a step with a NaN/Inf loss or gradient does.
+ON_NONFINITE = ("stop", "skip")
 CLICK_STAGES = ("logistic", "teacher", "student_kd", "student_scratch", "report")
 
 
@@ -104,6 +106,17 @@ def _validate_click(config: ml_collections.ConfigDict) -> None:
     _expect(t.temperature > 0, "distill.temperature", t.temperature, "> 0")
     _expect(0.0 <= t.alpha <= 1.0, "distill.alpha", t.alpha, "in [0, 1]")
     _positive_int(config.eval, "eval", "batch_size", "every_steps")
+    _validate_train(config)
+
+
+def _validate_train(config: ml_collections.ConfigDict) -> None:
+    """config.train: what every task's training loop reads."""
+    _expect(
+        config.train.on_nonfinite in ON_NONFINITE,
+        "train.on_nonfinite",
+        config.train.on_nonfinite,
+        f"one of {ON_NONFINITE}",
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -346,6 +359,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _expect(v == -1 or v >= 1, f"mesh.{axis}", v, "-1 (fill) or a positive axis size")
     _validate_compress(config, stages)
     _positive_int(config.checkpoint, "checkpoint", "every_steps")
+    _validate_train(config)
     _expect(config.log_every_steps > 0, "log_every_steps", config.log_every_steps, "> 0")
     validate_distributed(config)
 

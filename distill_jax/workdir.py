@@ -39,9 +39,11 @@ def write_json(path: str, obj: Any) -> None:
 CONFIG_FILE = "config.json"
 # Keys a resumed run may change: they cannot change its parameters or metrics
 # (what runs next, how often to log or save, where caches and coordinators
-# are, how many rows an evaluation batch holds).
+# are, how many rows an evaluation batch holds, whether a run that met a NaN
+# step stops there or skips it: no step's update depends on it).
 FREE_KEYS = (
     "stages",
+    "train.on_nonfinite",
     "log_every_steps",
     "checkpoint.every_steps",
     "eval.batch_size",
@@ -139,12 +141,18 @@ def build(config: ml_collections.ConfigDict, key: str, catalogue, stage: str = "
 
 
 def load_best_params(model, config, mesh, stage_dir: str):
-    """The best parameters a finished stage saved, laid out by the sharding rules."""
+    """The best parameters a finished stage saved, laid out by the sharding rules.
+
+    If its newest checkpoint is damaged, an older one serves only when it holds
+    the parameters of the step the stage's result.json names as its best.
+    """
     shardings = state_lib.param_shardings(model, mesh, sharding_lib.rules(config))
     abstract = state_lib.abstract_params(model)
+    result = os.path.join(stage_dir, "result.json")
+    best_step = read_json(result).get("best_step") if os.path.exists(result) else None
     ckpt = StageCheckpointer(stage_dir)
     try:
-        params, _ = ckpt.restore_best(abstract, shardings)
+        params, _ = ckpt.restore_best(abstract, shardings, best_step=best_step)
     finally:
         ckpt.close()
     return params, shardings

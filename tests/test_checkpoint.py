@@ -101,7 +101,8 @@ def test_a_killed_save_resumes_to_the_uninterrupted_result(tmp_path, uninterrupt
     a, b = _best_params(tmp_path), _best_params(uninterrupted)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
-    assert os.listdir(tmp_path / "teacher" / "checkpoints") == ["30"]
+    # The newest step and the one before it (the fallback if the newest is damaged).
+    assert sorted(os.listdir(tmp_path / "teacher" / "checkpoints")) == ["20", "30"]
 
 
 def test_an_older_layout_is_refused_with_what_to_do(tmp_path):

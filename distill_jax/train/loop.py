@@ -1,8 +1,21 @@
-"""The one trainer: teacher training, distillation and the no-teacher baseline."""
+"""The one trainer: teacher training, distillation and the no-teacher baseline.
+
+`run_steps` is the loop every task and stage shares, and the place where a
+run meets faults from outside the code:
+* SIGTERM (a preemption notice, SLURM): the loop writes a checkpoint at the
+  next step boundary and raises `faults.Preempted` (the main job exits 75); the
+  same command resumes from it to exactly the result of an uninterrupted run.
+* A damaged newest checkpoint: the one before it is used (train/checkpoint.py).
+* A NaN or Inf loss or gradient: the step applies no update; with
+  `config.train.on_nonfinite='stop'` the loop raises `faults.NonFiniteError`
+  naming the step, with 'skip' it goes on and counts the step.
+* A full or read-only disk: the save raises `faults.WorkdirError`.
+"""
 
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import zlib
@@ -14,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from distill_jax import faults
 from distill_jax import sharding as sharding_lib
 from distill_jax.data import loader
 from distill_jax.data.pipeline import TrainBatches
@@ -21,9 +35,9 @@ from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation.evaluator import Evaluator, model_scorer
 from distill_jax.progress import Progress
 from distill_jax.train import ensemble as ensemble_lib
+from distill_jax.train import preemption, teacher_init
 from distill_jax.train import state as state_lib
 from distill_jax.train import steps as steps_lib
-from distill_jax.train import teacher_init
 from distill_jax.train.checkpoint import StageCheckpointer
 
 log = logging.getLogger(__name__)
@@ -65,6 +79,8 @@ class StageResult:
     finished: bool
     # {"train": [[step, loss], ...], "valid": [[step, ndcg@10], ...]}: the report's curves.
     curves: dict | None = None
+    # Steps whose loss or gradient was NaN/Inf, skipped (config.train.on_nonfinite='skip').
+    skipped_steps: int = 0
 
 
 class _Writer:
@@ -299,6 +315,13 @@ def run_steps(
     stage keeps the parameters with the best `select_metric` (higher is
     better), stops early after `config.eval.patience` evaluations without a
     gain, and resumes from its latest checkpoint in `workdir`.
+
+    Raises:
+      faults.Preempted: a SIGTERM came; the step it stopped at is checkpointed.
+      faults.NonFiniteError: a step's loss or gradient was NaN/Inf and
+        `config.train.on_nonfinite` is 'stop'; the last checkpoint stays as it was.
+      faults.CheckpointDamagedError: the stage has checkpoints and none can be read.
+      faults.WorkdirError: a checkpoint could not be written (no space, no permission).
     """
     ckpt = StageCheckpointer(workdir)
     meta = {
@@ -309,6 +332,7 @@ def run_steps(
         "train_seconds": 0.0,
         "finished": False,
         "stopped_early": False,
+        "skipped_steps": 0,
         "curves": {"train": [], "valid": []},
     }
     # A grain iterator over the step-indexed batches: batches are prepared on
@@ -332,7 +356,9 @@ def run_steps(
             state, shardings, data_iter, best_params, model_shardings
         )
         log.info("[%s] resumed from step %d in %s", name, int(state.step), workdir)
-    meta.setdefault("curves", {"train": [], "valid": []})  # checkpoints of older runs
+    # Checkpoints of older runs lack these.
+    meta.setdefault("curves", {"train": [], "valid": []})
+    meta.setdefault("skipped_steps", 0)
     writer = _Writer(os.path.join(workdir, "tb"))
     writer.text("config", _config_text(name, mcfg, config), step=int(state.step))
     num_steps = mcfg.num_steps
@@ -348,82 +374,118 @@ def run_steps(
         num_steps,
     )
     bar = Progress(f"[{name}]", num_steps, initial=step, logger=log)
+    # (step, metrics) of the steps whose finiteness flag is still on the device.
+    # They are read together at the next log line, validation or save (one
+    # transfer), not after every step, so that the host never waits for a step
+    # before queueing the next one. A non-finite step has already left the
+    # params untouched (steps.make_train_step), so reading late risks nothing:
+    # every save reads first, and NaN never reaches a checkpoint.
+    unread: list[tuple[int, dict]] = []
+
+    def read_metrics() -> dict[str, float]:
+        """Fetches the unread steps' metrics, acts on the non-finite ones; the newest's values."""
+        got = jax.device_get([m for _, m in unread])
+        at = [s for s, _ in unread]
+        unread.clear()
+        for s, m in zip(at, got, strict=True):
+            if not bool(m["finite"]):
+                _nonfinite(name, s, m, config.train.on_nonfinite, meta, ckpt)
+        return {k: float(v) for k, v in got[-1].items() if k != "finite"} if got else {}
 
     def save(step):
+        read_metrics()
         meta["train_seconds"] = seconds_before + time.time() - t_start
         meta["config"] = json.loads(config.to_json_best_effort())
         ckpt.save(step, state, best_params, meta, data_iter)
 
-    while step < num_steps and not meta["finished"]:
-        batch = sharding_lib.put_local_batch(next(data_iter), mesh)
-        state, metrics = step_fn(state, teacher_params, batch, step_rng)
-        step += 1
-        if step % config.log_every_steps == 0 or step == num_steps:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            bar.update(loss=m["loss"])
-            rate, eta = bar.rate()
-            if not bar.is_bar:
-                log.info(
-                    "[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
-                    name,
-                    step,
-                    num_steps,
-                    m["loss"],
-                    m["grad_norm"],
-                    rate,
-                    eta,
-                )
-            writer.scalars(step, {**m, "steps_per_second": rate}, "train")
-            meta["curves"]["train"].append([step, m["loss"]])
-        else:
-            bar.update()
-        if step % config.eval.every_steps == 0 or step == num_steps:
-            valid = validate(state.params)
-            writer.scalars(step, valid, "valid")
-            meta["curves"]["valid"].append([step, valid[select_metric]])
-            selectable = step >= select_from_step
-            improved = selectable and valid[select_metric] > meta["best_metric"]
-            if improved:
-                meta.update(
-                    best_metric=valid[select_metric], best_step=step, best_valid=valid, bad_evals=0
-                )
-                best_params = copy_params(state.params)
-            elif selectable:
-                meta["bad_evals"] += 1
-            bar.note(
-                "[%s] step %d valid %s%s",
-                name,
-                step,
-                " ".join(f"{k}={valid[k]:.4f}" for k in log_metrics if k in valid),
-                " (best)" if improved else "",
-            )
-            patience = config.eval.patience
-            if patience and meta["bad_evals"] >= patience and step < num_steps:
+    # SIGTERM: checkpoint at the next step boundary, then faults.Preempted (exit 75).
+    term = preemption.Termination().install()
+    try:
+        while step < num_steps and not meta["finished"]:
+            batch = sharding_lib.put_local_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, teacher_params, batch, step_rng)
+            step += 1
+            unread.append((step, metrics))
+            if step % config.log_every_steps == 0 or step == num_steps:
+                m = read_metrics()
+                bar.update(loss=m["loss"])
+                rate, eta = bar.rate()
+                if not bar.is_bar:
+                    log.info(
+                        "[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
+                        name,
+                        step,
+                        num_steps,
+                        m["loss"],
+                        m["grad_norm"],
+                        rate,
+                        eta,
+                    )
+                m.update(steps_per_second=rate, skipped_steps=meta["skipped_steps"])
+                writer.scalars(step, m, "train")
+                if math.isfinite(m["loss"]):  # a skipped step's NaN stays out of the curve
+                    meta["curves"]["train"].append([step, m["loss"]])
+            else:
+                bar.update()
+            if step % config.eval.every_steps == 0 or step == num_steps:
+                read_metrics()  # a 'stop' on a NaN step comes before the evaluation
+                valid = validate(state.params)
+                writer.scalars(step, valid, "valid")
+                meta["curves"]["valid"].append([step, valid[select_metric]])
+                selectable = step >= select_from_step
+                improved = selectable and valid[select_metric] > meta["best_metric"]
+                if improved:
+                    meta.update(
+                        best_metric=valid[select_metric],
+                        best_step=step,
+                        best_valid=valid,
+                        bad_evals=0,
+                    )
+                    best_params = copy_params(state.params)
+                elif selectable:
+                    meta["bad_evals"] += 1
                 bar.note(
-                    "[%s] early stop at step %d: no improvement in %d evaluations",
+                    "[%s] step %d valid %s%s",
                     name,
                     step,
-                    patience,
+                    " ".join(f"{k}={valid[k]:.4f}" for k in log_metrics if k in valid),
+                    " (best)" if improved else "",
                 )
-                meta["finished"] = meta["stopped_early"] = True
-        if step == num_steps:
-            meta["finished"] = True
-        if meta["finished"] or step % config.checkpoint.every_steps == 0:
-            save(step)
-        if stop_at_step is not None and step >= stop_at_step and not meta["finished"]:
-            if step % config.checkpoint.every_steps:
+                patience = config.eval.patience
+                if patience and meta["bad_evals"] >= patience and step < num_steps:
+                    bar.note(
+                        "[%s] early stop at step %d: no improvement in %d evaluations",
+                        name,
+                        step,
+                        patience,
+                    )
+                    meta["finished"] = meta["stopped_early"] = True
+            if step == num_steps:
+                meta["finished"] = True
+            saved = meta["finished"] or step % config.checkpoint.every_steps == 0
+            if saved:
                 save(step)
-            bar.note("[%s] stopping at step %d as asked; re-run to resume", name, step)
-            break
-    bar.close()
-    if meta["finished"]:
-        best = {f"best_valid/{k}": float(v) for k, v in meta["best_valid"].items()}
-        writer.hparams(_hparams(name, mcfg, config), {**best, "best_step": meta["best_step"]})
-    writer.close()
-    params = best_params if meta["finished"] else None
-    ckpt.close()
+            if term.requested(step):
+                if not saved:
+                    save(step)
+                raise faults.Preempted(_preempted(name, step, num_steps, ckpt))
+            if stop_at_step is not None and step >= stop_at_step and not meta["finished"]:
+                if not saved:
+                    save(step)
+                bar.note("[%s] stopping at step %d as asked; re-run to resume", name, step)
+                break
+        if meta["finished"]:
+            best = {f"best_valid/{k}": float(v) for k, v in meta["best_valid"].items()}
+            writer.hparams(_hparams(name, mcfg, config), {**best, "best_step": meta["best_step"]})
+        if term.signalled:  # after the last step's check; that step's checkpoint is written
+            raise faults.Preempted(_preempted(name, step, num_steps, ckpt))
+    finally:
+        term.restore()
+        bar.close()
+        writer.close()
+        ckpt.close()
     return StageResult(
-        params=params,
+        params=best_params if meta["finished"] else None,
         finished=bool(meta["finished"]),
         best_step=meta["best_step"],
         best_valid=meta["best_valid"],
@@ -431,6 +493,38 @@ def run_steps(
         train_seconds=float(meta["train_seconds"]),
         stopped_early=bool(meta["stopped_early"]),
         curves=meta["curves"],
+        skipped_steps=int(meta["skipped_steps"]),
+    )
+
+
+def _nonfinite(name: str, step: int, m: dict, policy: str, meta: dict, ckpt) -> None:
+    """A step whose loss or gradient was NaN/Inf (its update was not applied): stop or count it."""
+    what = f"[{name}] step {step}: loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}"
+    if policy == "stop":
+        last = ckpt.latest_step()
+        kept = (
+            f"the last good checkpoint, step {last} in {ckpt.path}, is kept and a re-run resumes "
+            "from it (and meets this step again: training is deterministic)"
+            if last is not None
+            else "no checkpoint was written before it, so a re-run starts the stage over"
+        )
+        raise faults.NonFiniteError(
+            f"{what} is not finite, so its update was not applied and the run stopped "
+            f"(config.train.on_nonfinite='stop'); {kept}. Lower the learning rate, check the "
+            "data, or set config.train.on_nonfinite='skip' to skip such steps."
+        )
+    meta["skipped_steps"] += 1
+    log.warning(
+        "%s is not finite: update skipped (config.train.on_nonfinite='skip'; %d skipped so far)",
+        what,
+        meta["skipped_steps"],
+    )
+
+
+def _preempted(name: str, step: int, num_steps: int, ckpt) -> str:
+    return (
+        f"[{name}] stopped at step {step}/{num_steps} on a termination signal (SIGTERM) after "
+        f"writing its checkpoint in {ckpt.path}; re-run the same command to resume."
     )
 
 

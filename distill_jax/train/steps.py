@@ -1,4 +1,8 @@
-"""Jitted train steps: one builder for teacher training, distillation and baselines."""
+"""Jitted train steps: one builder for teacher training, distillation and baselines.
+
+Every step also reports whether its loss and gradient were finite, and applies
+no update when they were not (`make_train_step`).
+"""
 
 from typing import Any
 
@@ -304,7 +308,11 @@ def make_train_step(
     """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
 
     The state is donated (updated in place); the teacher's parameters keep
-    their own sharding and receive no gradient. `teacher_params` is ignored
+    their own sharding and receive no gradient. `metrics` holds the `loss`,
+    the global `grad_norm` and `finite` (a bool: both are finite). A
+    non-finite step applies no update: params and optimiser state come back
+    unchanged, only `state.step` counts it; the loop decides whether to stop
+    (`config.train.on_nonfinite`). `teacher_params` is ignored
     (pass None) for task='train'. `loss_fn(params, teacher_params, batch,
     rng)`: another task's loss (the click task's); None builds the sequence
     models' loss from `task` and the configs.
@@ -315,12 +323,21 @@ def make_train_step(
     def step(state, teacher_params, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, teacher_params, batch, dropout_rng)
-        new_state = state.apply_gradients(grads=grads)
-        metrics = {
-            "loss": loss,
-            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
-        }
-        return new_state, metrics
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        # NaN or Inf anywhere in the gradient makes its norm non-finite.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves params and optimiser state as they were (NaN
+        # never reaches them, nor a checkpoint); the step count moves on with the
+        # data. A select, not lax.cond (as optax.apply_if_finite uses): it fuses
+        # into the optimiser's elementwise update, where a GPU conditional would
+        # copy its predicate to the host and wait for it every step.
+        new = state.apply_gradients(grads=grads)
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+        new_state = new.replace(
+            params=keep(new.params, state.params),
+            opt_state=keep(new.opt_state, state.opt_state),
+        )
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     batch_s = sharding_lib.batch_sharding(mesh)
     rep = sharding_lib.replicated(mesh)
