@@ -4,8 +4,10 @@ Reads the reports of two `benchmarks.quality` work directories, one run
 with a config's `cold` variant (ids only) and one with its `features` variant
 (the same split; teacher and students read side features), and prints, per
 model and slice (warm `test`, `cold_items`, `cold_users`), HR@10, NDCG@10,
-tail NDCG@10 and coverage@10 as mean ± std over the seeds, then the three
-checks side features are judged by:
+tail NDCG@10 and coverage@10 as mean ± std over the seeds (the cold-item
+slices also `new_hr@10` and `new_ndcg@10`: the target ranked among the new
+items alone, the item cold-start protocol), then the three checks side
+features are judged by (on the full-catalogue ranking):
 
 1. cold items: with features, each model's cold-item HR@10 is far above the
    id-only model's (held: the mean gain exceeds twice the standard deviation
@@ -36,6 +38,9 @@ from benchmarks import common
 
 SLICES = ("test", "cold_items", "cold_users", "cold_items_valid", "cold_users_valid")
 COLUMNS = ("hr@10", "ndcg@10", "tail_ndcg@10", "coverage@10")
+# The cold-item slices also rank the target among the new items alone (older
+# reports lack these; their cells show '-').
+NEW_ITEM_COLUMNS = ("new_hr@10", "new_ndcg@10")
 MODELS = ("popularity", "teacher", "student_kd", "student_scratch")
 TRAINED = MODELS[1:]
 
@@ -68,10 +73,13 @@ def _report(workdir: str, seed: int) -> dict | None:
 
 
 def _values(reports: list[dict], model: str, split: str, column: str) -> np.ndarray:
-    return np.array([r["models"][model]["metrics"][split][column] for r in reports])
+    values = [r["models"][model]["metrics"][split].get(column) for r in reports]
+    return np.array(values, object if None in values else np.float64)
 
 
 def _cell(v: np.ndarray) -> str:
+    if v.dtype == object:
+        return "-"
     std = v.std(ddof=1) if len(v) > 1 else 0.0
     return f"{v.mean():.4f} ± {std:.4f}"
 
@@ -82,15 +90,16 @@ def table(without: list[dict], with_: list[dict]) -> list[str]:
     for split in SLICES:
         if any(split not in r["models"]["teacher"]["metrics"] for r in without + with_):
             continue
-        lines += ["", f"**{split}**", "", "| model | features | " + " | ".join(COLUMNS) + " |"]
-        lines.append("|---|---|" + "---:|" * len(COLUMNS))
+        columns = COLUMNS + (NEW_ITEM_COLUMNS if split.startswith("cold_items") else ())
+        lines += ["", f"**{split}**", "", "| model | features | " + " | ".join(columns) + " |"]
+        lines.append("|---|---|" + "---:|" * len(columns))
         for model in MODELS:
             for label, reports in (("no", without), ("yes", with_)):
                 if model == "popularity" and label == "yes":
                     continue  # the same counts either way
                 if any(model not in r["models"] for r in reports):
                     continue
-                cells = [_cell(_values(reports, model, split, c)) for c in COLUMNS]
+                cells = [_cell(_values(reports, model, split, c)) for c in columns]
                 feats = "-" if model == "popularity" else label
                 lines.append(f"| {model} | {feats} | " + " | ".join(cells) + " |")
     return lines

@@ -118,3 +118,44 @@ def test_agreement_and_latency(setup):
 
 def models_unbox(model, rng):
     return nn.unbox(state_lib.init_params_fn(model)(rng))
+
+
+def test_cold_items_are_also_ranked_among_the_new_items_alone():
+    from tests.test_preprocess import _raw
+
+    config = synthetic.get_config("tiny")
+    config.eval.batch_size = 32
+    pairs = [(f"u{u}", f"i{(u * 7 + j * 3) % 40}") for u in range(30) for j in range(8)]
+    processed = preprocess.preprocess(_raw(*zip(*pairs, strict=True)), min_user_interactions=4)
+    split = preprocess.cold_start_split(
+        processed, cold_item_fraction=0.2, cold_item_rule="random", seed=5
+    )
+    mesh = sharding_lib.make_mesh(config.mesh)
+    scores = np.random.default_rng(3).normal(size=split.num_items + 1).astype(np.float32)
+    rep = sharding_lib.replicated(mesh)
+    scorer = ev.Scorer(
+        lambda p, inputs, users=None: jax.numpy.broadcast_to(p, (inputs.shape[0], p.shape[0])),
+        jax.device_put(scores, rep),
+        rep,
+        config.teacher.max_len,
+        True,
+        0.0,
+    )
+    got = ev.Evaluator(split, config, mesh).evaluate(scorer, "cold_items")
+    new = np.zeros(split.num_items + 1, bool)
+    new[split.cold_items] = True
+    hits, gains, recips = [], [], []
+    for h, t in zip(*split.eval_examples("cold_items"), strict=True):
+        assert new[t]
+        cand = new.copy()
+        cand[h] = False
+        cand[t] = False
+        rank = 1 + np.sum(scores[cand].astype(np.float64) >= scores[t])
+        hits.append(rank <= 10)
+        gains.append(1 / np.log2(rank + 1) if rank <= 10 else 0.0)
+        recips.append(1 / rank)
+    assert got["new_hr@10"] == pytest.approx(np.mean(hits), abs=1e-6)
+    assert got["new_ndcg@10"] == pytest.approx(np.mean(gains), abs=1e-6)
+    assert got["new_mrr"] == pytest.approx(np.mean(recips), abs=1e-6)
+    assert got["new_hr@10"] >= got["hr@10"] and got["new_mrr"] > got["mrr"]
+    assert "new_hr@10" not in ev.Evaluator(split, config, mesh).evaluate(scorer, "test")

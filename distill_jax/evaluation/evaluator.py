@@ -157,13 +157,20 @@ class Evaluator:
         )
         return batches, n_users
 
-    def _batch_fn(self, scorer: Scorer):
-        if id(scorer) not in self._compiled:
+    def _batch_fn(self, scorer: Scorer, new_items_only: bool = False):
+        key = (id(scorer), new_items_only)
+        if key not in self._compiled:
             ks, k_max, excl = self.ks, max(self.ks), self.exclude_history
             is_head = jnp.asarray(self.is_head)
+            new = np.zeros(self.split.num_items + 1, bool)
+            new[np.asarray(getattr(self.split, "cold_items", []), np.int64)] = True
+            new = jnp.asarray(new)
 
             def fn(params, batch):
                 scores = scorer.score_fn(params, batch["inputs"], batch.get("users"))
+                if new_items_only:
+                    # Only the items training never showed are candidates.
+                    scores = jnp.where(new[: scores.shape[-1]], scores, -jnp.inf)
                 ranks = metrics_lib.target_ranks(
                     scores, batch["targets"], batch["history"], exclude_history=excl
                 )
@@ -175,19 +182,23 @@ class Evaluator:
                 top = metrics_lib.top_k_items(scores, batch["history"], k_max, exclude_history=excl)
                 return out, top, ranks
 
-            self._compiled[id(scorer)] = jax.jit(
+            self._compiled[key] = jax.jit(
                 fn,
                 in_shardings=(scorer.param_shardings, sharding_lib.batch_sharding(self.mesh)),
                 out_shardings=sharding_lib.replicated(self.mesh),
             )
-        return self._compiled[id(scorer)]
+        return self._compiled[key]
 
     def evaluate(self, scorer: Scorer, split: str) -> dict[str, float]:
         """Metrics on 'valid' or 'test'.
 
         Returns:
           `hr@K`, `ndcg@K`, `mrr`, `tail_hr@K`, `tail_ndcg@K`, `coverage@K`,
-          `gini@K` for each K of `config.eval.ks`, and `users`, `tail_users`.
+          `gini@K` for each K of `config.eval.ks`, and `users`, `tail_users`;
+          on 'cold_items' (and 'cold_items_valid') also `new_hr@K`,
+          `new_ndcg@K` and `new_mrr`: the target ranked among the items
+          training never showed alone (the item cold-start protocol), beside
+          its rank among the whole catalogue.
         """
         return self._evaluate(scorer, split, deciles=False)[0]
 
@@ -213,8 +224,15 @@ class Evaluator:
                 deciles[split] = d
         return metrics, deciles
 
-    def _evaluate(self, scorer: Scorer, split: str, deciles: bool, desc: str | None = None):
-        fn = self._batch_fn(scorer)
+    def _evaluate(
+        self,
+        scorer: Scorer,
+        split: str,
+        deciles: bool,
+        desc: str | None = None,
+        new_items_only: bool = False,
+    ):
+        fn = self._batch_fn(scorer, new_items_only)
         batches, n_users = self.batches(scorer, split)
         # Training's validation passes draw no bar of their own (the stage's bar runs).
         bar = Progress(
@@ -242,6 +260,14 @@ class Evaluator:
             result.update(metrics_lib.exposure_stats(exposure[i], k, self.split.num_items))
         result["users"] = n_users
         result["tail_users"] = int(total[f"tail_hr@{self.ks[0]}"][1])
+        if split.startswith("cold_items") and not new_items_only:
+            # The item cold-start protocol beside the full ranking: the target
+            # ranked among the new items alone (`new_hr@K`, `new_ndcg@K`, `new_mrr`).
+            among_new = self._evaluate(scorer, split, False, new_items_only=True)[0]
+            for k in self.ks:
+                result[f"new_hr@{k}"] = among_new[f"hr@{k}"]
+                result[f"new_ndcg@{k}"] = among_new[f"ndcg@{k}"]
+            result["new_mrr"] = among_new["mrr"]
         if not deciles:
             return result, None
         i = max([j for j, k in enumerate(self.ks) if k <= 10] or [0])
