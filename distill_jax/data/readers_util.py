@@ -11,6 +11,7 @@ import datetime
 import io
 import itertools
 import math
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -38,6 +39,9 @@ SEPARATOR_NAMES = {
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # An id written as a plain integer: no sign '+', no leading zero ('007' is a name).
 _CANONICAL_INT = r"^(0|-?[1-9][0-9]*)$"
+# What a number column may hold where integers are expected: decimal digits.
+# Arrow's parser alone also takes hex ('0x10' -> 16).
+_DECIMAL_INT = r"^-?[0-9]+$"
 
 
 def error(message: str) -> Exception:
@@ -86,11 +90,23 @@ def cast(values: Sequence[str] | pa.Array | pa.ChunkedArray, to: pa.DataType) ->
         values = values.combine_chunks()
     elif not isinstance(values, pa.Array):
         values = pa.array(values, type=pa.string())
+    if pa.types.is_integer(to) and _is_text(values.type):
+        decimal = pc.fill_null(pc.match_substring_regex(values, _DECIMAL_INT), True)
+        if not pc.all(decimal).as_py():
+            index = int(np.argmin(decimal.to_numpy(zero_copy_only=False)))
+            raise BadValue(index, values[index].as_py())
     try:
         return pc.cast(values, to).to_numpy(zero_copy_only=False)
     except pa.ArrowInvalid:
         index = _first_failure(values, lambda part: pc.cast(part, to))
         raise BadValue(index, values[index].as_py()) from None
+
+
+def range_hint(value: Any) -> str:
+    """' (outside the 64-bit range ...)' for an integer too large to read, else ''."""
+    if isinstance(value, str) and re.fullmatch(_DECIMAL_INT, value):
+        return " (outside the 64-bit integer range -2**63..2**63-1)"
+    return ""
 
 
 def check_finite(values: np.ndarray) -> int | None:
@@ -207,8 +223,8 @@ def column_values(
         out = cast(values, to)
     except BadValue as e:
         raise error(
-            f"{path}:{e.index + 1}: expected {what} in field {field}, got {e.value!r}: "
-            f"{excerpt(lines[e.index])}"
+            f"{path}:{e.index + 1}: expected {what} in field {field}, got {e.value!r}"
+            f"{range_hint(e.value)}: {excerpt(lines[e.index])}"
         ) from None
     if out.dtype.kind == "f" and (bad := check_finite(out)) is not None:
         raise error(
@@ -405,6 +421,7 @@ def numbers(column, name: str, to: pa.DataType, what: str, locate: Callable) -> 
     except BadValue as e:
         raise error(
             f"{locate(e.index)}: expected {what} in column {name!r}, got {e.value!r}"
+            f"{range_hint(e.value)}"
         ) from None
     if floating and (bad := check_finite(out)) is not None:
         raise error(
