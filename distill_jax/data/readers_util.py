@@ -309,7 +309,8 @@ def _diagnose_csv(path: Path, delimiter: str, header: list[str], cause: Exceptio
     for fields in reader:
         start, end = end + 1, reader.line_num
         if fields and len(fields) != len(header):
-            line = text.split("\n", start)[start - 1].rstrip("\r")
+            # Lines as the csv module counts them: a CR alone ends one too.
+            line = re.split(r"\r\n|\r|\n", text, maxsplit=start)[start - 1]
             wanted = fields_wanted(len(header), delimiter, delimiter.join(header))
             hint = separator_hint(line, delimiter, len(header)) if len(fields) == 1 else ""
             return error(
