@@ -183,7 +183,8 @@ def test_interactions_csv_string_ids_and_iso_times(tmp_path):
         "title": {"007": "Bond", "a": "Apple"},
         "price": {"007": 1.5, "a": 2.0},
     }
-    assert raw.user_features == {"age": {"u1": 30, "u2": None}}
+    # An empty cell is a missing value: u2 has no age (encoded as the mean).
+    assert raw.user_features == {"age": {"u1": 30}}
     assert raw.files == [str(path), str(items), str(users)]
 
 

@@ -102,6 +102,17 @@ def cast(values: Sequence[str] | pa.Array | pa.ChunkedArray, to: pa.DataType) ->
         raise BadValue(index, values[index].as_py()) from None
 
 
+def plain_integer(text: str) -> int | None:
+    """The value of an id written as a plain int64 integer ('12', not '012' or '+12'), else None.
+
+    The rule `ids` types a table's id column by, for files of ids one a line.
+    """
+    if not re.fullmatch(_CANONICAL_INT, text):
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None
+
+
 def range_hint(value: Any) -> str:
     """' (outside the 64-bit range ...)' for an integer too large to read, else ''."""
     if isinstance(value, str) and re.fullmatch(_DECIMAL_INT, value):
@@ -118,7 +129,8 @@ def check_finite(values: np.ndarray) -> int | None:
 # ------------------------------------------------------------------ text files
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes; a file that cannot be read is a `DataError` naming it."""
     try:
         return path.read_bytes()
     except OSError as e:
@@ -147,7 +159,7 @@ def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     Splits on '\\n' only: str.splitlines would also split latin-1 text at
     \\x85 and \\x1c-\\x1e, which are characters there, not line breaks.
     """
-    text = decode(path, _read_bytes(path), encoding).replace("\r\n", "\n")
+    text = decode(path, read_bytes(path), encoding).replace("\r\n", "\n")
     lines = text.split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
@@ -287,7 +299,7 @@ def require_columns(path: Path, found: list[str], wanted: dict[str, str], delimi
 
 def _csv_line(path: Path, delimiter: str, row: int) -> int:
     """The 1-based line where data row `row` (0-based, after the header) starts."""
-    text = decode(path, _read_bytes(path), "utf-8")
+    text = decode(path, read_bytes(path), "utf-8")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     next(reader)
     end, index = reader.line_num, -1
@@ -302,7 +314,7 @@ def _csv_line(path: Path, delimiter: str, row: int) -> int:
 
 def _diagnose_csv(path: Path, delimiter: str, header: list[str], cause: Exception):
     """After Arrow failed to parse a CSV file: the error for its first bad line."""
-    text = decode(path, _read_bytes(path), "utf-8")
+    text = decode(path, read_bytes(path), "utf-8")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     next(reader)
     end = reader.line_num
@@ -428,6 +440,40 @@ def numbers(column, name: str, to: pa.DataType, what: str, locate: Callable) -> 
         raise error(
             f"{locate(bad)}: expected {what} in column {name!r}, got {column[bad].as_py()!r}"
         )
+    return out
+
+
+def feature_values(column, name: str, locate: Callable) -> list:
+    """A side-feature column's values, None where missing (null, blank, NaN).
+
+    Text cells (a CSV's) are trimmed and become numbers when every present
+    cell of the column is one (int when all are integers), else stay text.
+    An infinite number is an error located by `locate(row)`.
+    """
+    column = _flat(column)
+    if not _is_text(column.type):
+        values = column.to_pylist()
+        rows = range(len(values))
+    else:
+        column = pc.utf8_trim_whitespace(column)
+        missing = _missing(column)
+        rows = np.flatnonzero(~missing)
+        present = pc.filter(column, pa.array(~missing))
+        if not (len(present) and _parses(present, pa.float64())):
+            return [None if m else v for v, m in zip(column.to_pylist(), missing, strict=True)]
+        whole = pc.all(pc.match_substring_regex(present, _DECIMAL_INT)).as_py()
+        kind = pa.int64() if whole and _parses(present, pa.int64()) else pa.float64()
+        values = pc.cast(present, kind).to_pylist()
+    out = [None] * len(column)
+    for row, value in zip(rows, values, strict=True):
+        if isinstance(value, float) and not math.isfinite(value):
+            if math.isnan(value):
+                continue
+            raise error(
+                f"{locate(int(row))}: expected a finite number (or nothing) in column "
+                f"{name!r}, got {value}"
+            )
+        out[row] = value
     return out
 
 

@@ -422,7 +422,9 @@ def read_interactions(
         then the time order).
       rating_col: the rating column; None uses 'rating' if there is one.
       item_features_path: an optional table keyed by `item_col`; each other
-        column becomes an item feature.
+        column becomes an item feature: numbers where every cell of the column
+        is one, else text. An empty cell, a blank text or NaN is a missing
+        value (left out); an infinite number is an error.
       user_features_path: likewise for users, keyed by `user_col`.
       delimiter: the CSV field separator (one character).
 
@@ -486,16 +488,23 @@ def _integer_ids(ids: np.ndarray) -> bool:
 
 
 def _feature_table(path: Path, key: str, integer: bool, what: str, delimiter: str) -> dict:
-    """{feature: {id: value}} from a table keyed by column `key`."""
+    """{feature: {id: value}} from a table keyed by column `key`; missing values left out.
+
+    CSV cells are read as text and typed per column (`readers_util.feature_values`),
+    so a blank cell is missing wherever it is rather than turning a column of
+    numbers into text.
+    """
     found = ru.table_columns(path, delimiter)
     ru.require_columns(path, found, {key: f"the {what} id column"}, delimiter)
-    table, locate = ru.read_table(path, found, delimiter, text=[key])
+    table, locate = ru.read_table(path, found, delimiter)
     keys = ru.keys(table[key], key, integer, what, locate)
-    return {
-        column: ru.keyed(keys, table[column].to_pylist(), f"{what} id", locate)
-        for column in found
-        if column != key
-    }
+    ru.keyed(keys, keys, f"{what} id", locate)  # each id on one row
+    out = {}
+    for column in found:
+        if column != key:
+            values = ru.feature_values(table[column], column, locate)
+            out[column] = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+    return out
 
 
 def add_side_features(
