@@ -108,6 +108,9 @@ if __name__ == "__main__":
     # --config.KEY overrides: a misspelled key fails here with one message, no traceback.
     try:
         describe.check_config_flags(sys.argv)
+    except SystemExit as e:  # a bad --config or --config.KEY, already one message
+        print(e.code, file=sys.stderr)
+        sys.exit(faults.EXIT_USER_ERROR)
     except Exception as e:  # a config file is code: it may raise anything
         fail(e, _workdir_of(sys.argv), faults.EXIT_BUG, unexpected=True)
 _CONFIG = config_flags.DEFINE_config_file(
@@ -125,6 +128,16 @@ _FRESH = flags.DEFINE_bool(
     "Start over in a workdir that holds work of another config: that work is moved to "
     "WORKDIR/replaced-<time>/ first. Without it such a run is refused, naming the keys.",
 )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag (a value of the wrong type, no --workdir) as one
+    message and the user-error status."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"{_PREFIX}: {e} (--helpfull lists the flags)", file=sys.stderr)
+        sys.exit(faults.EXIT_USER_ERROR)
 
 
 def main(argv):
@@ -181,4 +194,4 @@ def _run(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -116,3 +116,17 @@ def test_a_config_file_that_raises_is_one_line(tmp_path):
     line = _one_message(out.stderr)
     assert "RuntimeError: no such setting" in line and str(work / "error.log") in line
     assert "bad_config.py" in (work / "error.log").read_text()
+
+
+def test_bad_flags_are_one_message_with_the_user_error_status(tmp_path):
+    work = tmp_path / "run"
+    for args, expected in (
+        ((TINY, "--config.teacher.embed_dim=abc", f"--workdir={work}"), "embed_dim=abc"),
+        ((TINY,), "flag --workdir=None"),  # --workdir is required
+        ((TINY, "--config.teachr.embed_dim=8", f"--workdir={work}"), "did you mean"),
+    ):
+        out = _main(*args)
+        assert out.returncode == faults.EXIT_USER_ERROR, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr and expected in out.stderr, out.stderr[-3000:]
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not work.exists()  # refused before anything is written
