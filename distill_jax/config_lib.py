@@ -148,6 +148,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ">= 0 (0 keeps every rating)",
     )
     _expect(
+        d.rating_threshold == 0 or d.source != "s3rec",
+        "data.rating_threshold",
+        d.rating_threshold,
+        "0: S3-Rec sequence files have no ratings",
+    )
+    _expect(
+        isinstance(d.delimiter, str) and len(d.delimiter) == 1,
+        "data.delimiter",
+        d.delimiter,
+        "one character (the CSV field separator)",
+    )
+    _expect(
         isinstance(d.k_core, int) and d.k_core >= 0,
         "data.k_core",
         d.k_core,
