@@ -41,6 +41,8 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            # Property tests (tests/test_properties_*.py).
+            "hypothesis>=6.100",
             "ruff>=0.6",
             "nbclient>=0.10",
             "nbformat>=5.10",

@@ -5,6 +5,8 @@ their stages (`teacher_<n>`, `ensemble`, `soft_labels`) and their
 (target, form) pairs against the table in `distill_jax.losses`.
 """
 
+import math
+
 import ml_collections
 
 from distill_jax.config_checks import EXTRA_TEACHER, ConfigError, _expect, _positive_int
@@ -15,7 +17,12 @@ def validate(config: ml_collections.ConfigDict, stages: list[str]) -> None:
     from distill_jax.models import MODELS
 
     d = config.distill
-    _expect(d.temperature > 0, "distill.temperature", d.temperature, "a temperature > 0")
+    _expect(
+        math.isfinite(d.temperature) and d.temperature > 0,
+        "distill.temperature",
+        d.temperature,
+        "a finite temperature > 0",
+    )
     _expect(0.0 <= d.alpha <= 1.0, "distill.alpha", d.alpha, "a weight in [0, 1]")
     _expect(
         isinstance(d.hard_k, int) and d.hard_k >= 1, "distill.hard_k", d.hard_k, "an integer >= 1"

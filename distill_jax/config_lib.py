@@ -1,5 +1,7 @@
 """Start-up validation of a config: every bad value names its key."""
 
+import math
+
 import ml_collections
 
 from distill_jax.config_checks import (  # noqa: F401 (ConfigError: the public name)
@@ -103,7 +105,12 @@ def _validate_click(config: ml_collections.ConfigDict) -> None:
         _expect(0.0 <= m.dropout < 1.0, f"click.{name}.dropout", m.dropout, "a rate in [0, 1)")
         _expect(m.learning_rate > 0, f"click.{name}.learning_rate", m.learning_rate, "> 0")
     t = config.distill
-    _expect(t.temperature > 0, "distill.temperature", t.temperature, "> 0")
+    _expect(
+        math.isfinite(t.temperature) and t.temperature > 0,
+        "distill.temperature",
+        t.temperature,
+        "a finite temperature > 0",
+    )
     _expect(0.0 <= t.alpha <= 1.0, "distill.alpha", t.alpha, "in [0, 1]")
     _positive_int(config.eval, "eval", "batch_size", "every_steps")
     _validate_train(config)
@@ -152,6 +159,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "data.rating_threshold",
         d.rating_threshold,
         ">= 0 (0 keeps every rating)",
+    )
+    _expect(
+        d.rating_threshold == 0 or d.source != "s3rec",
+        "data.rating_threshold",
+        d.rating_threshold,
+        "0: S3-Rec sequence files have no ratings",
+    )
+    _expect(
+        isinstance(d.delimiter, str) and len(d.delimiter) == 1,
+        "data.delimiter",
+        d.delimiter,
+        "one character (the CSV field separator)",
     )
     _expect(
         isinstance(d.k_core, int) and d.k_core >= 0,

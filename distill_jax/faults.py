@@ -12,6 +12,11 @@ EXIT_PREEMPTED = 75
 # An error the user can fix (a config key, a file and line, a damaged or
 # mismatched workdir).
 EXIT_USER_ERROR = 2
+# Anything else: a bug. main.py prints one line naming the log file that holds
+# the traceback (WORKDIR/error.log).
+EXIT_BUG = 1
+# Ctrl-C (SIGINT), as a shell reports it: 128 + 2.
+EXIT_INTERRUPTED = 130
 
 
 class Preempted(Exception):

@@ -9,9 +9,12 @@ launch/slurm_gpu.sbatch set them). Every key, its value and its meaning:
 python -m distill_jax.describe [--config=...] [--match=TEXT].
 """
 
+import datetime
 import logging
 import os
 import sys
+import tempfile
+import traceback
 
 import jax
 from absl import app, flags
@@ -36,10 +39,80 @@ USER_ERRORS = (
     faults.WorkdirError,
 )
 
+ERROR_LOG = "error.log"
+_PREFIX = "distill_jax.main"
+
+
+def _workdir_of(argv: list[str]) -> str | None:
+    """--workdir's value from the command line, before absl has parsed it."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--workdir="):
+            return arg.split("=", 1)[1]
+        if arg == "--workdir" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def write_traceback(workdir: str | None) -> str | None:
+    """Appends the traceback being handled to WORKDIR/error.log; returns that file's path.
+
+    Where the workdir cannot be written (no permission, no space, none given)
+    the traceback goes to a new temporary file instead, whose path is returned;
+    None when neither can be written.
+    """
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    text = f"--- {now} pid {os.getpid()}: {' '.join(sys.argv)}\n{traceback.format_exc()}\n"
+    if workdir:
+        path = os.path.join(workdir, ERROR_LOG)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            pass
+    try:
+        fd, path = tempfile.mkstemp(prefix="distill_jax_error_", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+    except OSError:
+        return None
+
+
+def fail(error: BaseException, workdir: str | None, status: int, unexpected: bool) -> None:
+    """Ends the run with `error` as one message on stderr (no traceback) and `status`.
+
+    The traceback goes to the log file (`write_traceback`); an unexpected
+    error's message names that file, since it is what a bug report needs.
+    """
+    log_path = write_traceback(workdir)
+    if not unexpected:
+        print(f"{_PREFIX}: {error}", file=sys.stderr)
+        sys.exit(status)
+    lines = str(error).strip().splitlines()
+    message = type(error).__name__ + (f": {lines[0]}" if lines else "")
+    if len(lines) > 1:
+        message += " ..."
+    where = (
+        f"the traceback is in {log_path}"
+        if log_path
+        else "no log file could be written for the traceback"
+    )
+    print(f"{_PREFIX}: unexpected error: {message} ({where})", file=sys.stderr)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     # Without --config, defining the flag already loads the default file and applies the
     # --config.KEY overrides: a misspelled key fails here with one message, no traceback.
-    describe.check_config_flags(sys.argv)
+    try:
+        describe.check_config_flags(sys.argv)
+    except SystemExit as e:  # a bad --config or --config.KEY, already one message
+        print(e.code, file=sys.stderr)
+        sys.exit(faults.EXIT_USER_ERROR)
+    except Exception as e:  # a config file is code: it may raise anything
+        fail(e, _workdir_of(sys.argv), faults.EXIT_BUG, unexpected=True)
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     describe.DEFAULT_CONFIG,
@@ -57,15 +130,34 @@ _FRESH = flags.DEFINE_bool(
 )
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag (a value of the wrong type, no --workdir) as one
+    message and the user-error status."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"{_PREFIX}: {e} (--helpfull lists the flags)", file=sys.stderr)
+        sys.exit(faults.EXIT_USER_ERROR)
+
+
 def main(argv):
+    # Caught here, not left to app.run, which would print the traceback: every
+    # error ends as one message on stderr and its traceback in WORKDIR/error.log.
+    workdir = _WORKDIR.value
     try:
         _run(argv)
     except faults.Preempted as e:
-        print(f"distill_jax.main: {e}", file=sys.stderr)
-        sys.exit(faults.EXIT_PREEMPTED)
+        fail(e, workdir, faults.EXIT_PREEMPTED, unexpected=False)
     except USER_ERRORS as e:
-        print(f"distill_jax.main: {e}", file=sys.stderr)
-        sys.exit(faults.EXIT_USER_ERROR)
+        fail(e, workdir, faults.EXIT_USER_ERROR, unexpected=False)
+    except KeyboardInterrupt:
+        print(
+            f"{_PREFIX}: interrupted; re-run the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(faults.EXIT_INTERRUPTED)
+    except Exception as e:  # a bug: one line here, the traceback in the log
+        fail(e, workdir, faults.EXIT_BUG, unexpected=True)
 
 
 def _run(argv):
@@ -102,4 +194,4 @@ def _run(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

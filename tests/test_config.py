@@ -24,6 +24,8 @@ def test_defaults_are_valid():
     [
         ("distill.temperature", 0.0, r"config\.distill\.temperature=0\.0.*> 0"),
         ("distill.temperature", -1.0, r"config\.distill\.temperature"),
+        ("distill.temperature", float("inf"), r"config\.distill\.temperature=inf.*finite"),
+        ("data.delimiter", ";;", r"config\.data\.delimiter=';;'.*one character"),
         ("distill.alpha", 1.5, r"config\.distill\.alpha=1\.5.*\[0, 1\]"),
         ("distill.alpha", -0.1, r"config\.distill\.alpha"),
         ("student.name", "transformer9000", r"config\.student\.name='transformer9000'.*sasrec"),
@@ -45,6 +47,13 @@ def test_bad_value_names_key(key, value, match):
     section, _, leaf = key.rpartition(".")
     (config[section] if section else config)[leaf] = value
     with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.validate(config)
+
+
+def test_a_rating_threshold_needs_a_source_with_ratings():
+    config = _cfg()
+    config.data.update(source="s3rec", path="Beauty.txt", rating_threshold=4.0)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.rating_threshold=4\.0"):
         config_lib.validate(config)
 
 

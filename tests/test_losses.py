@@ -579,7 +579,7 @@ def test_sharded_inputs_give_the_same_result():
 def test_bad_hyperparameters_raise_clear_errors():
     student, teacher, labels, _ = make_batch(20)
     for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             losses.kl_distill(student, teacher, temperature=bad)
         with pytest.raises(ValueError, match="temperature"):
             losses.distill_loss(student, teacher, labels, temperature=bad, alpha=0.5)

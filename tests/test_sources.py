@@ -141,6 +141,25 @@ def test_s3rec(tmp_path):
     assert raw.files == [str(path)]
 
 
+def test_s3rec_ids_must_be_plain_non_negative_64_bit_integers(tmp_path):
+    cases = {
+        "1 2 3\n2 4 -5\n": "2: expected a non-negative integer item id in field 3, got -5",
+        "1 2 3\n-2 4 5\n": "2: expected a non-negative integer user id in field 1, got -2",
+        "1 2 3\n2 99999999999999999999\n": (
+            "2: expected an integer item id in field 2, got '99999999999999999999' "
+            "(outside the 64-bit integer range"
+        ),
+        "1 2 0x10\n": "1: expected an integer item id in field 3, got '0x10'",  # not 16
+        "1 2 3\n2 4 3\n1 7\n": "3: user 1 already has line 1; expected one line per user",
+    }
+    for i, (text, expected) in enumerate(cases.items()):
+        path = write(tmp_path / f"seq{i}.txt", text)
+        message = error_of(sources.read_s3rec, path)
+        assert message.startswith(f"{path}:{expected}"), message
+    path = write(tmp_path / "big.txt", f"0 {2**63 - 1} 0\n")  # the extremes are ids
+    np.testing.assert_array_equal(sources.read_s3rec(path).item_ids, [2**63 - 1, 0])
+
+
 def test_interactions_csv_string_ids_and_iso_times(tmp_path):
     path = write(
         tmp_path / "log.csv",
@@ -164,7 +183,8 @@ def test_interactions_csv_string_ids_and_iso_times(tmp_path):
         "title": {"007": "Bond", "a": "Apple"},
         "price": {"007": 1.5, "a": 2.0},
     }
-    assert raw.user_features == {"age": {"u1": 30, "u2": None}}
+    # An empty cell is a missing value: u2 has no age (encoded as the mean).
+    assert raw.user_features == {"age": {"u1": 30}}
     assert raw.files == [str(path), str(items), str(users)]
 
 

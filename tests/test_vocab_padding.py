@@ -2,6 +2,10 @@
 multiple of the 'model' axis, and nothing of the padding shows in losses,
 gradients, logits, metrics or parameter counts."""
 
+import json
+import subprocess
+import sys
+
 import chex
 import flax.linen as nn
 import jax
@@ -10,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from distill_jax import models
+from distill_jax import models, recommend
 from distill_jax import sharding as sharding_lib
 from distill_jax.data import preprocess
 from distill_jax.data import synthetic as synthetic_data
@@ -179,3 +183,35 @@ def test_padding_ids_in_inputs_are_loud():
     items = np.array([[0, 5, 62]], np.int32)  # 62 is a padding row, not an item
     hidden = model.apply({"params": params}, items, train=False)
     assert np.isnan(np.asarray(hidden)).any()
+
+
+def test_the_main_job_runs_on_a_catalogue_the_model_axis_does_not_divide(tmp_path):
+    # 61 items: 62 table rows on a 'model' axis of 4. Issue 31 saw this die with
+    # jax's IndivisibleError; the tables are now padded to a multiple of the axis.
+    work = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill_jax.main",
+        "--config=configs/synthetic.py:tiny",
+        "--config.mesh.model=4",
+        "--config.data.synthetic.num_items=61",
+        "--config.loss.form=vocab_parallel",
+        "--config.stages=teacher,student_kd,export",
+        "--config.export.model=student_kd",
+        "--config.teacher.num_steps=10",
+        "--config.student.num_steps=10",
+        f"--workdir={work}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "IndivisibleError" not in out.stderr and "Traceback" not in out.stderr
+    assert "mesh {'data': 2, 'model': 4}" in out.stdout
+    for stage in ("teacher", "student_kd"):
+        result = json.loads((work / stage / "result.json").read_text())
+        assert 0 < result["metrics"]["test"]["ndcg@10"] <= 1
+    # The padding rows are never recommended: every exported item is one of the 61.
+    served = recommend.load(str(work / "export"))
+    for history in (["1", "2", "3"], ["60", "61"], []):
+        items = served.recommend(history).items
+        assert items and all(1 <= int(i) <= 61 for i in items), items

@@ -243,3 +243,17 @@ def test_bad_layouts_name_what_was_expected():
         vp.vocab_parallel_cross_entropy_sum(s[:15], labels[:15], mesh=mesh)
     with pytest.raises(ValueError, match="axes 'data' and 'model'"):
         vp.vocab_parallel_cross_entropy_sum(s, labels, mesh=jax.make_mesh((8,), ("batch",)))
+
+
+def test_a_label_outside_the_catalogue_is_nan_not_a_logit_of_0():
+    mesh = make_mesh((2, 4))
+    logits = np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32)
+    where = np.array([True, True, True, False])
+    for bad in (-1, 16, 99):
+        labels = np.array([3, bad, 5, -7], np.int32)  # the masked row's label does not matter
+        total, _ = vp.vocab_parallel_cross_entropy_sum(logits, labels, where=where, mesh=mesh)
+        assert np.isnan(float(total)), bad
+    labels = np.array([3, 4, 5, -7], np.int32)
+    total, _ = vp.vocab_parallel_cross_entropy_sum(logits, labels, where=where, mesh=mesh)
+    want, _ = losses.cross_entropy_sum(logits, labels, where=where)
+    np.testing.assert_allclose(float(total), float(want), rtol=1e-5)

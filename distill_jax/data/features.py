@@ -74,11 +74,13 @@ def read_item_attributes(path: PathLike) -> dict[int, tuple[int, ...]]:
     path = Path(path)
     layout = 'a JSON object {"item id": [attribute id, ...], ...}'
     ru.require_file(path, layout)
-    text = ru.decode(path, path.read_bytes(), "utf-8")
+    text = ru.decode(path, ru.read_bytes(path), "utf-8")
     try:
         stored = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected {layout}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; expected {layout}") from None
     if not isinstance(stored, dict) or not stored:
         raise DataError(f"{path}: expected {layout}, got {type(stored).__name__} {_short(stored)}")
     out = {}
@@ -119,7 +121,8 @@ def read_vectors(path: PathLike) -> dict[Any, np.ndarray]:
     """Reads a `[n, E]` float matrix and the `n` ids of its rows (see `vectors_ids_path`).
 
     Ids that are plain integers are int, others str, as `sources.read_interactions`
-    types the ids of a table. The matrix is read without pickle.
+    types the ids of a table ('12' is 12; '012', '+12' and '١٢' are names). The
+    matrix is read without pickle.
 
     Args:
       path: the `.npy` file.
@@ -128,20 +131,25 @@ def read_vectors(path: PathLike) -> dict[Any, np.ndarray]:
       id -> its float32 row `[E]`.
 
     Raises:
-      DataError: a missing file, a matrix that is not 2-D float, a row count
-        that differs from the id count, a repeated id, a non-finite value.
+      DataError: a missing file, a matrix that is not 2-D float or is empty, a
+        row count that differs from the id count, a repeated id, a value that
+        is not a finite float32.
     """
     path = Path(path)
     ids_path = vectors_ids_path(path)
     ru.require_file(path, "a float matrix saved with numpy.save, one row per id")
     ru.require_file(ids_path, f"the ids of the rows of {path.name}, one per line")
     try:
+        # Never unpickles: an object array is refused (ValueError), not loaded.
         matrix = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a NumPy .npy matrix ({e})") from None
-    if matrix.ndim != 2 or matrix.dtype.kind not in "fiu":
+    if not isinstance(matrix, np.ndarray):  # an .npz archive
+        raise DataError(f"{path}: a NumPy archive of several arrays; expected one .npy matrix")
+    if matrix.ndim != 2 or matrix.dtype.kind not in "fiu" or 0 in matrix.shape:
         raise DataError(
-            f"{path}: expected a 2-D float matrix [ids, dims], got {matrix.dtype} {matrix.shape}"
+            f"{path}: expected a 2-D float matrix [ids, dims] with a row and a column at "
+            f"least, got {matrix.dtype} {matrix.shape}"
         )
     lines = ru.read_lines(ids_path)
     if len(lines) != matrix.shape[0]:
@@ -153,14 +161,16 @@ def read_vectors(path: PathLike) -> dict[Any, np.ndarray]:
     for i, text in enumerate(texts):
         if not text:
             raise DataError(f"{ids_path}:{i + 1}: empty line; expected an id")
-    integer = all(t.isdigit() or (t[0] == "-" and t[1:].isdigit()) for t in texts)
-    ids = [int(t) if integer else t for t in texts]
-    matrix = matrix.astype(np.float32)
+    numbers = [ru.plain_integer(t) for t in texts]
+    ids = texts if None in numbers else numbers
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        matrix = matrix.astype(np.float32)
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.all():
         bad = int(np.argmin(finite))
         raise DataError(
-            f"{path}: row {bad} (id {ids[bad]!r}, {ids_path.name}:{bad + 1}) is not finite"
+            f"{path}: row {bad} (id {ids[bad]!r}, {ids_path.name}:{bad + 1}) is not finite "
+            f"({matrix[bad][~np.isfinite(matrix[bad])][0]}); expected float32 numbers"
         )
     return ru.keyed(ids, list(matrix), "id", lambda i: f"{ids_path}:{i + 1}")
 
@@ -276,6 +286,16 @@ def _kind(name: str, values: Collection, categorical: Collection[str], where: st
     return kinds.pop() if kinds else "bag"
 
 
+def _float(value: Any, name: str, row: int, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise DataError(
+            f"{where}: feature {name!r} of row {row} is {value}; expected a number within "
+            "the float64 range"
+        ) from None
+
+
 def _sort_key(value: Any) -> tuple[str, Any]:
     return (type(value).__name__, value)
 
@@ -285,8 +305,18 @@ def _standardise(columns: np.ndarray, present: np.ndarray) -> np.ndarray:
     out = np.zeros_like(columns, dtype=np.float32)
     if present.any():
         values = columns[present].astype(np.float64)
-        std = values.std(axis=0)
-        scaled = (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
+        # Standardising is shift- and scale-free. Subtracting the first row is
+        # exact for close values, so a column of equal values gives exactly 0
+        # and a spread of a few ulps is not lost to the mean's rounding; where
+        # that overflows (a spread beyond 1e308) the values are scaled instead.
+        with np.errstate(over="ignore", invalid="ignore"):
+            shifted = values - values[0]
+        if not np.isfinite(shifted).all():
+            shifted = values
+        peak = np.abs(shifted).max(axis=0)
+        shifted = shifted / np.where(peak > 0, peak, 1.0)
+        std = shifted.std(axis=0)
+        scaled = (shifted - shifted.mean(axis=0)) / np.where(std > 0, std, 1.0)
         out[present] = scaled.astype(np.float32)
     return out
 
@@ -339,7 +369,10 @@ def encode(
             bags[name], vocab[name] = bag, cats
         elif kind == "number":
             column = np.zeros((num_rows, 1), np.float64)
-            column[rows, 0] = np.asarray(list(values.values()), np.float64)
+            # float(): Python ints beyond float64 fail here, not inside numpy.
+            column[rows, 0] = [
+                _float(v, name, r, where) for r, v in zip(rows, values.values(), strict=True)
+            ]
             if not np.isfinite(column).all():
                 r = int(np.flatnonzero(~np.isfinite(column[:, 0]))[0])
                 raise DataError(

@@ -197,9 +197,10 @@ def _check(raw: RawInteractions, rating_threshold, k_core: int, min_user_interac
         if values is not None and len(values) != n:
             raise DataError(f"{raw.name}: {field} has {len(values)} rows, user_ids has {n}.")
     if rating_threshold is not None and raw.ratings is None:
-        raise ValueError(
-            f"rating_threshold={rating_threshold}, but {raw.name} has no ratings; "
-            "set rating_threshold=None."
+        # A DataError: the data lacks the column, so the main job shows one message.
+        raise DataError(
+            f"{raw.name} has no ratings, so rating_threshold={rating_threshold} cannot "
+            "apply; set config.data.rating_threshold=0 (rating_threshold=None here)."
         )
     if k_core < 0:
         raise ValueError(f"k_core must be >= 0 (0 = off), got {k_core}.")
@@ -234,7 +235,8 @@ def preprocess(
       The processed data.
 
     Raises:
-      DataError: when the raw arrays disagree or no interaction is left.
+      DataError: when the raw arrays disagree, a rating threshold meets data
+        without ratings, or no interaction is left.
       ValueError: for an invalid option.
     """
     _check(raw, rating_threshold, k_core, min_user_interactions)

@@ -11,6 +11,7 @@ import datetime
 import io
 import itertools
 import math
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -38,6 +39,9 @@ SEPARATOR_NAMES = {
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # An id written as a plain integer: no sign '+', no leading zero ('007' is a name).
 _CANONICAL_INT = r"^(0|-?[1-9][0-9]*)$"
+# What a number column may hold where integers are expected: decimal digits.
+# Arrow's parser alone also takes hex ('0x10' -> 16).
+_DECIMAL_INT = r"^-?[0-9]+$"
 
 
 def error(message: str) -> Exception:
@@ -86,11 +90,34 @@ def cast(values: Sequence[str] | pa.Array | pa.ChunkedArray, to: pa.DataType) ->
         values = values.combine_chunks()
     elif not isinstance(values, pa.Array):
         values = pa.array(values, type=pa.string())
+    if pa.types.is_integer(to) and _is_text(values.type):
+        decimal = pc.fill_null(pc.match_substring_regex(values, _DECIMAL_INT), True)
+        if not pc.all(decimal).as_py():
+            index = int(np.argmin(decimal.to_numpy(zero_copy_only=False)))
+            raise BadValue(index, values[index].as_py())
     try:
         return pc.cast(values, to).to_numpy(zero_copy_only=False)
     except pa.ArrowInvalid:
         index = _first_failure(values, lambda part: pc.cast(part, to))
         raise BadValue(index, values[index].as_py()) from None
+
+
+def plain_integer(text: str) -> int | None:
+    """The value of an id written as a plain int64 integer ('12', not '012' or '+12'), else None.
+
+    The rule `ids` types a table's id column by, for files of ids one a line.
+    """
+    if not re.fullmatch(_CANONICAL_INT, text):
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None
+
+
+def range_hint(value: Any) -> str:
+    """' (outside the 64-bit range ...)' for an integer too large to read, else ''."""
+    if isinstance(value, str) and re.fullmatch(_DECIMAL_INT, value):
+        return " (outside the 64-bit integer range -2**63..2**63-1)"
+    return ""
 
 
 def check_finite(values: np.ndarray) -> int | None:
@@ -102,7 +129,8 @@ def check_finite(values: np.ndarray) -> int | None:
 # ------------------------------------------------------------------ text files
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes; a file that cannot be read is a `DataError` naming it."""
     try:
         return path.read_bytes()
     except OSError as e:
@@ -131,7 +159,7 @@ def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     Splits on '\\n' only: str.splitlines would also split latin-1 text at
     \\x85 and \\x1c-\\x1e, which are characters there, not line breaks.
     """
-    text = decode(path, _read_bytes(path), encoding).replace("\r\n", "\n")
+    text = decode(path, read_bytes(path), encoding).replace("\r\n", "\n")
     lines = text.split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
@@ -207,8 +235,8 @@ def column_values(
         out = cast(values, to)
     except BadValue as e:
         raise error(
-            f"{path}:{e.index + 1}: expected {what} in field {field}, got {e.value!r}: "
-            f"{excerpt(lines[e.index])}"
+            f"{path}:{e.index + 1}: expected {what} in field {field}, got {e.value!r}"
+            f"{range_hint(e.value)}: {excerpt(lines[e.index])}"
         ) from None
     if out.dtype.kind == "f" and (bad := check_finite(out)) is not None:
         raise error(
@@ -271,7 +299,7 @@ def require_columns(path: Path, found: list[str], wanted: dict[str, str], delimi
 
 def _csv_line(path: Path, delimiter: str, row: int) -> int:
     """The 1-based line where data row `row` (0-based, after the header) starts."""
-    text = decode(path, _read_bytes(path), "utf-8")
+    text = decode(path, read_bytes(path), "utf-8")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     next(reader)
     end, index = reader.line_num, -1
@@ -286,14 +314,15 @@ def _csv_line(path: Path, delimiter: str, row: int) -> int:
 
 def _diagnose_csv(path: Path, delimiter: str, header: list[str], cause: Exception):
     """After Arrow failed to parse a CSV file: the error for its first bad line."""
-    text = decode(path, _read_bytes(path), "utf-8")
+    text = decode(path, read_bytes(path), "utf-8")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     next(reader)
     end = reader.line_num
     for fields in reader:
         start, end = end + 1, reader.line_num
         if fields and len(fields) != len(header):
-            line = text.split("\n", start)[start - 1].rstrip("\r")
+            # Lines as the csv module counts them: a CR alone ends one too.
+            line = re.split(r"\r\n|\r|\n", text, maxsplit=start)[start - 1]
             wanted = fields_wanted(len(header), delimiter, delimiter.join(header))
             hint = separator_hint(line, delimiter, len(header)) if len(fields) == 1 else ""
             return error(
@@ -405,11 +434,46 @@ def numbers(column, name: str, to: pa.DataType, what: str, locate: Callable) -> 
     except BadValue as e:
         raise error(
             f"{locate(e.index)}: expected {what} in column {name!r}, got {e.value!r}"
+            f"{range_hint(e.value)}"
         ) from None
     if floating and (bad := check_finite(out)) is not None:
         raise error(
             f"{locate(bad)}: expected {what} in column {name!r}, got {column[bad].as_py()!r}"
         )
+    return out
+
+
+def feature_values(column, name: str, locate: Callable) -> list:
+    """A side-feature column's values, None where missing (null, blank, NaN).
+
+    Text cells (a CSV's) are trimmed and become numbers when every present
+    cell of the column is one (int when all are integers), else stay text.
+    An infinite number is an error located by `locate(row)`.
+    """
+    column = _flat(column)
+    if not _is_text(column.type):
+        values = column.to_pylist()
+        rows = range(len(values))
+    else:
+        column = pc.utf8_trim_whitespace(column)
+        missing = _missing(column)
+        rows = np.flatnonzero(~missing)
+        present = pc.filter(column, pa.array(~missing))
+        if not (len(present) and _parses(present, pa.float64())):
+            return [None if m else v for v, m in zip(column.to_pylist(), missing, strict=True)]
+        whole = pc.all(pc.match_substring_regex(present, _DECIMAL_INT)).as_py()
+        kind = pa.int64() if whole and _parses(present, pa.int64()) else pa.float64()
+        values = pc.cast(present, kind).to_pylist()
+    out = [None] * len(column)
+    for row, value in zip(rows, values, strict=True):
+        if isinstance(value, float) and not math.isfinite(value):
+            if math.isnan(value):
+                continue
+            raise error(
+                f"{locate(int(row))}: expected a finite number (or nothing) in column "
+                f"{name!r}, got {value}"
+            )
+        out[row] = value
     return out
 
 

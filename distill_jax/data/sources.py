@@ -321,7 +321,10 @@ def read_s3rec(path: PathLike) -> RawInteractions:
       One row per (user, item) pair in the file, in file order; int64 ids.
 
     Raises:
-      DataError: a missing or empty file, or a bad line (named with its number).
+      DataError: a missing or empty file, or a bad line (named with its number):
+        too few fields, an id that is not a plain integer in 0..2**63-1 (a
+        sign, a hex or decimal point, a double space), or a user already given
+        by an earlier line.
     """
     path = Path(path)
     layout = "'user item1 item2 ...' (a user id, then at least one item id, space-separated)"
@@ -340,21 +343,44 @@ def read_s3rec(path: PathLike) -> RawInteractions:
             f"{ru.excerpt(lines[i])}{hint}"
         )
     starts = np.cumsum(counts) - counts
+
+    def located(index: int) -> tuple[int, int, str]:
+        """(line, field, what it should be) of the `index`-th integer of the file."""
+        i = int(np.searchsorted(starts, index, side="right")) - 1
+        field = index - int(starts[i]) + 1
+        return i, field, "user id" if field == 1 else "item id"
+
     try:
         values = ru.cast(list(itertools.chain.from_iterable(rows)), pa.int64())
     except ru.BadValue as e:
-        i = int(np.searchsorted(starts, e.index, side="right")) - 1
-        field = e.index - int(starts[i]) + 1
-        what = "an integer user id" if field == 1 else "an integer item id"
+        i, field, what = located(e.index)
         raise DataError(
-            f"{path}:{i + 1}: expected {what} in field {field}, got {e.value!r}: "
-            f"{ru.excerpt(lines[i])}"
+            f"{path}:{i + 1}: expected an integer {what} in field {field}, got {e.value!r}"
+            f"{ru.range_hint(e.value)}: {ru.excerpt(lines[i])}"
         ) from None
+    if (values < 0).any():
+        i, field, what = located(int(np.argmax(values < 0)))
+        raise DataError(
+            f"{path}:{i + 1}: expected a non-negative integer {what} in field {field}, "
+            f"got {int(values[starts[i] + field - 1])}: {ru.excerpt(lines[i])}"
+        )
+    users = values[starts]
+    if len(np.unique(users)) != len(users):
+        # One line per user: a repeated user is a damaged or concatenated file,
+        # and silently joining the two lines would invent an order between them.
+        first: dict[int, int] = {}
+        for i, user in enumerate(users.tolist()):
+            if user in first:
+                raise DataError(
+                    f"{path}:{i + 1}: user {user} already has line {first[user] + 1}; "
+                    f"expected one line per user: {ru.excerpt(lines[i])}"
+                )
+            first[user] = i
     is_item = np.ones(len(values), dtype=bool)
     is_item[starts] = False
     return RawInteractions(
         name=f"s3rec:{path}",
-        user_ids=np.repeat(values[starts], counts - 1),
+        user_ids=np.repeat(users, counts - 1),
         item_ids=values[is_item],
         timestamps=None,
         ratings=None,
@@ -396,7 +422,9 @@ def read_interactions(
         then the time order).
       rating_col: the rating column; None uses 'rating' if there is one.
       item_features_path: an optional table keyed by `item_col`; each other
-        column becomes an item feature.
+        column becomes an item feature: numbers where every cell of the column
+        is one, else text. An empty cell, a blank text or NaN is a missing
+        value (left out); an infinite number is an error.
       user_features_path: likewise for users, keyed by `user_col`.
       delimiter: the CSV field separator (one character).
 
@@ -460,16 +488,23 @@ def _integer_ids(ids: np.ndarray) -> bool:
 
 
 def _feature_table(path: Path, key: str, integer: bool, what: str, delimiter: str) -> dict:
-    """{feature: {id: value}} from a table keyed by column `key`."""
+    """{feature: {id: value}} from a table keyed by column `key`; missing values left out.
+
+    CSV cells are read as text and typed per column (`readers_util.feature_values`),
+    so a blank cell is missing wherever it is rather than turning a column of
+    numbers into text.
+    """
     found = ru.table_columns(path, delimiter)
     ru.require_columns(path, found, {key: f"the {what} id column"}, delimiter)
-    table, locate = ru.read_table(path, found, delimiter, text=[key])
+    table, locate = ru.read_table(path, found, delimiter)
     keys = ru.keys(table[key], key, integer, what, locate)
-    return {
-        column: ru.keyed(keys, table[column].to_pylist(), f"{what} id", locate)
-        for column in found
-        if column != key
-    }
+    ru.keyed(keys, keys, f"{what} id", locate)  # each id on one row
+    out = {}
+    for column in found:
+        if column != key:
+            values = ru.feature_values(table[column], column, locate)
+            out[column] = {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+    return out
 
 
 def add_side_features(

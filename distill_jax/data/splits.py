@@ -30,7 +30,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill_jax.data.types import ColdStartSplit, LeaveOneOut, Processed, SequenceData
+from distill_jax.data.types import (
+    ColdStartSplit,
+    DataError,
+    LeaveOneOut,
+    Processed,
+    SequenceData,
+)
 
 
 def leave_one_out(data: SequenceData) -> LeaveOneOut:
@@ -69,7 +75,8 @@ def _cold_item_mask(
         is_cold[rng.choice(seen, size=int(round(fraction * len(seen))), replace=False)] = True
         return is_cold, None
     if processed.timestamps is None:
-        raise ValueError(
+        # A DataError (the data has no times), so the main job shows it as one message.
+        raise DataError(
             f"{processed.name}: cold_item_fraction={fraction} with cold_item_rule='time' needs "
             "timestamps, and this data has only an order; set data.cold_item_rule='random' "
             "(a random share of the items is cold) or cold_item_fraction=0."
@@ -115,6 +122,9 @@ def cold_start_split(
 
     Returns:
       The split.
+
+    Raises:
+      DataError: the 'time' rule on data without times, or no warm user left.
     """
     for key, value in (
         ("cold_user_fraction", cold_user_fraction),
@@ -169,6 +179,12 @@ def cold_start_split(
                 ci_users.append(user)
                 ci_hist.append(seq[:first])
                 ci_tgt.append(seq[first])
+    if not warm_users:
+        raise DataError(
+            f"{processed.name}: no warm user is left with 3 items (of {num_users} users: "
+            f"{counts['warm_users_too_short']} too short, {int(is_cold_user.sum())} held out "
+            "as cold users); lower data.cold_user_fraction or data.cold_item_fraction."
+        )
     counts["warm_users"] = len(warm_users)
     counts["cold_users"] = len(cold_users)
     counts["cold_item_users"] = len(ci_users)

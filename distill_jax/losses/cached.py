@@ -136,7 +136,8 @@ def _cached_row_stats(unit_temperature, s, ids, log_p, log_p_rest, labels, tempe
         jnp.exp(log_p_rest), log_p_rest - log_q_rest
     )
     s_y = jnp.take_along_axis(s, labels[..., None], axis=-1)[..., 0]
-    ce = (log_sum_1 + max_s)[..., 0] - s_y
+    # The large terms first (see dense._distill_row_stats); a label outside the catalogue is NaN.
+    ce = common.nan_outside((max_s[..., 0] - s_y) + log_sum_1[..., 0], labels, s.shape[-1])
     return ce, kl, (exp_1, exp_t, log_sum_1, log_sum_t, log_q, log_q_rest)
 
 

@@ -178,12 +178,15 @@ def _forward_stats(spec: _Spec, h_s, chunks_s, h_t, chunks_t, temperature, dtype
     return m_z, s_z, s_b, m_t, s_a, cross
 
 
-def _label_logits(h, table, bias, labels, dtype):
+def _label_logits(h, table, bias, labels, dtype, num_rows):
     """``z[n, labels[n]]`` (labels ``[N]`` or ``[N, K]``) from row gathers: no block needed."""
-    # mode="fill" gives NaN for an out-of-range label at a valid position: loud.
     rows = jnp.take(table, labels, axis=0, mode="fill", fill_value=jnp.nan)
     z_y = jnp.einsum("nd,n...d->n...", h, rows, preferred_element_type=dtype)
     z_y = z_y + jnp.take(bias, labels, mode="fill", fill_value=jnp.nan).astype(dtype)
+    # A label outside the catalogue at a valid position is NaN: loud. (The
+    # gathers alone read -1 as the last row and a sharded table's padding
+    # rows as items.)
+    z_y = common.nan_outside(z_y, labels, num_rows)
     # The padding column is -inf: a valid label 0 costs +inf, as in the plain loss.
     return jnp.where(labels == 0, -jnp.inf, z_y)
 
@@ -210,10 +213,12 @@ def _chunked_fwd(
     log_s_z, log_s_b, log_s_a = jnp.log(s_z), jnp.log(s_b), jnp.log(s_a)
     ce_total = kd_total = jnp.zeros((), dtype)
     if spec.use_ce:
-        z_y = _label_logits(h_s, table_s, bias_s, labels, dtype)
+        z_y = _label_logits(h_s, table_s, bias_s, labels, dtype, spec.num_rows)
         # K labels per row (a teacher's top-k) weigh 1/K each.
         z_y = z_y if labels.ndim == 1 else jnp.mean(z_y, axis=-1)
-        ce = m_z + log_s_z - z_y
+        # The two large terms first: m_z + log_s_z - z_y loses log_s_z when
+        # the logits are large (1e7 + 1.79 is 1e7 in float32).
+        ce = (m_z - z_y) + log_s_z
         ce_total = jnp.sum(jnp.where(valid, ce, 0))
     if spec.use_kl:
         # KL(p‖q) = Σ p·(t − z)/T + (m_z − m_t)/T − log s_a + log s_b, with

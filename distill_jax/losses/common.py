@@ -37,8 +37,9 @@ SumAndCount = tuple[jax.Array, jax.Array]
 
 
 def check_temperature(temperature: float | ArrayLike) -> None:
-    if isinstance(temperature, numbers.Real) and not temperature > 0:  # also catches NaN
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
+    # inf would turn T²·KL into inf·0 = NaN; `not T > 0` also catches NaN.
+    if isinstance(temperature, numbers.Real) and not (0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
     check_scalar("temperature", temperature)
 
 
@@ -137,9 +138,29 @@ def xlogy_guarded(p: jax.Array, log_ratio: jax.Array) -> jax.Array:
     Columns that are -inf for teacher and student give ``0 * (-inf + inf)``;
     the value is 0 by the convention 0·log 0 = 0. ``jnp.where`` (not a
     multiplication by a mask) keeps the NaN out of the backward pass too,
-    because d(p·r)/dr = p is 0 there.
+    because d(p·r)/dr = p is 0 there. A NaN ``p`` (a teacher row holding NaN
+    or +inf) stays NaN: it must show in the loss, not count as 0.
     """
-    return jnp.where(p > 0, p * log_ratio, 0)
+    return jnp.where(p == 0, 0, p * log_ratio)
+
+
+def nan_outside(values: jax.Array, labels: jax.Array, num_items: int) -> jax.Array:
+    """``values`` with NaN where a label is outside ``[0, num_items)``.
+
+    A gather would otherwise read a negative label as a column from the end
+    (-1 as the last item): a finite, wrong loss instead of a loud one.
+    """
+    return jnp.where((labels >= 0) & (labels < num_items), values, jnp.nan)
+
+
+def nan_rows(values: jax.Array, logits: jax.Array) -> jax.Array:
+    """``values [...]`` with NaN where the row of ``logits [..., V]`` holds NaN or +inf.
+
+    For losses that only rank a row (top-k): a garbage row must show in the
+    loss rather than pick arbitrary items. -inf (an excluded column) is fine.
+    """
+    top = jnp.max(logits, axis=-1)  # NaN if any entry is
+    return jnp.where(jnp.isnan(top) | (top == jnp.inf), jnp.nan, values)
 
 
 # --------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def cross_entropy_sum(
         # real column so the gather is well defined.
         labels = jnp.where(valid, labels, 0)
     nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-    return masked_sum_and_count(nll, valid)
+    return masked_sum_and_count(common.nan_outside(nll, labels, logits.shape[-1]), valid)
 
 
 cross_entropy = common.mean_of(cross_entropy_sum)
@@ -115,8 +115,10 @@ def kl_distill_sum(
     valid = common.prepare_where(where, student_logits.shape[:-1])
     s = common.sanitize(student_logits, valid)
     t = common.sanitize(jax.lax.stop_gradient(teacher_logits), valid)
-    log_q = jax.nn.log_softmax(s / temperature, axis=-1)
-    log_p = jax.nn.log_softmax(t / temperature, axis=-1)
+    # Shifted before dividing by T (log_softmax does not change): with a small
+    # T the raw logits would overflow to inf and give NaN or a KL of 0.
+    log_q = jax.nn.log_softmax(_shifted(s) / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(_shifted(t) / temperature, axis=-1)
     kl = jnp.sum(common.xlogy_guarded(jnp.exp(log_p), log_p - log_q), axis=-1)
     # T² keeps the gradient's scale roughly independent of T (Hinton et al. 2015).
     total, count = masked_sum_and_count(kl, valid)
@@ -124,6 +126,11 @@ def kl_distill_sum(
 
 
 kl_distill = common.mean_of(kl_distill_sum)
+
+
+def _shifted(x: jax.Array) -> jax.Array:
+    """``x`` minus its row maximum (no gradient through the maximum: softmaxes ignore it)."""
+    return x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
 
 
 # --------------------------------------------------------------------------
@@ -169,7 +176,9 @@ def _distill_row_stats(s, t, labels, labelled, temperature, unit_temperature):
         labels = jnp.where(labelled, labels, 0)
     # An O(N) gather from the raw input, so no [N, V] intermediate is needed.
     z_y = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
-    ce = log_sum_z[..., 0] + max_z[..., 0] - z_y
+    # The two large terms first: max_z + log_sum_z - z_y would lose log_sum_z
+    # when the logits are large (1e7 + 1.79 is 1e7 in float32).
+    ce = common.nan_outside((max_z[..., 0] - z_y) + log_sum_z[..., 0], labels, z.shape[-1])
     return ce, kl, (max_z, max_t, log_sum_z, log_sum_b, log_sum_a)
 
 
@@ -344,7 +353,7 @@ def hard_label_distill_sum(
     _, top_items = jax.lax.top_k(teacher, int(k))
     log_q = jax.nn.log_softmax(common.sanitize(student_logits, valid), axis=-1)
     nll = -jnp.mean(jnp.take_along_axis(log_q, top_items, axis=-1), axis=-1)
-    return masked_sum_and_count(nll, valid)
+    return masked_sum_and_count(common.nan_rows(nll, teacher), valid)
 
 
 hard_label_distill = common.mean_of(hard_label_distill_sum)

@@ -205,6 +205,7 @@ def _local_forward(spec: _Spec, s, t, labels, valid, temp):
         here = (local >= 0) & (local < block)
         z_y = jnp.take_along_axis(z, jnp.clip(local, 0, block - 1)[:, None], axis=-1)[:, 0]
         sums.append(jnp.where(here, z_y, 0))
+        sums.append(here.astype(dtype))  # 0 on every device: a label outside the catalogue
     if spec.use_kl:
         m_t = maxes[1]
         a = (tt - m_t[:, None]) / temp  # teacher: log of the unnormalised p
@@ -221,7 +222,10 @@ def _local_forward(spec: _Spec, s, t, labels, valid, temp):
     ce_total = kd_total = jnp.zeros((), dtype)
     stats = {"lse_z": m_z + log_s_z}
     if spec.use_ce:
-        ce = stats["lse_z"] - sums.pop(0)
+        z_y, held = sums.pop(0), sums.pop(0)
+        # The large terms first (see dense._distill_row_stats); NaN for a
+        # label no device holds, rather than a CE against logit 0.
+        ce = jnp.where(held > 0, (m_z - z_y) + log_s_z, jnp.nan)
         ce_total = jnp.sum(jnp.where(valid, ce, 0))
     if spec.use_kl:
         s_a, cross = sums.pop(0), sums.pop(0)
