@@ -120,6 +120,7 @@ def click_config() -> ml_collections.ConfigDict:
     c.valid_fraction = 0.1  #: The next share for validation; the rest is the test split.
     c.categorical = ""  #: Comma-separated integer side features read as categories.
     c.drop_features = "title"  #: Comma-separated side features left out (free text).
+    c.scratch_learning_rate = 0.0  #: student_scratch's own lr (0: click.student.learning_rate).
     c.calibrate_teacher = False  #: student_kd: Platt-scale the teacher on valid rows first.
     c.history = 0  #: Each row's user's last N clicks before it, pooled (0: no history input).
     # data.source='click_table': a CSV/Parquet whose rows are examples (features and a label).

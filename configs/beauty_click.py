@@ -10,7 +10,9 @@ interaction a sampled non-click. Beauty.txt has an order but no times, so the
 split by time uses each row's place in its user's history (each user's
 earliest 80% train, the next 10% validate, the latest 10% test). Fields:
 user, item; numbers: the item attributes of Beauty_item2attributes.json
-beside the data (one 0/1 column per attribute).
+beside the data (one 0/1 column per attribute); and the user's last 20
+clicks before the row, pooled. Models and training: ml100k_click.py's,
+unchanged.
 Variants: `tiny` shrinks the models and the steps, never the data.
 """
 

@@ -64,6 +64,12 @@ def _validate_click(config: ml_collections.ConfigDict) -> None:
     )
     _expect(c.click_threshold >= 0, "click.click_threshold", c.click_threshold, ">= 0")
     _expect(
+        c.scratch_learning_rate >= 0,
+        "click.scratch_learning_rate",
+        c.scratch_learning_rate,
+        ">= 0 (0: the student's learning rate)",
+    )
+    _expect(
         isinstance(c.history, int) and c.history >= 0,
         "click.history",
         c.history,

@@ -65,6 +65,15 @@ def test_losses_are_bce_and_binary_distillation():
     np.testing.assert_allclose(kd, want, rtol=1e-5)
 
 
+def test_the_scratch_student_may_have_its_own_learning_rate():
+    config = ml100k_click.get_config()
+    assert click._model_cfg(config, "student_scratch").learning_rate == 3e-3
+    assert click._model_cfg(config, "student_kd").learning_rate == 1e-2
+    assert click._model_cfg(config, "logistic").learning_rate == 1e-2
+    config.click.scratch_learning_rate = 0.0
+    assert click._model_cfg(config, "student_scratch").learning_rate == 1e-2
+
+
 def test_platt_scaling_recovers_the_calibration_map():
     rng = np.random.default_rng(0)
     z = rng.normal(size=20000) * 2
@@ -111,6 +120,7 @@ def _config(path):
     config.data.update(source="interactions", path=str(path), rating_col="rating")
     config.click.history = 3  # the rows carry their users' earlier clicks
     config.click.calibrate_teacher = True
+    config.click.scratch_learning_rate = 0.0  # every model at the lr above
     for m in (config.click.teacher, config.click.student):
         m.update(num_steps=60, batch_size=64, learning_rate=2e-2)
     config.eval.every_steps = config.checkpoint.every_steps = 20
