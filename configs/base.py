@@ -245,6 +245,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.features.id_dropout = 0.5  #: Training: chance an item's id part is dropped a step.
     # Models with use_features also read the users' side features where the data has
     # them (MovieLens demographics, data.user_features_path): added to every position.
+    config.features.ignore = ""  #: Comma-separated item/user side features the models leave out.
     config.features.users = True  #: Models with side features also read the users'.
 
     config.click = click_config()

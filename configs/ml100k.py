@@ -63,4 +63,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Items first seen in the last 30% of the log: 109 cold items, 187 cold-item
     # users (a tenth gives 45 and 40, too few to measure).
     base.cold_variants(config, variants, item_rule="time", item_fraction=0.3)
+    # The user side features of the issue-29 runs: age, gender, occupation.
+    config.features.ignore = "zip_prefix"
     return config

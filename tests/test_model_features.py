@@ -239,6 +239,11 @@ def test_the_main_job_runs_with_features_on_the_synthetic_tastes(tmp_path):
     assert f"users: favourite_taste: {tastes} categories" in data.info["item_features"]
     np.testing.assert_array_equal(data.split.user_ids(), np.arange(1, len(data.split.train) + 1))
     assert len(data.split.item_features.known_items) <= config.data.synthetic.num_items
+    # features.ignore leaves named features out (here the users' one).
+    config.features.ignore = "favourite_taste"
+    left = dataset.load(config, str(tmp_path / "ignored"))
+    assert "favourite_taste" not in left.info["item_features"]
+    assert f"taste: {tastes} categories" in left.info["item_features"]
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,7 @@ def test_movielens_100k_layout(tmp_path):
         "age": {1: 24, 2: 53},
         "gender": {1: "M", 2: "F"},
         "occupation": {1: "technician", 2: "other"},
+        "zip_prefix": {1: "8", 2: "9"},
     }
     assert len(raw) == 3 and "u.data" in raw.files[0]
 

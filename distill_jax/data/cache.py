@@ -26,7 +26,7 @@ import numpy as np
 from distill_jax.data.types import Processed, SequenceData
 
 FORMAT = (
-    3  # Bumped when what is stored changes: older datasets are rebuilt (3: MovieLens 100K years).
+    4  # Bumped when what is stored changes: older datasets are rebuilt (4: MovieLens zip prefix).
 )
 _KIND = {"i": "int64", "u": "int64", "f": "float64"}
 

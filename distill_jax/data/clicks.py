@@ -45,7 +45,7 @@ from distill_jax.data.types import DataError, RawInteractions
 __all__ = ["ClickData", "ClickSplit", "build", "read", "write"]
 
 SPLITS = ("train", "valid", "test")
-FORMAT = 3  # of the stored rows: a change rebuilds every stored click data set
+FORMAT = 4  # of the stored rows: a change rebuilds every stored click data set
 
 
 @dataclasses.dataclass(frozen=True)

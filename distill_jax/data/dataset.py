@@ -261,13 +261,18 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         split, eval_splits = splits.leave_one_out(data), ["test", "valid"]
     item_features = None
     if any(config[m].use_features for m in ("teacher", "student")):
+        ignore = {f.strip() for f in config.features.ignore.split(",") if f.strip()}
         item_features = features_lib.catalogue_features(
-            processed.item_features if processed is not None else data.item_features,
+            _without(
+                processed.item_features if processed is not None else data.item_features, ignore
+            ),
             data.num_items,
             split.train,
             config.features,
             item_original_to_id=processed.item_original_to_id if processed is not None else None,
-            user_features=processed.user_features if processed is not None else data.user_features,
+            user_features=_without(
+                processed.user_features if processed is not None else data.user_features, ignore
+            ),
             num_users=data.num_users,
             seed=config.seed,
             where=f"item features of {info['name']}",
@@ -276,3 +281,10 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         log.info("data: %s", info["item_features"])
         split = dataclasses.replace(split, item_features=item_features)
     return Dataset(split, info, tuple(eval_splits), item_ids, item_features, user_ids)
+
+
+def _without(features: dict | None, names: set[str]) -> dict | None:
+    """`features` without the named ones (`config.features.ignore`)."""
+    if features is None or not names:
+        return features
+    return {k: v for k, v in features.items() if k not in names}

@@ -61,7 +61,8 @@ def read_movielens(path: PathLike) -> RawInteractions:
     listed)' gives ()), and in 100K 'year' (int, the release date's year;
     movies without a date have none). User features, where the layout has them, are 'age'
     (int; in 1M an age-group code), 'gender' (str) and 'occupation' (str in
-    100K, an int code in 1M). Ids are int64, ratings float32, timestamps int64
+    100K, an int code in 1M), and in 100K 'zip_prefix' (str, the zip code's
+    first character). Ids are int64, ratings float32, timestamps int64
     seconds since the epoch.
 
     Args:
@@ -151,13 +152,16 @@ def _read_ml100k(folder: Path) -> RawInteractions:
 
     lines = ru.read_lines(user_file, "latin-1")
     layout = "id|age|gender|occupation|zip code"
-    ids, ages, genders, jobs, _ = ru.split_lines(user_file, lines, "|", layout, 5)
+    ids, ages, genders, jobs, zips = ru.split_lines(user_file, lines, "|", layout, 5)
     keys = ru.column_values(user_file, lines, ids, pa.int64(), "an integer user id", 1).tolist()
     ages = ru.column_values(user_file, lines, ages, pa.int64(), "an integer age", 2).tolist()
     user_features = {
         "age": ru.keyed(keys, ages, "user id", _lines_of(user_file)),
         "gender": dict(zip(keys, genders, strict=True)),
         "occupation": dict(zip(keys, jobs, strict=True)),
+        # The zip code's first character: the US region (0-9), or a letter
+        # for the few Canadian codes; none where the file has no code.
+        "zip_prefix": {k: z.strip()[:1] or None for k, z in zip(keys, zips, strict=True)},
     }
     return RawInteractions(
         name=f"movielens-100k:{folder}",
