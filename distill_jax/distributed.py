@@ -208,10 +208,13 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     # The CPU client reads this when it is created, i.e. at the first jax use
     # after initialize; it does nothing on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", config.distributed.cpu_collectives)
-    timeout = config.distributed.initialization_timeout
+    timeouts = {
+        "initialization_timeout": config.distributed.initialization_timeout,
+        "heartbeat_timeout_seconds": config.distributed.heartbeat_timeout,
+    }
     if settings.auto:
         log.info("jax.distributed: detecting the cluster (Cloud TPU VM or Open MPI)")
-        jax.distributed.initialize(initialization_timeout=timeout)
+        jax.distributed.initialize(**timeouts)
     else:
         log.info(
             "jax.distributed: process %d of %d, coordinator %s (%s)",
@@ -224,7 +227,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
             coordinator_address=settings.coordinator_address,
             num_processes=settings.num_processes,
             process_id=settings.process_id,
-            initialization_timeout=timeout,
+            **timeouts,
         )
     return True
 

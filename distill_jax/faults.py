@@ -44,8 +44,9 @@ class WorkdirError(Exception):
 # the process send itself SIGKILL the N-th time it reaches the named point
 # (`kill_point(POINT)`), so a test can end a run at an exact moment and check
 # that the re-run ends as an uninterrupted one; 'POINT:N:TERM' sends SIGTERM
-# instead (a preemption notice at that moment). Unset, `kill_point` returns at
-# once. The points:
+# instead (a preemption notice at that moment), 'POINT:N:STOP' SIGSTOP (a
+# process that hangs with its connections open, as a lost host's do). Unset,
+# `kill_point` returns at once. The points:
 KILL_POINTS = {
     "data_prepare": "the data are read or generated, before they are split (once per run)",
     "train_step": "each training step, just after it is dispatched",
@@ -63,7 +64,7 @@ def _parse_kill_at(value: str | None) -> tuple[str, int, int] | None:
     if not value:
         return None
     parts = value.split(":")
-    signals = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+    signals = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP}
     ok = (
         len(parts) in (2, 3)
         and parts[0] in KILL_POINTS
@@ -73,8 +74,9 @@ def _parse_kill_at(value: str | None) -> tuple[str, int, int] | None:
     )
     if not ok:
         raise ValueError(
-            f"{KILL_AT_ENV}={value!r} is invalid: expected 'POINT:N' or 'POINT:N:TERM' with "
-            f"POINT one of {', '.join(KILL_POINTS)} and N >= 1."
+            f"{KILL_AT_ENV}={value!r} is invalid: expected 'POINT:N' or 'POINT:N:SIGNAL' with "
+            f"POINT one of {', '.join(KILL_POINTS)}, N >= 1 and SIGNAL one of "
+            f"{', '.join(signals)}."
         )
     return parts[0], int(parts[1]), signals[parts[2] if len(parts) == 3 else "KILL"]
 

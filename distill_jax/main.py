@@ -12,6 +12,7 @@ python -m distill_jax.describe [--config=...] [--match=TEXT].
 import logging
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags
@@ -64,8 +65,46 @@ def main(argv):
         print(f"distill_jax.main: {e}", file=sys.stderr)
         sys.exit(faults.EXIT_PREEMPTED)
     except USER_ERRORS as e:
-        print(f"distill_jax.main: {e}", file=sys.stderr)
-        sys.exit(faults.EXIT_USER_ERROR)
+        _fail(faults.EXIT_USER_ERROR, str(e))
+    except jax.errors.JaxRuntimeError as e:
+        if not _multi_process():
+            raise
+        # The usual cause: another process died, and its closed connections ended a collective.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _fail(
+            1,
+            f"process {jax.process_index()} of {jax.process_count()}: a collective with the "
+            f"other processes failed ({first[:300]}); another process has probably stopped or "
+            "died (see its output), so this one stops too. Re-run the same command on every "
+            "process to resume from the last checkpoint.",
+        )
+    except Exception:
+        if not _multi_process():
+            raise
+        traceback.print_exc()
+        _fail(1, None)
+
+
+def _multi_process() -> bool:
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _fail(status: int, message: str | None) -> None:
+    """Prints `message` (one line) and exits with `status`.
+
+    Several processes: at once, skipping jax's exit handler, which waits at a
+    shutdown barrier for every other process (with one dead, until
+    config.distributed.heartbeat_timeout, and then aborts). The others'
+    collectives with this process then fail as soon as its connections close,
+    and they stop the same way.
+    """
+    if message is not None:
+        print(f"distill_jax.main: {message}", file=sys.stderr)
+    if _multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _run(argv):

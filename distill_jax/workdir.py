@@ -89,9 +89,13 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, fresh: bool = 
     """
     current = json.loads(config.to_json_best_effort())
     path = os.path.join(workdir, CONFIG_FILE)
+    # Every process looks before process 0 may write it, so that all take the same branch
+    # (write_json below is a barrier: one process skipping it would hang the others).
+    stored = os.path.exists(path)
+    distributed.barrier(f"distill_jax_config_seen_{path}")
     if fresh:
         _move_aside(workdir)
-    elif os.path.exists(path):
+    elif stored:
         changes = config_changes(read_json(path)["config"], current)
         if changes:
             shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in changes[:12])
@@ -101,7 +105,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str, fresh: bool = 
                 "Resume with the stored config, use another --workdir, or pass --fresh to move "
                 f"that work to {workdir}/{_REPLACED}<time>/ and start over."
             )
-    if not os.path.exists(path) or fresh:
+    if not stored or fresh:
         os.makedirs(workdir, exist_ok=True)
         write_json(path, {"config": current})
 
