@@ -151,6 +151,7 @@ def test_incomplete_settings_name_the_key_or_variable(config_values, env, messag
         ("process_id", 3),
         ("cpu_collectives", "nccl"),
         ("initialization_timeout", 0),
+        ("heartbeat_timeout", 0),
     ],
 )
 def test_config_validation_names_the_key(key, value):
