@@ -5,7 +5,10 @@ train before an `ensemble` stage that evaluates them as one model; with
 'cached' a `soft_labels` stage stores the teacher's outputs before student_kd.
 
 Each stage works in `WORKDIR/<stage>/`; it resumes from its checkpoint and,
-once finished, writes `result.json`, so a re-run skips it. The report stage
+once finished, writes `result.json`, so a re-run skips it. A SIGTERM stops
+the run where nothing is lost (train/preemption.py: a training step's
+boundary after a checkpoint, else between stages or evaluation batches) with
+`faults.Preempted`; the same command resumes. The report stage
 writes `WORKDIR/report.json`, `report.md`, `report.html` and `plots/*.png`
 (distill_jax/evaluation/report.py).
 """

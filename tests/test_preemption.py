@@ -280,15 +280,24 @@ def test_a_stop_while_a_data_set_is_written_leaves_no_half_data_set(tmp_path):
 
 
 def test_a_training_loop_keeps_the_signal_for_its_own_step_boundary():
+    before = signal.getsignal(signal.SIGTERM)
     with preemption.handling() as term:
         term._handle(signal.SIGTERM, None)
-        with preemption.handling(loop=True) as inner:
-            assert inner is term  # one handler for the run
-            preemption.stop_point("nowhere")  # the loop checkpoints and stops itself
-            assert inner.requested(step=1)
+        loop = preemption.loop_started()
+        assert loop is term  # one handler for the run
+        preemption.stop_point("nowhere")  # the loop checkpoints and stops itself
+        assert loop.requested(step=1)
+        preemption.loop_ended(loop)
+        assert signal.getsignal(signal.SIGTERM) == term._handle  # still the run's
         with pytest.raises(faults.Preempted, match="^stopped after the loop"):
             preemption.stop_point("after the loop")
+    assert signal.getsignal(signal.SIGTERM) == before
     preemption.stop_point("outside a run")  # no handler: nothing to act on
+
+    loop = preemption.loop_started()  # a loop called outside a run installs its own
+    assert signal.getsignal(signal.SIGTERM) == loop._handle
+    preemption.loop_ended(loop)
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 @pytest.mark.parametrize("value", ["train_step", "train_step:0", "nowhere:1", "evaluate:2:HUP"])

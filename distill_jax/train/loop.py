@@ -399,94 +399,93 @@ def run_steps(
         ckpt.save(step, state, best_params, meta, data_iter)
 
     # SIGTERM: checkpoint at the next step boundary, then faults.Preempted (exit 75). The
-    # handler is the run's (pipeline.run installs it), or this loop's when called alone.
-    with preemption.handling(loop=True) as term:
-        try:
-            while step < num_steps and not meta["finished"]:
-                batch = sharding_lib.put_local_batch(next(data_iter), mesh)
-                state, metrics = step_fn(state, teacher_params, batch, step_rng)
-                faults.kill_point("train_step")
-                step += 1
-                unread.append((step, metrics))
-                if step % config.log_every_steps == 0 or step == num_steps:
-                    m = read_metrics()
-                    bar.update(loss=m["loss"])
-                    rate, eta = bar.rate()
-                    if not bar.is_bar:
-                        log.info(
-                            "[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
-                            name,
-                            step,
-                            num_steps,
-                            m["loss"],
-                            m["grad_norm"],
-                            rate,
-                            eta,
-                        )
-                    m.update(steps_per_second=rate, skipped_steps=meta["skipped_steps"])
-                    writer.scalars(step, m, "train")
-                    if math.isfinite(m["loss"]):  # a skipped step's NaN stays out of the curve
-                        meta["curves"]["train"].append([step, m["loss"]])
-                else:
-                    bar.update()
-                if step % config.eval.every_steps == 0 or step == num_steps:
-                    read_metrics()  # a 'stop' on a NaN step comes before the evaluation
-                    valid = validate(state.params)
-                    writer.scalars(step, valid, "valid")
-                    meta["curves"]["valid"].append([step, valid[select_metric]])
-                    selectable = step >= select_from_step
-                    improved = selectable and valid[select_metric] > meta["best_metric"]
-                    if improved:
-                        meta.update(
-                            best_metric=valid[select_metric],
-                            best_step=step,
-                            best_valid=valid,
-                            bad_evals=0,
-                        )
-                        best_params = copy_params(state.params)
-                    elif selectable:
-                        meta["bad_evals"] += 1
-                    bar.note(
-                        "[%s] step %d valid %s%s",
+    # handler is the run's (pipeline.run installs it), or this loop's own when called alone.
+    term = preemption.loop_started()
+    try:
+        while step < num_steps and not meta["finished"]:
+            batch = sharding_lib.put_local_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, teacher_params, batch, step_rng)
+            faults.kill_point("train_step")
+            step += 1
+            unread.append((step, metrics))
+            if step % config.log_every_steps == 0 or step == num_steps:
+                m = read_metrics()
+                bar.update(loss=m["loss"])
+                rate, eta = bar.rate()
+                if not bar.is_bar:
+                    log.info(
+                        "[%s] step %d/%d loss %.4f grad_norm %.3f | %.1f steps/s, ETA %.0fs",
                         name,
                         step,
-                        " ".join(f"{k}={valid[k]:.4f}" for k in log_metrics if k in valid),
-                        " (best)" if improved else "",
+                        num_steps,
+                        m["loss"],
+                        m["grad_norm"],
+                        rate,
+                        eta,
                     )
-                    patience = config.eval.patience
-                    if patience and meta["bad_evals"] >= patience and step < num_steps:
-                        bar.note(
-                            "[%s] early stop at step %d: no improvement in %d evaluations",
-                            name,
-                            step,
-                            patience,
-                        )
-                        meta["finished"] = meta["stopped_early"] = True
-                if step == num_steps:
-                    meta["finished"] = True
-                saved = meta["finished"] or step % config.checkpoint.every_steps == 0
-                if saved:
-                    save(step)
-                if term.requested(step):
-                    if not saved:
-                        save(step)
-                    raise faults.Preempted(_preempted(name, step, num_steps, ckpt))
-                if stop_at_step is not None and step >= stop_at_step and not meta["finished"]:
-                    if not saved:
-                        save(step)
-                    bar.note("[%s] stopping at step %d as asked; re-run to resume", name, step)
-                    break
-            if meta["finished"]:
-                best = {f"best_valid/{k}": float(v) for k, v in meta["best_valid"].items()}
-                writer.hparams(
-                    _hparams(name, mcfg, config), {**best, "best_step": meta["best_step"]}
+                m.update(steps_per_second=rate, skipped_steps=meta["skipped_steps"])
+                writer.scalars(step, m, "train")
+                if math.isfinite(m["loss"]):  # a skipped step's NaN stays out of the curve
+                    meta["curves"]["train"].append([step, m["loss"]])
+            else:
+                bar.update()
+            if step % config.eval.every_steps == 0 or step == num_steps:
+                read_metrics()  # a 'stop' on a NaN step comes before the evaluation
+                valid = validate(state.params)
+                writer.scalars(step, valid, "valid")
+                meta["curves"]["valid"].append([step, valid[select_metric]])
+                selectable = step >= select_from_step
+                improved = selectable and valid[select_metric] > meta["best_metric"]
+                if improved:
+                    meta.update(
+                        best_metric=valid[select_metric],
+                        best_step=step,
+                        best_valid=valid,
+                        bad_evals=0,
+                    )
+                    best_params = copy_params(state.params)
+                elif selectable:
+                    meta["bad_evals"] += 1
+                bar.note(
+                    "[%s] step %d valid %s%s",
+                    name,
+                    step,
+                    " ".join(f"{k}={valid[k]:.4f}" for k in log_metrics if k in valid),
+                    " (best)" if improved else "",
                 )
-            if term.signalled:  # after the last step's check; that step's checkpoint is written
+                patience = config.eval.patience
+                if patience and meta["bad_evals"] >= patience and step < num_steps:
+                    bar.note(
+                        "[%s] early stop at step %d: no improvement in %d evaluations",
+                        name,
+                        step,
+                        patience,
+                    )
+                    meta["finished"] = meta["stopped_early"] = True
+            if step == num_steps:
+                meta["finished"] = True
+            saved = meta["finished"] or step % config.checkpoint.every_steps == 0
+            if saved:
+                save(step)
+            if term.requested(step):
+                if not saved:
+                    save(step)
                 raise faults.Preempted(_preempted(name, step, num_steps, ckpt))
-        finally:
-            bar.close()
-            writer.close()
-            ckpt.close()
+            if stop_at_step is not None and step >= stop_at_step and not meta["finished"]:
+                if not saved:
+                    save(step)
+                bar.note("[%s] stopping at step %d as asked; re-run to resume", name, step)
+                break
+        if meta["finished"]:
+            best = {f"best_valid/{k}": float(v) for k, v in meta["best_valid"].items()}
+            writer.hparams(_hparams(name, mcfg, config), {**best, "best_step": meta["best_step"]})
+        if term.signalled:  # after the last step's check; that step's checkpoint is written
+            raise faults.Preempted(_preempted(name, step, num_steps, ckpt))
+    finally:
+        preemption.loop_ended(term)
+        bar.close()
+        writer.close()
+        ckpt.close()
     return StageResult(
         params=best_params if meta["finished"] else None,
         finished=bool(meta["finished"]),

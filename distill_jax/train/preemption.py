@@ -54,6 +54,8 @@ class Termination:
         # Training loops running under this handler: they act on the signal
         # themselves (after a checkpoint), so `stop_point` leaves it to them.
         self.loops = 0
+        # Installed by a training loop called outside a run (`loop_started`).
+        self.owned_by_loop = False
 
     def install(self) -> "Termination":
         self._multi = jax.distributed.is_initialized() and jax.process_count() > 1
@@ -103,28 +105,41 @@ _current: Termination | None = None
 
 
 @contextlib.contextmanager
-def handling(loop: bool = False) -> Iterator[Termination]:
-    """The run's SIGTERM handler: installed by the outermost call, shared by the inner ones.
-
-    Args:
-      loop: the caller is a training loop that checkpoints and stops on
-        `requested(step)`; until it returns, `stop_point` does not stop the run
-        (the loop does, after its checkpoint).
-    """
+def handling() -> Iterator[Termination]:
+    """The run's SIGTERM handler: installed by the outermost call, shared by the inner ones."""
     global _current
     outer = _current
     term = outer if outer is not None else Termination().install()
     _current = term
-    if loop:
-        term.loops += 1
     try:
         yield term
     finally:
-        if loop:
-            term.loops -= 1
         if outer is None:
             term.restore()
             _current = None
+
+
+def loop_started() -> Termination:
+    """A training loop begins: the run's handler (or the loop's own), polled by `requested`.
+
+    Until `loop_ended`, `stop_point` leaves the signal to the loop, which
+    checkpoints at its step boundary and stops.
+    """
+    global _current
+    term = _current if _current is not None else Termination().install()
+    term.owned_by_loop = _current is None
+    _current = term
+    term.loops += 1
+    return term
+
+
+def loop_ended(term: Termination) -> None:
+    """The loop of `loop_started` returned or raised; a handler it installed is put back."""
+    global _current
+    term.loops -= 1
+    if term.loops == 0 and term.owned_by_loop:
+        term.restore()
+        _current = None
 
 
 def stop_point(where: str) -> None:
