@@ -4,6 +4,11 @@ The end-to-end test runs the same small job as one process with 2 CPU devices
 and as 2 processes (launch/local.sh: gloo collectives, a coordinator on
 127.0.0.1) with 1 device each, so both have the mesh {'data': 2, 'model': 1}
 and the same batches; the reports must agree.
+
+When one of two processes dies in training (SIGKILL) or hangs (SIGSTOP: its
+connections stay open, as a lost host's do), the other must stop with an
+error within config.distributed.heartbeat_timeout (plus start-up and exit
+time), never wait in a collective for ever.
 """
 
 import json
