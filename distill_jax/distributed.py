@@ -21,6 +21,14 @@ also means one process, skipping the detection.
 
 On CPU the processes reduce through `config.distributed.cpu_collectives`
 (gloo by default), which must be chosen before initialising.
+
+A process that dies must not leave the others waiting in a collective for
+ever. On CPU a dead process's closed connections make the others' gloo
+collectives fail at once (main.py then prints one line and exits 1). Where a
+collective cannot notice (a hung host whose connections stay open; NCCL),
+jax's coordination service declares a process dead after
+`config.distributed.heartbeat_timeout` seconds without a heartbeat and ends
+every other process with its own message (an abort: exit status 134).
 """
 
 import dataclasses
