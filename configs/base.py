@@ -352,6 +352,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distributed.process_id = -1  #: -1 = from env / auto; else in [0, num_processes).
     config.distributed.cpu_collectives = "gloo"  #: CPU cross-process collectives: 'gloo', 'mpi'.
     config.distributed.initialization_timeout = 300  #: Seconds to wait for every process.
+    # A process that dies (SIGKILL, a crash, a lost host) stops sending heartbeats; after
+    # this long jax's coordination service stops every other process with an error, wherever
+    # it waits (a collective that a dead peer's closed connection does not end at once).
+    #: Seconds without heartbeats before a process counts as dead and the others stop.
+    config.distributed.heartbeat_timeout = 100
 
     # The compress stage: smaller variants of a trained student, each evaluated
     # and reported as '<source>_<variant>' (distill_jax/compress).

@@ -531,6 +531,12 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
         c.initialization_timeout,
         "a number of seconds > 0",
     )
+    _expect(
+        isinstance(c.heartbeat_timeout, int) and c.heartbeat_timeout > 0,
+        "distributed.heartbeat_timeout",
+        c.heartbeat_timeout,
+        "a number of seconds > 0",
+    )
 
 
 def stage_model_config(

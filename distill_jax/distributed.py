@@ -21,6 +21,14 @@ also means one process, skipping the detection.
 
 On CPU the processes reduce through `config.distributed.cpu_collectives`
 (gloo by default), which must be chosen before initialising.
+
+A process that dies must not leave the others waiting in a collective for
+ever. On CPU a dead process's closed connections make the others' gloo
+collectives fail at once (main.py then prints one line and exits 1). Where a
+collective cannot notice (a hung host whose connections stay open; NCCL),
+jax's coordination service declares a process dead after
+`config.distributed.heartbeat_timeout` seconds without a heartbeat and ends
+every other process with its own message (an abort: exit status 134).
 """
 
 import dataclasses
@@ -208,10 +216,13 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     # The CPU client reads this when it is created, i.e. at the first jax use
     # after initialize; it does nothing on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", config.distributed.cpu_collectives)
-    timeout = config.distributed.initialization_timeout
+    timeouts = {
+        "initialization_timeout": config.distributed.initialization_timeout,
+        "heartbeat_timeout_seconds": config.distributed.heartbeat_timeout,
+    }
     if settings.auto:
         log.info("jax.distributed: detecting the cluster (Cloud TPU VM or Open MPI)")
-        jax.distributed.initialize(initialization_timeout=timeout)
+        jax.distributed.initialize(**timeouts)
     else:
         log.info(
             "jax.distributed: process %d of %d, coordinator %s (%s)",
@@ -224,7 +235,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
             coordinator_address=settings.coordinator_address,
             num_processes=settings.num_processes,
             process_id=settings.process_id,
-            initialization_timeout=timeout,
+            **timeouts,
         )
     return True
 

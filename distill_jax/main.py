@@ -89,7 +89,7 @@ def fail(error: BaseException, workdir: str | None, status: int, unexpected: boo
     log_path = write_traceback(workdir)
     if not unexpected:
         print(f"{_PREFIX}: {error}", file=sys.stderr)
-        sys.exit(status)
+        _exit(status)
     lines = str(error).strip().splitlines()
     message = type(error).__name__ + (f": {lines[0]}" if lines else "")
     if len(lines) > 1:
@@ -100,7 +100,7 @@ def fail(error: BaseException, workdir: str | None, status: int, unexpected: boo
         else "no log file could be written for the traceback"
     )
     print(f"{_PREFIX}: unexpected error: {message} ({where})", file=sys.stderr)
-    sys.exit(status)
+    _exit(status)
 
 
 if __name__ == "__main__":
@@ -155,9 +155,44 @@ def main(argv):
             f"{_PREFIX}: interrupted; re-run the same command to resume from the last checkpoint",
             file=sys.stderr,
         )
-        sys.exit(faults.EXIT_INTERRUPTED)
+        _exit(faults.EXIT_INTERRUPTED)
+    except jax.errors.JaxRuntimeError as e:
+        if not _multi_process():
+            fail(e, workdir, faults.EXIT_BUG, unexpected=True)
+        # The usual cause: another process died, and its closed connections ended a collective.
+        write_traceback(workdir)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(
+            f"{_PREFIX}: process {jax.process_index()} of {jax.process_count()}: a collective "
+            f"with the other processes failed ({first[:300]}); another process has probably "
+            "stopped or died (see its output), so this one stops too. Re-run the same command "
+            "on every process to resume from the last checkpoint.",
+            file=sys.stderr,
+        )
+        _exit(faults.EXIT_BUG)
     except Exception as e:  # a bug: one line here, the traceback in the log
         fail(e, workdir, faults.EXIT_BUG, unexpected=True)
+
+
+def _multi_process() -> bool:
+    # Not jax.process_count(): that would start the backends in a run that failed before.
+    return jax.distributed.is_initialized()
+
+
+def _exit(status: int) -> None:
+    """Exits with `status`; with several processes at once.
+
+    Several processes: skipping jax's exit handler, which waits at a shutdown
+    barrier for every other process (with one dead, until
+    config.distributed.heartbeat_timeout, and then aborts). The others'
+    collectives with this process then fail as soon as its connections close,
+    and they stop the same way.
+    """
+    if _multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _run(argv):

@@ -5,7 +5,10 @@ train before an `ensemble` stage that evaluates them as one model; with
 'cached' a `soft_labels` stage stores the teacher's outputs before student_kd.
 
 Each stage works in `WORKDIR/<stage>/`; it resumes from its checkpoint and,
-once finished, writes `result.json`, so a re-run skips it. The report stage
+once finished, writes `result.json`, so a re-run skips it. A SIGTERM stops
+the run where nothing is lost (train/preemption.py: a training step's
+boundary after a checkpoint, else between stages or evaluation batches) with
+`faults.Preempted`; the same command resumes. The report stage
 writes `WORKDIR/report.json`, `report.md`, `report.html` and `plots/*.png`
 (distill_jax/evaluation/report.py).
 """
@@ -26,7 +29,7 @@ from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation import report as report_lib
 from distill_jax.evaluation.evaluator import Evaluator
 from distill_jax.train import ensemble as ensemble_lib
-from distill_jax.train import loop
+from distill_jax.train import loop, preemption
 from distill_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -199,11 +202,18 @@ def run(
     `fresh` moves that work aside and starts over.
     """
     config_lib.validate(config)
-    workdir_lib.check_config(config, workdir, fresh)
-    if config.task == "click":
-        from distill_jax.train import click  # the click task's stages
+    # One SIGTERM handler for the whole run: the training loops checkpoint and stop at a
+    # step boundary, and everywhere else the run stops at the next preemption.stop_point.
+    with preemption.handling():
+        workdir_lib.check_config(config, workdir, fresh)
+        if config.task == "click":
+            from distill_jax.train import click  # the click task's stages
 
-        return click.run(config, workdir, stop_at_step)
+            return click.run(config, workdir, stop_at_step)
+        return _run(config, workdir, stop_at_step)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None) -> dict | None:
     os.makedirs(workdir, exist_ok=True)
     data = dataset_lib.load(config, workdir)
     _check_catalogue(config, data.split.num_items)
@@ -219,6 +229,7 @@ def run(
     results = {}
     report = exported = soft_labels = None
     for stage in config_lib.stages(config):
+        preemption.stage_boundary(f"stage {stage}")
         if stage == "report":
             report = {
                 "config": json.loads(config.to_json_best_effort()),

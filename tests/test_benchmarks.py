@@ -15,6 +15,7 @@ from benchmarks import (
     distill_kernel,
     history_mass,
     large_catalog,
+    preemption,
     quality,
     search,
 )
@@ -617,3 +618,17 @@ def test_merge_adds_the_models_of_another_workdir(tmp_path):
     assert reports[1]["models"] == {"a": {"x": -2}, "b": {"x": 9}}  # its own 'a' kept
     with pytest.raises(SystemExit, match="seed 2 not run there"):
         quality.merge([{"models": {}}], [2], [str(tmp_path / "other")])
+
+
+def test_preemption_reads_where_a_killed_run_got_to():
+    t = "2026-12-06 00:26:04,624 INFO "
+    assert preemption.reached("") == "start-up"
+    assert preemption.reached(t + "data synthetic(seed=0): 120 users\n") == "data"
+    log = (
+        f"{t}data synthetic(seed=0): 120 users\n"
+        f"{t}[teacher] 164 training windows, 6 steps/epoch, 6 steps\n"
+        f"{t}[teacher] step 4/6 loss 4.4555 grad_norm 0.975\n"
+        f"{t}[teacher] step 4 valid hr@10=0.2750 (best)\n"
+    )
+    assert preemption.reached(log) == "teacher@4"
+    assert preemption.reached(log + f"{t}[student_kd] 164 training windows\n") == "student_kd"

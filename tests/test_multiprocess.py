@@ -4,12 +4,18 @@ The end-to-end test runs the same small job as one process with 2 CPU devices
 and as 2 processes (launch/local.sh: gloo collectives, a coordinator on
 127.0.0.1) with 1 device each, so both have the mesh {'data': 2, 'model': 1}
 and the same batches; the reports must agree.
+
+When one of two processes dies in training (SIGKILL) or hangs (SIGSTOP: its
+connections stay open, as a lost host's do), the other must stop with an
+error within config.distributed.heartbeat_timeout (plus start-up and exit
+time), never wait in a collective for ever.
 """
 
 import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -150,6 +156,7 @@ def test_incomplete_settings_name_the_key_or_variable(config_values, env, messag
         ("process_id", 3),
         ("cpu_collectives", "nccl"),
         ("initialization_timeout", 0),
+        ("heartbeat_timeout", 0),
     ],
 )
 def test_config_validation_names_the_key(key, value):
@@ -244,3 +251,99 @@ def test_two_processes_match_one(tmp_path):
     assert (two / "report.md").exists()
     # Only process 0 wrote the files that are not checkpoints: no leftovers from a second writer.
     assert not list(two.rglob("*.tmp"))
+
+
+# --- a process that dies or hangs -------------------------------------------------------
+
+HEARTBEAT_TIMEOUT = 10
+# Start-up of a process, and its exit, on this loaded 2-core machine.
+MARGIN = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stopped(pid: int) -> bool:
+    """Whether `pid` is stopped by a signal (state T in /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.parametrize(
+    "victim, kill_at",
+    [(1, "train_step:3"), (0, "train_step:3"), (1, "train_step:3:STOP")],
+    ids=["process_1_killed", "process_0_killed", "process_1_hangs"],
+)
+def test_the_others_stop_within_the_heartbeat_timeout_when_a_process_dies(
+    tmp_path, victim, kill_at
+):
+    # Started one by one (not by launch/local.sh, which would stop the survivor itself).
+    # DISTILL_JAX_KILL_AT (distill_jax/faults.py) kills or stops the victim in its third
+    # training step, in the middle of the gradients' all-reduce with the other process.
+    args = [
+        sys.executable,
+        "-m",
+        "distill_jax.main",
+        "--config=configs/synthetic.py:tiny",
+        f"--workdir={tmp_path}",
+        "--config.stages=teacher",
+        "--config.teacher.num_steps=30",
+        "--config.teacher.max_len=8",
+        "--config.teacher.num_blocks=1",
+        "--config.student.max_len=8",
+        "--config.data.length_buckets=False",
+        f"--config.distributed.heartbeat_timeout={HEARTBEAT_TIMEOUT}",
+    ]
+    env = _clean_env(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_XLA}",
+        DISTILL_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
+        DISTILL_JAX_NUM_PROCESSES="2",
+        PYTHONUNBUFFERED="1",
+    )
+    procs = []
+    for i in range(2):
+        extra = {"DISTILL_JAX_PROCESS_ID": str(i)}
+        if i == victim:
+            extra["DISTILL_JAX_KILL_AT"] = kill_at
+        procs.append(
+            subprocess.Popen(
+                args,
+                env={**env, **extra},
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    dying, survivor = procs[victim], procs[1 - victim]
+    try:
+        deadline = time.time() + 300
+        while dying.poll() is None and not _stopped(dying.pid):
+            assert time.time() < deadline, "the victim never reached its third step"
+            assert survivor.poll() is None, survivor.communicate()[0][-3000:]
+            time.sleep(0.1)
+        t0 = time.time()
+        try:
+            out, _ = survivor.communicate(timeout=HEARTBEAT_TIMEOUT + MARGIN)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process {1 - victim} still runs {HEARTBEAT_TIMEOUT + MARGIN} s later")
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    print(f"process {1 - victim} stopped {waited:.1f} s after process {victim} ({kill_at})")
+    assert survivor.returncode != 0, out[-3000:]
+    ours = "another process has probably stopped or died"
+    if kill_at.endswith("STOP"):
+        # Its connections stay open: jax's heartbeat check stops the survivor, with its message.
+        assert "stopped sending heartbeats" in out, out[-3000:]
+    elif victim == 1:
+        # The dead process's closed connections end the collective at once: our message.
+        assert ours in out and survivor.returncode == 1, out[-3000:]
+    else:
+        # With the coordinator gone, jax's own check may stop the survivor first.
+        assert ours in out or "JAX distributed service detected fatal errors" in out, out[-3000:]

@@ -30,7 +30,7 @@ from distill_jax.compress import lowrank, prune, quantize
 from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.evaluation.evaluator import Evaluator, Scorer
-from distill_jax.train import loop
+from distill_jax.train import loop, preemption
 from distill_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -277,6 +277,7 @@ def run_compress(
     src_counts = src.model.param_counts(src.params)
     for v in pending:
         name = f"{src.stage}_{v.name}"
+        preemption.stage_boundary(f"compress variant {v.name}")
         log.info("[compress] %s", name)
         made = make_variant(v, config, data.split, mesh, workdir, src, stop_at_step)
         if not made.finished:
@@ -337,6 +338,8 @@ def export_model(config, data, mesh, workdir: str, name: str, out_dir: str) -> d
     in-process model's.
     """
     scorer, made_result = scorer_for(config, data, mesh, workdir, name)
+    # The artefact's files are each written whole (temp + rename); its result.json last.
+    preemption.stop_point("during stage export")
     popular = np.argsort(-evaluator_lib.popularity_counts(data.split)[1:], kind="stable") + 1
     provenance = {
         "model": name,
@@ -356,6 +359,7 @@ def export_model(config, data, mesh, workdir: str, name: str, out_dir: str) -> d
         provenance=provenance,
         user_id_to_original=data.user_id_to_original,
     )
+    preemption.stop_point("during stage export")
     histories, _ = data.split.eval_examples("test")
     users = data.split.user_ids("test")
     return {

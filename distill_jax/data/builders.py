@@ -32,6 +32,7 @@ from absl import logging
 from etils import epath
 
 from distill_jax.data.types import SequenceData
+from distill_jax.train import preemption
 
 DATASET_VERSION = "1.0.0"
 SPLIT = "users"
@@ -127,6 +128,8 @@ class SequenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, data: SequenceData, timestamps: Sequence[np.ndarray] | None):
         for user, seq in enumerate(data.sequences):
+            # Stopping here raises through TFDS, which removes its temporary directory.
+            preemption.stop_point("while writing the data set")
             example = {"user": user, "items": np.asarray(seq, np.int32)}
             if timestamps is not None:
                 example["timestamps"] = np.asarray(

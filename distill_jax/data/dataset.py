@@ -20,9 +20,11 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from distill_jax import faults
 from distill_jax.data import builders, cache, preprocess, sources, splits, synthetic, types
 from distill_jax.data import features as features_lib
 from distill_jax.progress import Progress
+from distill_jax.train import preemption
 
 log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "movielens", "s3rec", "interactions")
@@ -141,6 +143,7 @@ def _cached_or_built(cfg: ml_collections.ConfigDict, path: Path, workdir: str):
 
     def done(what: str) -> None:
         nonlocal t0
+        preemption.stop_point("while preparing the data")
         phases.update()
         phases.note("data: %s %s in %.1fs", what, name, time.time() - t0)
         t0 = time.time()
@@ -214,6 +217,7 @@ def movielens_path(cfg: ml_collections.ConfigDict) -> Path:
 def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
     """Loads the data `config.data` describes (see configs/base.py)."""
     cfg = config.data
+    preemption.stop_point("while preparing the data")
     if cfg.source == "synthetic":
         data = synthetic.generate(cfg.synthetic, config.seed)
         fp = builders.fingerprint(seed=config.seed, **cfg.synthetic.to_dict())
@@ -236,6 +240,8 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> Dataset:
         item_ids = processed.item_id_to_original
         user_ids = processed.user_id_to_original
     info.update(users=data.num_users, items=data.num_items, interactions=data.num_interactions)
+    faults.kill_point("data_prepare")
+    preemption.stop_point("while preparing the data")
     if cfg.cold_user_fraction > 0 or cfg.cold_item_fraction > 0:
         if processed is None:
             raise types.DataError(

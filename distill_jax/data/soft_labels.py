@@ -51,6 +51,7 @@ from distill_jax.data import builders
 from distill_jax.data.pipeline import TrainBatches
 from distill_jax.losses import cached as cached_loss
 from distill_jax.progress import Progress
+from distill_jax.train import preemption
 
 log = logging.getLogger(__name__)
 DATASET_VERSION = "1.1.0"
@@ -223,6 +224,8 @@ def write(
 
     def records():
         for start in range(0, batches.num_windows, chunk):
+            # Stopping here raises through TFDS, which removes its temporary directory.
+            preemption.stop_point("during stage soft_labels")
             rows = np.arange(start, min(start + chunk, batches.num_windows))
             batch = batches.window_batch(rows)
             with jax.set_mesh(mesh):

@@ -17,11 +17,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from distill_jax import faults
 from distill_jax import sharding as sharding_lib
 from distill_jax.data import pipeline, splits
 from distill_jax.data.types import LeaveOneOut
 from distill_jax.evaluation import metrics as metrics_lib
 from distill_jax.progress import Progress
+from distill_jax.train import preemption
+
+# Where a SIGTERM stops a run between evaluation batches (nothing is written there).
+_STOP = "during an evaluation"
 
 
 @dataclasses.dataclass(eq=False)
@@ -222,6 +227,7 @@ class Evaluator:
             )
             if d is not None:
                 deciles[split] = d
+            faults.kill_point("evaluate")
         return metrics, deciles
 
     def _evaluate(
@@ -242,6 +248,7 @@ class Evaluator:
         target_parts, rank_parts = [], []
         with jax.set_mesh(self.mesh):
             for batch in batches:
+                preemption.stop_point(_STOP)
                 out, top, ranks = fn(scorer.params, sharding_lib.put_batch(batch, self.mesh))
                 total = out if total is None else metrics_lib.accumulate(total, out)
                 top = np.asarray(jax.device_get(top))[batch["where"]]
@@ -340,6 +347,7 @@ class Evaluator:
         total = None
         with jax.set_mesh(self.mesh):
             for batch in batches:
+                preemption.stop_point(_STOP)
                 out = jitted(
                     teacher.params, student.params, sharding_lib.put_batch(batch, self.mesh)
                 )
@@ -385,6 +393,7 @@ class Evaluator:
         jax.block_until_ready(recommend(params, inputs))
         times = []
         for _ in range(repeats):
+            preemption.stop_point(_STOP)
             t0 = time.perf_counter()
             jax.block_until_ready(recommend(params, inputs))
             times.append((time.perf_counter() - t0) * 1e3)

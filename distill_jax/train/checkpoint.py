@@ -89,6 +89,15 @@ def _workdir_error(e: BaseException, path: str, what: str) -> faults.WorkdirErro
     )
 
 
+class _KillPointTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    """Orbax's temporary directory of a save, reaching the test hook's 'checkpoint_write'
+    just before it is renamed into place (each item's, then the step's)."""
+
+    async def finalize(self, *args, **kwargs):
+        faults.kill_point("checkpoint_write")
+        await super().finalize(*args, **kwargs)
+
+
 class StageCheckpointer:
     """The checkpoints of one stage: latest state, best params, meta and data position."""
 
@@ -110,6 +119,8 @@ class StageCheckpointer:
             # A step a killed run left half-written is removed, never resumed from.
             cleanup_tmp_directories=True,
         )
+        if faults.kill_armed("checkpoint_write"):  # the test hook (faults.KILL_POINTS)
+            opts.temporary_path_class = _KillPointTemporaryPath
         try:
             self._manager = ocp.CheckpointManager(self.path, options=opts)
         except OSError as e:

@@ -42,7 +42,7 @@ from distill_jax.data import clicks as clicks_lib
 from distill_jax.data import dataset as dataset_lib
 from distill_jax.evaluation import click_metrics, plots
 from distill_jax.models.click import ClickModel
-from distill_jax.train import loop
+from distill_jax.train import loop, preemption
 from distill_jax.train import state as state_lib
 from distill_jax.train import steps as steps_lib
 
@@ -433,6 +433,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | Non
     )
     results, report = {}, None
     for stage in order:
+        preemption.stage_boundary(f"stage {stage}")
         if stage == "report":
             report = {
                 "task": "click",

@@ -398,12 +398,14 @@ def run_steps(
         meta["config"] = json.loads(config.to_json_best_effort())
         ckpt.save(step, state, best_params, meta, data_iter)
 
-    # SIGTERM: checkpoint at the next step boundary, then faults.Preempted (exit 75).
-    term = preemption.Termination().install()
+    # SIGTERM: checkpoint at the next step boundary, then faults.Preempted (exit 75). The
+    # handler is the run's (pipeline.run installs it), or this loop's own when called alone.
+    term = preemption.loop_started()
     try:
         while step < num_steps and not meta["finished"]:
             batch = sharding_lib.put_local_batch(next(data_iter), mesh)
             state, metrics = step_fn(state, teacher_params, batch, step_rng)
+            faults.kill_point("train_step")
             step += 1
             unread.append((step, metrics))
             if step % config.log_every_steps == 0 or step == num_steps:
@@ -480,7 +482,7 @@ def run_steps(
         if term.signalled:  # after the last step's check; that step's checkpoint is written
             raise faults.Preempted(_preempted(name, step, num_steps, ckpt))
     finally:
-        term.restore()
+        preemption.loop_ended(term)
         bar.close()
         writer.close()
         ckpt.close()
