@@ -80,6 +80,27 @@ def write_traceback(workdir: str | None) -> str | None:
         return None
 
 
+def _multi_process() -> bool:
+    # Not jax.process_count(): that would start the backends in a run that failed before.
+    return jax.distributed.is_initialized()
+
+
+def _exit(status: int) -> None:
+    """Exits with `status`; with several processes at once.
+
+    Several processes: skipping jax's exit handler, which waits at a shutdown
+    barrier for every other process (with one dead, until
+    config.distributed.heartbeat_timeout, and then aborts). The others'
+    collectives with this process then fail as soon as its connections close,
+    and they stop the same way.
+    """
+    if _multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def fail(error: BaseException, workdir: str | None, status: int, unexpected: bool) -> None:
     """Ends the run with `error` as one message on stderr (no traceback) and `status`.
 
@@ -172,27 +193,6 @@ def main(argv):
         _exit(faults.EXIT_BUG)
     except Exception as e:  # a bug: one line here, the traceback in the log
         fail(e, workdir, faults.EXIT_BUG, unexpected=True)
-
-
-def _multi_process() -> bool:
-    # Not jax.process_count(): that would start the backends in a run that failed before.
-    return jax.distributed.is_initialized()
-
-
-def _exit(status: int) -> None:
-    """Exits with `status`; with several processes at once.
-
-    Several processes: skipping jax's exit handler, which waits at a shutdown
-    barrier for every other process (with one dead, until
-    config.distributed.heartbeat_timeout, and then aborts). The others'
-    collectives with this process then fail as soon as its connections close,
-    and they stop the same way.
-    """
-    if _multi_process():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
 
 
 def _run(argv):

@@ -125,7 +125,7 @@ def test_bert4rec_distillation_and_student_checkpoint_holds_no_teacher(tmp_path)
     assert report["models"]["student_kd"]["teacher"] == "teacher"
     # The student's checkpoint holds the student's train state and best params alone.
     ckpt_dir = tmp_path / "student_kd" / "checkpoints"
-    (step_dir,) = [p for p in ckpt_dir.iterdir() if p.name.isdigit()]
+    step_dir = max((p for p in ckpt_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     tree = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata.tree
     shapes = [leaf.shape for leaf in jax.tree.leaves(tree["params"])]
     n = sum(int(np.prod(s)) for s in shapes)

@@ -94,6 +94,10 @@ def _check(got, rows: list, mask: np.ndarray, scales: list | None = None) -> Non
     count = int(mask.sum())
     want = _sum(r for r, m in zip(rows, mask, strict=True) if m)
     slack = 1e-6 * _sum(abs(c) for c, m in zip(scales or [0.0] * len(rows), mask, strict=True) if m)
+    if not math.isfinite(slack):
+        slack = (
+            math.inf
+        )  # a row's scale overflowed: its rounding is unbounded, only finiteness holds
     got = float(got)
     if math.isnan(want):
         event("NaN shows")
