@@ -25,6 +25,9 @@ states and item table:
   with shard_map, never gathered (`vocab_parallel.py`);
 * ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`).
 
+``config.loss.form='auto'`` (the default) is the fastest form that runs a
+stage here (`auto.py`; `resolve_form`).
+
 `PAIRS` is the one table of the (target, form) pairs that exist, with the
 options each supports: ``exclude_history`` (each slot's already-seen window
 items left out of every softmax, never its target) and ``teacher_only_slots``
@@ -41,7 +44,15 @@ from typing import Any
 
 import jax
 
-from distill_jax.losses import cached, chunked, cpu_kernel, ranking, vocab_parallel
+from distill_jax.losses import (
+    auto,
+    cached,
+    chunked,
+    cpu_kernel,
+    kernel_lib,
+    ranking,
+    vocab_parallel,
+)
 from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count
 from distill_jax.losses.dense import (
     binary_distill,
@@ -58,6 +69,7 @@ from distill_jax.losses.dense import (
 )
 
 __all__ = [
+    "AUTO",
     "FORMS",
     "HIDDEN_LOSSES",
     "PAIRS",
@@ -69,6 +81,7 @@ __all__ = [
     "binary_distill",
     "binary_distill_sum",
     "compute",
+    "resolve_form",
     "cross_entropy",
     "cross_entropy_sum",
     "distill_loss",
@@ -282,13 +295,18 @@ def _cached_dense(x: LossInputs, s: Settings) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One (target, form) that exists: its function and the options it supports."""
+    """One (target, form) that exists: its function, its options, where it runs."""
 
     fn: Callable[[LossInputs, Settings], jax.Array]
     exclude_history: bool = False
     teacher_only_slots: bool = False
-    # Runs on one device only (one custom call over whole arrays).
-    single_device: bool = False
+    # The meshes it runs on: 'any'; 'data' (item tables whole on each device,
+    # rows split along 'data'); 'one' (one custom call over whole arrays).
+    meshes: str = "any"
+    # The backends it runs on; None: any.
+    backends: tuple[str, ...] | None = None
+    # () -> why it cannot be built here, in one line, or None when it can.
+    unavailable: Callable[[], str | None] | None = None
 
 
 TARGETS = ("label", "soft", "hard", "ranking", "cached", "ensemble")
@@ -296,19 +314,29 @@ RANKING_LOSSES = ranking.LOSSES
 # Hidden-state matching (config.distill.hidden_loss; distill_jax/train/steps.py).
 HIDDEN_LOSSES = ("mse", "cosine")
 FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel")
+# config.loss.form: a form of FORMS, or 'auto', the fastest that fits (auto.py).
+AUTO = auto.AUTO
 # Targets that need a teacher; 'label' trains teachers and the scratch student.
 TEACHER_TARGETS = ("soft", "hard", "ranking", "cached", "ensemble")
+
+
+def _kernel_unavailable() -> str | None:
+    return kernel_lib.unavailable_reason()
+
+
+# Where the fused CPU kernel runs, and whether it builds here.
+_KERNEL = dict(meshes="one", backends=("cpu",), unavailable=_kernel_unavailable)
 
 PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True),
     ("label", "chunked"): Pair(_label_chunked, exclude_history=True),
     ("label", "vocab_parallel"): Pair(_label_vocab_parallel),
     # The kernel fuses the distillation loss; cross-entropy is the dense form's.
-    ("label", "cpu_kernel"): Pair(_label_dense, exclude_history=True),
+    ("label", "cpu_kernel"): Pair(_label_dense, exclude_history=True, **_KERNEL),
     ("soft", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
     ("soft", "chunked"): Pair(_soft_chunked, exclude_history=True),
     ("soft", "vocab_parallel"): Pair(_soft_vocab_parallel),
-    ("soft", "cpu_kernel"): Pair(_soft_cpu_kernel, teacher_only_slots=True, single_device=True),
+    ("soft", "cpu_kernel"): Pair(_soft_cpu_kernel, teacher_only_slots=True, **_KERNEL),
     ("hard", "dense"): Pair(_hard_dense, exclude_history=True, teacher_only_slots=True),
     ("hard", "chunked"): Pair(_hard_chunked, exclude_history=True, teacher_only_slots=True),
     ("ranking", "dense"): Pair(_ranking_dense, exclude_history=True, teacher_only_slots=True),
@@ -327,6 +355,43 @@ def supported(target: str, form: str, option: str | None = None) -> bool:
 def forms_for(target: str, option: str | None = None) -> tuple[str, ...]:
     """The forms `target` exists in (with `option`, if given), in `FORMS` order."""
     return tuple(f for f in FORMS if supported(target, f, option))
+
+
+def resolve_form(
+    form: str,
+    target: str,
+    where: auto.Where,
+    *,
+    exclude_history: bool = False,
+    teacher_only_slots: bool = False,
+) -> str:
+    """The form that runs `target` `where`: `form` itself, checked, or what 'auto' chooses.
+
+    'auto' logs its choice and why in one line (`auto.choose`, once per
+    distinct choice). A named form that cannot run there raises, naming
+    config.loss.form and what would run.
+    """
+    if form == auto.AUTO:
+        choice = auto.choose(
+            PAIRS,
+            target,
+            where,
+            exclude_history=exclude_history,
+            teacher_only_slots=teacher_only_slots,
+        )
+        auto.report(choice)
+        return choice.form
+    # Options were checked by config validation; here: the mesh and the backend,
+    # which must not be touched before jax.distributed is initialised.
+    # A kernel that does not build raises its own error, in full, when traced.
+    pair = dataclasses.replace(PAIRS[(target, form)], unavailable=None)
+    why = auto.unfit(pair, where, False, False)
+    if why is not None:
+        raise ValueError(
+            f"config.loss.form={form!r} {why} (the {target!r} target); use "
+            "config.loss.form='auto' (or 'dense')."
+        )
+    return form
 
 
 def compute(target: str, form: str, inputs: LossInputs, settings: Settings) -> jax.Array:

@@ -81,9 +81,10 @@ def _compiler() -> str:
     path = shutil.which(cxx)
     if path is None:
         raise KernelBuildError(
-            f"config.loss.form='cpu_kernel' needs a C++20 compiler to build "
-            f"{_SOURCE}, and {cxx!r} (from $CXX, default 'c++') is not on PATH. "
-            "Install one (e.g. `apt-get install g++`) or set config.loss.form='dense'."
+            f"config.loss.form='cpu_kernel' (and 'auto' on the CPU) needs a C++20 compiler "
+            f"to build {_SOURCE.name}, and {cxx!r} (from $CXX, default 'c++') is not on "
+            "PATH: install one (e.g. `apt-get install g++`) for the fused CPU kernel, or "
+            "set config.loss.form='dense'."
         )
     return path
 
@@ -123,13 +124,24 @@ def _register() -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
-def available() -> bool:
-    """Whether the kernel can be built and loaded here (a compiler is present)."""
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be built or loaded here, in one line; None when it can.
+
+    Tried once per process (the build is cached on disk, the answer here).
+    """
     try:
         _register()
-    except KernelBuildError:
-        return False
-    return True
+    except KernelBuildError as e:
+        return str(e).splitlines()[0]
+    except OSError as e:  # a library that does not load
+        return f"loading the kernel library failed: {e}"
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel can be built and loaded here (a compiler is present)."""
+    return unavailable_reason() is None
 
 
 def distill_rows(
