@@ -51,8 +51,9 @@ CPU_PICKS = [
     ("label", {"exclude_history": True}, 1, 1, "cpu_kernel"),
     ("soft", {}, 1, 1, "cpu_kernel"),
     ("soft", {"teacher_only_slots": True}, 1, 1, "cpu_kernel"),
+    ("soft", {"exclude_history": True, "teacher_only_slots": True}, 1, 1, "cpu_kernel"),
+    ("hard", {"exclude_history": True, "teacher_only_slots": True}, 1, 1, "cpu_kernel"),
     ("ensemble", {}, 1, 1, "dense"),
-    ("hard", {}, 1, 1, "dense"),
     ("ranking", {}, 1, 1, "dense"),
     ("cached", {}, 1, 1, "dense"),
     # Rows split along 'data', the table whole on every device.
@@ -70,11 +71,6 @@ CPU_PICKS = [
 @pytest.mark.parametrize("target,options,devices,shards,form", CPU_PICKS)
 def test_auto_picks_on_the_cpu_as_documented(built, target, options, devices, shards, form):
     assert _pick(target, devices=devices, shards=shards, **options) == form
-
-
-def test_soft_with_excluded_history_is_the_dense_form(built):
-    # The soft kernel does not exclude history.
-    assert _pick("soft", exclude_history=True) == "dense"
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

@@ -53,7 +53,7 @@ from distill_jax.losses import (
     ranking,
     vocab_parallel,
 )
-from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count
+from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count, sanitize
 from distill_jax.losses.dense import (
     binary_distill,
     binary_distill_sum,
@@ -227,13 +227,25 @@ def _soft_vocab_parallel(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
-def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+def _check_unpadded(x: LossInputs) -> None:
     if x.table.shape[0] != x.num_valid_rows:
-        # Never on one device, where tables are not padded; say so if it happens.
+        # Never where the kernel runs (tables are padded only when split along
+        # 'model'); say so if it happens.
         raise ValueError(
             f"the cpu_kernel form scores every table row, but the table has "
             f"{x.table.shape[0]} rows for a catalogue of {x.num_valid_rows}."
         )
+
+
+def _label_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+    _check_unpadded(x)
+    return cpu_kernel.kernel_cross_entropy(
+        x.hidden, x.table, x.bias, x.labels, x.where, seen=x.seen
+    )
+
+
+def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+    _check_unpadded(x)
     return cpu_kernel.kernel_distill_loss(
         x.hidden,
         x.table,
@@ -244,6 +256,7 @@ def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
         x.label_where,
         temperature=s["temperature"],
         alpha=s["alpha"],
+        seen=x.seen,
     )
 
 
@@ -265,6 +278,15 @@ def _hard_chunked(x: LossInputs, s: Settings) -> jax.Array:
         seen=x.seen,
         num_valid_rows=x.num_valid_rows,
     )
+
+
+def _hard_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+    _check_unpadded(x)
+    # The teacher's top-k (XLA: its product and top_k) are k labels of weight
+    # 1/k each for the kernel's cross-entropy.
+    where = x.teacher_where
+    _, top = jax.lax.top_k(sanitize(x.teacher_logits_excluded(), where), s["k"])
+    return cpu_kernel.kernel_cross_entropy(x.hidden, x.table, x.bias, top, where, seen=x.seen)
 
 
 def _ranking_dense(x: LossInputs, s: Settings) -> jax.Array:
@@ -331,14 +353,18 @@ PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True),
     ("label", "chunked"): Pair(_label_chunked, exclude_history=True),
     ("label", "vocab_parallel"): Pair(_label_vocab_parallel),
-    # The kernel fuses the distillation loss; cross-entropy is the dense form's.
-    ("label", "cpu_kernel"): Pair(_label_dense, exclude_history=True, **_KERNEL),
+    ("label", "cpu_kernel"): Pair(_label_cpu_kernel, exclude_history=True, **_KERNEL),
     ("soft", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
     ("soft", "chunked"): Pair(_soft_chunked, exclude_history=True),
     ("soft", "vocab_parallel"): Pair(_soft_vocab_parallel),
-    ("soft", "cpu_kernel"): Pair(_soft_cpu_kernel, teacher_only_slots=True, **_KERNEL),
+    ("soft", "cpu_kernel"): Pair(
+        _soft_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
+    ),
     ("hard", "dense"): Pair(_hard_dense, exclude_history=True, teacher_only_slots=True),
     ("hard", "chunked"): Pair(_hard_chunked, exclude_history=True, teacher_only_slots=True),
+    ("hard", "cpu_kernel"): Pair(
+        _hard_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
+    ),
     ("ranking", "dense"): Pair(_ranking_dense, exclude_history=True, teacher_only_slots=True),
     ("cached", "dense"): Pair(_cached_dense, exclude_history=True, teacher_only_slots=True),
     # The ensemble's logits are its log-mixture: the soft target's dense form.

@@ -1,12 +1,17 @@
-"""The cpu_kernel form: the distillation loss through the fused C++ CPU kernel.
+"""The cpu_kernel form: catalogue losses through the fused C++ CPU kernel.
 
-The teacher's catalogue product is XLA's; the student's (narrow) logits, the
-softmaxes, the KL, the logits' gradient and its products with the table and
-the hidden states are the kernel's (`kernel_lib.distill_rows_hidden`), and
-the backward pass applies the loss's scale to those small results (dh, dE,
-db), never to ``[N, V]``. `logits_distill_total` is the same loss from given
-logits (`kernel_lib.distill_rows`), behind `dense.distill_loss(impl=...)`.
-Values and gradients equal the dense form's; CPU backend only, float32.
+Distillation (`kernel_distill_loss`): the teacher's catalogue product is
+XLA's; the student's (narrow) logits, the softmaxes, the KL, the logits'
+gradient and its products with the table and the hidden states are the
+kernel's (`kernel_lib.distill_rows_hidden`), and the backward pass applies the
+loss's scale to those small results (dh, dE, db), never to ``[N, V]``.
+Cross-entropy (`kernel_cross_entropy`: teachers, students trained alone, and
+the teacher's top-k as K labels) is the same pass without a teacher
+(`kernel_lib.cross_entropy_rows_hidden`). Both leave each position's seen ids
+out when given them (exclude_history). `logits_distill_total` is the
+distillation loss from given logits (`kernel_lib.distill_rows`), behind
+`dense.distill_loss(impl=...)`. Values and gradients equal the dense form's;
+CPU backend only, float32.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from jax.typing import ArrayLike
 from distill_jax.losses import common, kernel_lib
 from distill_jax.losses.common import SumAndCount
 
-__all__ = ["kernel_distill_loss", "kernel_distill_loss_sum", "logits_distill_total"]
+__all__ = [
+    "kernel_cross_entropy",
+    "kernel_cross_entropy_sum",
+    "kernel_distill_loss",
+    "kernel_distill_loss_sum",
+    "logits_distill_total",
+]
 
 
 # The same loss through the CPU kernel (distill_jax/losses/kernel_lib.py): its forward pass
@@ -95,7 +106,9 @@ def logits_distill_total(s, t, labels, valid, label_valid, temperature, alpha) -
 # --------------------------------------------------------------------------
 
 
-def _hidden_rows(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha, grad):
+def _hidden_rows(
+    h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha, grad
+):
     return kernel_lib.distill_rows_hidden(
         h,
         table,
@@ -109,18 +122,19 @@ def _hidden_rows(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp
         alpha,
         mask_first=True,
         with_grad=grad,
+        seen=seen,
     )
 
 
 @jax.custom_vjp
-def _hidden_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
-    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
+def _hidden_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha):
+    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha)
     ce, kl = _hidden_rows(*args, grad=False)
     return kernel_total(ce, kl, valid, labelled, temp, alpha)[0]
 
 
-def _hidden_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha):
-    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, temp, alpha)
+def _hidden_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha):
+    args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha)
     # The kernel returns the logits' gradient already multiplied out: grad @
     # table, grad.T @ h and grad.sum(0); the [N, V] gradient is never stored.
     ce, kl, d_h, d_table, bias_grad = _hidden_rows(*args, grad=True)
@@ -130,21 +144,24 @@ def _hidden_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, temp,
 
 def _hidden_bwd(residuals, g):
     d_h, d_table, bias_grad, dtotal_dalpha = residuals
-    return (
-        g * d_h,
-        g * d_table,
-        g * bias_grad,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        g * dtotal_dalpha,
-    )
+    # Teacher, labels, masks, seen ids and temperature get no cotangent.
+    return (g * d_h, g * d_table, g * bias_grad) + (None,) * 7 + (g * dtotal_dalpha,)
 
 
 _hidden_total.defvjp(_hidden_fwd, _hidden_bwd)
+
+
+def _seen_rows(seen, positions):
+    """`seen` ``[..., S]`` as ``[N, S]`` int32 rows, or None."""
+    if seen is None:
+        return None
+    seen = jnp.asarray(seen)
+    if seen.shape[:-1] != positions or not jnp.issubdtype(seen.dtype, jnp.integer):
+        raise ValueError(
+            f"seen must be integer item ids of shape {positions} + (S,), got "
+            f"{seen.shape} {seen.dtype}."
+        )
+    return seen.reshape(-1, seen.shape[-1]).astype(jnp.int32)
 
 
 def kernel_distill_loss_sum(
@@ -160,6 +177,7 @@ def kernel_distill_loss_sum(
     *,
     temperature: float | ArrayLike,
     alpha: float | ArrayLike,
+    seen: ArrayLike | None = None,
 ) -> SumAndCount:
     """``alpha·CE + (1 − alpha)·T²·KL`` from hidden states through the CPU kernel.
 
@@ -174,7 +192,9 @@ def kernel_distill_loss_sum(
 
     Args: as :func:`chunked_distill_loss_sum`, and ``label_where``, an
       optional ``[...]`` mask of the valid positions that carry a label (the
-      others add their KL term alone; see ``losses.distill_loss_sum``).
+      others add their KL term alone; see ``losses.distill_loss_sum``), and
+      ``seen``, optional ``[..., S]`` ids each position leaves out of both
+      softmaxes (exclude_history; 0 = none, never the position's label).
 
     Returns:
       ``(sum, count)`` scalars.
@@ -210,6 +230,7 @@ def kernel_distill_loss_sum(
         labels.reshape(-1),
         valid.reshape(-1),
         labelled.reshape(-1),
+        _seen_rows(seen, labels.shape),
         jax.lax.stop_gradient(jnp.asarray(temperature, f32)),
         jnp.asarray(alpha, f32),
     )
@@ -218,3 +239,92 @@ def kernel_distill_loss_sum(
 
 
 kernel_distill_loss = common.mean_of(kernel_distill_loss_sum)
+
+
+# --------------------------------------------------------------------------
+# Cross-entropy (teachers, students trained alone, the teacher's top-k): the
+# same kernel without a teacher (`kernel_lib.cross_entropy_rows_hidden`).
+# --------------------------------------------------------------------------
+
+
+def _ce_rows(h, table, bias, labels, valid, seen, grad):
+    return kernel_lib.cross_entropy_rows_hidden(
+        h, table, bias, labels, valid, mask_first=True, with_grad=grad, seen=seen
+    )
+
+
+@jax.custom_vjp
+def _ce_total(h, table, bias, labels, valid, seen):
+    (ce,) = _ce_rows(h, table, bias, labels, valid, seen, grad=False)
+    return jnp.sum(ce)  # 0 on masked rows
+
+
+def _ce_fwd(h, table, bias, labels, valid, seen):
+    ce, d_h, d_table, bias_grad = _ce_rows(h, table, bias, labels, valid, seen, grad=True)
+    return jnp.sum(ce), (d_h, d_table, bias_grad)
+
+
+def _ce_bwd(residuals, g):
+    d_h, d_table, bias_grad = residuals
+    return g * d_h, g * d_table, g * bias_grad, None, None, None
+
+
+_ce_total.defvjp(_ce_fwd, _ce_bwd)
+
+
+def kernel_cross_entropy_sum(
+    hidden: ArrayLike,
+    table: ArrayLike,
+    bias: ArrayLike | None,
+    labels: ArrayLike,
+    where: ArrayLike | None = None,
+    *,
+    seen: ArrayLike | None = None,
+) -> SumAndCount:
+    """Softmax cross-entropy from hidden states through the CPU kernel, summed.
+
+    Equal in value and gradient (``hidden``, ``table``, ``bias``) to
+    ``losses.cross_entropy_sum`` of the logits ``hidden @ table.T + bias``
+    with column 0 (and each position's ``seen`` ids) at -inf, computed in
+    float32; the ``[..., V]`` logits and their gradient are never stored.
+
+    Args:
+      hidden: ``[..., D]`` hidden states.
+      table: ``[V+1, D]`` item table (row 0: padding).
+      bias: optional ``[V+1]`` output bias.
+      labels: ``[...]`` target ids, or ``[..., K]``: K targets per position,
+        weight 1/K each (the 'hard' target's top-k).
+      where: optional ``[...]`` mask of the valid positions.
+      seen: optional ``[..., S]`` ids each position leaves out (exclude_history;
+        0 = none).
+
+    Returns:
+      ``(sum, count)`` scalars.
+    """
+    h, table = jnp.asarray(hidden), jnp.asarray(table)
+    common.check_tower("", h, table, None if bias is None else jnp.asarray(bias))
+    positions = h.shape[:-1]
+    labels = jnp.asarray(labels)
+    if labels.shape[: len(positions)] != positions or labels.ndim > len(positions) + 1:
+        raise ValueError(
+            f"labels must have shape {positions} or {positions} + (K,) (the hidden "
+            f"states' leading shape), got {labels.shape}."
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer item ids, got dtype {labels.dtype}.")
+    valid = common.rows_where(where, positions)
+    f32 = jnp.float32
+    rows = valid.size
+    total = _ce_total(
+        h.reshape(rows, h.shape[-1]).astype(f32),
+        table.astype(f32),
+        jnp.zeros((table.shape[0],), f32) if bias is None else jnp.asarray(bias, f32),
+        labels.reshape(rows, -1),
+        valid.reshape(-1),
+        _seen_rows(seen, positions),
+    )
+    dtype = common.compute_dtype(h)
+    return total.astype(dtype), jnp.sum(valid, dtype=dtype)
+
+
+kernel_cross_entropy = common.mean_of(kernel_cross_entropy_sum)

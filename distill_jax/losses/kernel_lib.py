@@ -8,8 +8,9 @@ pass over each row where XLA's CPU backend makes about ten (BENCHMARKS.md,
 uses it. `distill_rows_hidden` does the same from the student's hidden states
 and table, computing the (narrow) student's logits itself, a few rows at a
 time in cache, so they never go through memory; the trainer's
-`config.loss.form='cpu_kernel'` uses it. Both run their rows on XLA's own CPU
-thread pool.
+`config.loss.form='cpu_kernel'` uses it. `cross_entropy_rows_hidden` is that
+pass without a teacher (cross-entropy: teachers and students trained alone).
+All run their rows on XLA's own CPU thread pool.
 
 The shared library is built with the system C++ compiler (``$CXX``, else
 ``c++``; C++20, ``-O3 -march=native``) against the XLA FFI headers that ship
@@ -52,6 +53,8 @@ _TARGETS = {
     "distill_jax_distill_rows_grad": "DistillJaxDistillRowsGrad",
     "distill_jax_distill_rows_hidden_stats": "DistillJaxDistillRowsHiddenStats",
     "distill_jax_distill_rows_hidden_grad": "DistillJaxDistillRowsHiddenGrad",
+    "distill_jax_ce_rows_hidden_stats": "DistillJaxCeRowsHiddenStats",
+    "distill_jax_ce_rows_hidden_grad": "DistillJaxCeRowsHiddenGrad",
 }
 
 
@@ -211,6 +214,7 @@ def distill_rows_hidden(
     *,
     mask_first: bool,
     with_grad: bool,
+    seen: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """:func:`distill_rows` from the student's hidden states and table.
 
@@ -222,6 +226,8 @@ def distill_rows_hidden(
     Args:
       student_hidden: ``[N, D]`` float32.
       student_table: ``[V, D]`` float32 (passed to the kernel transposed).
+      seen: optional ``[N, S]`` ids each row leaves out of both softmaxes
+        (exclude_history; 0 = none).
       The others: as :func:`distill_rows`.
 
     Returns:
@@ -232,34 +238,117 @@ def distill_rows_hidden(
       their hidden states hold).
     """
     _register()
-    rows, dim = student_hidden.shape
-    items, table_dim = student_table.shape
+    f32 = jnp.float32
+    rows, dim, items = _check_tower("distill_rows_hidden", student_hidden, student_table)
+    outs = [_out(rows), _out(rows)] + (_grad_outs(rows, dim, items) if with_grad else [])
+    suffix = "grad" if with_grad else "stats"
+    call = jax.ffi.ffi_call(
+        f"distill_jax_distill_rows_hidden_{suffix}", tuple(outs), vmap_method="sequential"
+    )
+    out = call(
+        student_hidden.astype(f32),
+        student_table.astype(f32).T,
+        student_bias.astype(f32),
+        teacher_logits.astype(f32),
+        teacher_bias.astype(f32),
+        labels.astype(jnp.int32),
+        _seen(seen, rows),
+        valid.astype(f32),
+        labelled.astype(f32),
+        jnp.asarray(temperature, f32),
+        jnp.asarray(alpha, f32),
+        mask_first=mask_first,
+    )
+    return _transposed_table_grad(out, with_grad)
+
+
+def cross_entropy_rows_hidden(
+    student_hidden: jax.Array,
+    student_table: jax.Array,
+    student_bias: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    *,
+    mask_first: bool,
+    with_grad: bool,
+    seen: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
+    """Per-row cross-entropy from the student's hidden states and table: no teacher.
+
+    :func:`distill_rows_hidden` at ``alpha = 1`` without the teacher's passes:
+    row r's logits are ``s = student_hidden[r] @ student_table.T +
+    student_bias`` (column 0 at -inf with `mask_first`, the `seen` ids at -inf),
+    ``ce[r] = logsumexp(s) − mean_k s[labels[r, k]]``, and the gradient with
+    respect to the logits is ``softmax(s) − mean_k onehot(labels[r, k])``.
+
+    Args:
+      student_hidden: ``[N, D]`` float32.
+      student_table: ``[V, D]`` float32.
+      student_bias: ``[V]`` float32.
+      labels: ``[N]`` int32 targets, or ``[N, K]`` (K targets of weight 1/K
+        each: the teacher's top-k); an id outside ``[0, V)`` on a valid row
+        gives NaN.
+      valid: ``[N]`` bool; other rows get ce = 0 and add no gradient.
+      mask_first: treat column 0 (the padding item) as -inf.
+      with_grad: also return the gradient's products.
+      seen: optional ``[N, S]`` ids each row leaves out (exclude_history; 0 =
+        none).
+
+    Returns:
+      ``(ce,)`` ``[N]``; with `with_grad` also ``grad @ student_table``
+      ``[N, D]``, ``grad.T @ student_hidden`` ``[V, D]`` and ``grad.sum(0)``
+      ``[V]``.
+    """
+    _register()
+    f32 = jnp.float32
+    rows, dim, items = _check_tower("cross_entropy_rows_hidden", student_hidden, student_table)
+    outs = [_out(rows)] + (_grad_outs(rows, dim, items) if with_grad else [])
+    suffix = "grad" if with_grad else "stats"
+    call = jax.ffi.ffi_call(
+        f"distill_jax_ce_rows_hidden_{suffix}", tuple(outs), vmap_method="sequential"
+    )
+    out = call(
+        student_hidden.astype(f32),
+        student_table.astype(f32).T,
+        student_bias.astype(f32),
+        labels.astype(jnp.int32),
+        _seen(seen, rows),
+        valid.astype(f32),
+        mask_first=mask_first,
+    )
+    return _transposed_table_grad(out, with_grad)
+
+
+def _check_tower(name, hidden, table):
+    rows, dim = hidden.shape
+    items, table_dim = table.shape
     if table_dim != dim:
         raise ValueError(
-            f"distill_rows_hidden: hidden states [{rows}, {dim}] and table "
-            f"[{items}, {table_dim}] disagree on the width."
+            f"{name}: hidden states [{rows}, {dim}] and table [{items}, {table_dim}] "
+            "disagree on the width."
         )
-    out = _call(
-        "distill_jax_distill_rows_hidden",
-        rows,
-        items,
-        (student_hidden.astype(jnp.float32), student_table.astype(jnp.float32).T),
-        student_bias,
-        teacher_logits,
-        teacher_bias,
-        labels,
-        valid,
-        labelled,
-        temperature,
-        alpha,
-        mask_first=mask_first,
-        with_grad=with_grad,
-        dim=dim,
-    )
+    return rows, dim, items
+
+
+def _out(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _grad_outs(rows, dim, items):
+    # dh [N, D], the table's gradient transposed [D, V], the bias's [V].
+    return [_out(rows, dim), _out(dim, items), _out(items)]
+
+
+def _seen(seen, rows):
+    # No exclusion: no columns.
+    return jnp.zeros((rows, 0), jnp.int32) if seen is None else seen.astype(jnp.int32)
+
+
+def _transposed_table_grad(out, with_grad):
     if not with_grad:
-        return out
-    ce, kl, d_hidden, d_table_t, bias_grad = out
-    return ce, kl, d_hidden, d_table_t.T, bias_grad
+        return tuple(out)
+    *head, d_table_t, bias_grad = out
+    return (*head, d_table_t.T, bias_grad)
 
 
 def _call(
@@ -278,20 +367,11 @@ def _call(
     *,
     mask_first,
     with_grad,
-    dim=None,
 ):
-    # dim: the student's width when its hidden states are given; the gradient
-    # outputs are then [N, dim] and [dim, V] instead of [N, V].
     f32 = jnp.float32
-    outs = [jax.ShapeDtypeStruct((rows,), f32), jax.ShapeDtypeStruct((rows,), f32)]
-    if with_grad and dim is None:
-        outs += [jax.ShapeDtypeStruct((rows, items), f32), jax.ShapeDtypeStruct((items,), f32)]
-    elif with_grad:
-        outs += [
-            jax.ShapeDtypeStruct((rows, dim), f32),
-            jax.ShapeDtypeStruct((dim, items), f32),
-            jax.ShapeDtypeStruct((items,), f32),
-        ]
+    outs = [_out(rows), _out(rows)]
+    if with_grad:
+        outs += [_out(rows, items), _out(items)]
     target = f"{prefix}_grad" if with_grad else f"{prefix}_stats"
     call = jax.ffi.ffi_call(target, tuple(outs), vmap_method="sequential")
     return call(
