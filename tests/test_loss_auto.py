@@ -57,8 +57,9 @@ CPU_PICKS = [
     ("ranking", {}, 1, 1, "dense"),
     ("cached", {}, 1, 1, "dense"),
     # Rows split along 'data', the table whole on every device.
-    ("label", {}, 8, 1, "dense"),
-    ("soft", {}, 8, 1, "dense"),
+    ("label", {"exclude_history": True}, 8, 1, "cpu_kernel"),
+    ("soft", {"teacher_only_slots": True}, 8, 1, "cpu_kernel"),
+    ("ensemble", {}, 8, 1, "dense"),
     # A vocab-sharded table: vocab_parallel where the stage has it.
     ("label", {}, 8, 4, "vocab_parallel"),
     ("soft", {}, 8, 4, "vocab_parallel"),
@@ -101,7 +102,7 @@ def test_the_choice_says_why_and_is_logged_once(built, caplog):
     (record,) = [r for r in caplog.records if "'label'" in r.getMessage()]
     line = record.getMessage()
     assert "chose 'dense'" in line
-    assert "not 'cpu_kernel': runs on one device, the mesh has 2" in line
+    assert "not 'cpu_kernel': has no vocab-sharded form (2 shards)" in line
     assert "not 'vocab_parallel': does not exclude history" in line
 
 
@@ -147,7 +148,12 @@ def test_a_tiny_training_run_through_auto_equals_dense(task):
 
 @pytest.mark.parametrize(
     "task,mesh_shape,want",
-    [("train", (1, 1), "cpu_kernel"), ("distill", (1, 1), "cpu_kernel"), ("train", (2, 4), None)],
+    [
+        ("train", (1, 1), "cpu_kernel"),
+        ("distill", (1, 1), "cpu_kernel"),
+        ("train", (8, 1), "cpu_kernel"),
+        ("train", (2, 4), None),
+    ],
 )
 def test_the_train_step_resolves_auto_for_its_mesh(built, task, mesh_shape, want):
     config = test_train._distill_config()

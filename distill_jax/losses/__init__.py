@@ -346,8 +346,9 @@ def _kernel_unavailable() -> str | None:
     return kernel_lib.unavailable_reason()
 
 
-# Where the fused CPU kernel runs, and whether it builds here.
-_KERNEL = dict(meshes="one", backends=("cpu",), unavailable=_kernel_unavailable)
+# Where the fused CPU kernel runs (rows split along 'data'; a vocab-sharded
+# table is not supported yet), and whether it builds here.
+_KERNEL = dict(meshes="data", backends=("cpu",), unavailable=_kernel_unavailable)
 
 PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True),

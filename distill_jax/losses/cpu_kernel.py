@@ -11,13 +11,18 @@ the teacher's top-k as K labels) is the same pass without a teacher
 out when given them (exclude_history). `logits_distill_total` is the
 distillation loss from given logits (`kernel_lib.distill_rows`), behind
 `dense.distill_loss(impl=...)`. Values and gradients equal the dense form's;
-CPU backend only, float32.
+CPU backend only, float32. From hidden states the losses run on one device or
+on a mesh (the one set by ``jax.set_mesh``) whose 'data' axis splits the rows,
+the item table whole on every device (`_on_rows`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from distill_jax.losses import common, kernel_lib
@@ -103,46 +108,106 @@ def logits_distill_total(s, t, labels, valid, label_valid, temperature, alpha) -
 # logits' gradient and its products with the table and the hidden states are
 # the kernel's, and the backward pass applies the loss's scale to those small
 # results (dh, dE, db), never to [N, V].
+#
+# On a mesh of several devices the kernel runs under shard_map: each device
+# takes its block of rows (split along 'data'; the table whole on each), and
+# the table's and bias's gradients, sums over rows, are summed across 'data'.
+# The kernel is one custom call over whole arrays: without shard_map XLA
+# would gather every operand onto every device.
 # --------------------------------------------------------------------------
+
+DATA = "data"
+
+
+def _row_mesh(rows: int):
+    """The mesh the rows are split over (set by jax.set_mesh), or None on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    if DATA not in mesh.axis_names:
+        raise ValueError(
+            f"the cpu_kernel form splits rows along mesh axis 'data', but the mesh has "
+            f"axes {mesh.axis_names}."
+        )
+    if rows % mesh.shape[DATA]:
+        raise ValueError(
+            f"the cpu_kernel form splits its {rows} rows (positions) along mesh axis "
+            f"'data' of size {mesh.shape[DATA]}; expected a multiple of it."
+        )
+    return mesh
+
+
+def _on_rows(mesh, fn, rows, shared, outputs: int, summed: int):
+    """``fn(rows, shared)``: on each device's rows under shard_map when `mesh` is given.
+
+    `rows` (a tuple of ``[N, ...]`` arrays, None allowed) is split along
+    'data', `shared` is whole on every device; of the `outputs` arrays `fn`
+    returns, the last `summed` are sums over rows (summed across 'data'), the
+    others per-row (split like `rows`).
+    """
+    if mesh is None:
+        return fn(rows, shared)
+
+    def local(rows, shared):
+        out = fn(rows, shared)
+        cut = outputs - summed
+        return (*out[:cut], *(jax.lax.psum(x, DATA) for x in out[cut:]))
+
+    out_specs = (P(DATA),) * (outputs - summed) + (P(),) * summed
+    # check_vma=False: the custom call's outputs carry no varying-axes
+    # annotation; the specs above say what each is.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(DATA), P()), out_specs=out_specs, check_vma=False
+    )(rows, shared)
 
 
 def _hidden_rows(
-    h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha, grad
+    mesh, h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha, grad
 ):
-    return kernel_lib.distill_rows_hidden(
-        h,
-        table,
-        bias,
-        t_logits,
-        t_bias,
-        labels,
-        valid,
-        labelled,
-        temp,
-        alpha,
-        mask_first=True,
-        with_grad=grad,
-        seen=seen,
-    )
+    def fn(rows, shared):
+        h, t_logits, labels, valid, labelled, seen = rows
+        table, bias, t_bias, temp, alpha = shared
+        return kernel_lib.distill_rows_hidden(
+            h,
+            table,
+            bias,
+            t_logits,
+            t_bias,
+            labels,
+            valid,
+            labelled,
+            temp,
+            alpha,
+            mask_first=True,
+            with_grad=grad,
+            seen=seen,
+        )
+
+    rows = (h, t_logits, labels, valid, labelled, seen)
+    shared = (table, bias, t_bias, temp, alpha)
+    # (ce, kl) per row; with the gradient also d_h per row, d_table and d_bias summed.
+    return _on_rows(mesh, fn, rows, shared, 5 if grad else 2, 2 if grad else 0)
 
 
-@jax.custom_vjp
-def _hidden_total(h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _hidden_total(
+    mesh, h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha
+):
     args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha)
-    ce, kl = _hidden_rows(*args, grad=False)
+    ce, kl = _hidden_rows(mesh, *args, grad=False)
     return kernel_total(ce, kl, valid, labelled, temp, alpha)[0]
 
 
-def _hidden_fwd(h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha):
+def _hidden_fwd(mesh, h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha):
     args = (h, table, bias, t_logits, t_bias, labels, valid, labelled, seen, temp, alpha)
     # The kernel returns the logits' gradient already multiplied out: grad @
     # table, grad.T @ h and grad.sum(0); the [N, V] gradient is never stored.
-    ce, kl, d_h, d_table, bias_grad = _hidden_rows(*args, grad=True)
+    ce, kl, d_h, d_table, bias_grad = _hidden_rows(mesh, *args, grad=True)
     total, dtotal_dalpha = kernel_total(ce, kl, valid, labelled, temp, alpha)
     return total, (d_h, d_table, bias_grad, dtotal_dalpha)
 
 
-def _hidden_bwd(residuals, g):
+def _hidden_bwd(mesh, residuals, g):
     d_h, d_table, bias_grad, dtotal_dalpha = residuals
     # Teacher, labels, masks, seen ids and temperature get no cotangent.
     return (g * d_h, g * d_table, g * bias_grad) + (None,) * 7 + (g * dtotal_dalpha,)
@@ -222,6 +287,7 @@ def kernel_distill_loss_sum(
     # The teacher's product (no gradient); its bias is added inside the kernel.
     t_logits = jax.lax.stop_gradient(h_t.reshape(-1, h_t.shape[-1]).astype(f32) @ table_t.T)
     total = _hidden_total(
+        _row_mesh(labels.size),
         h_s.reshape(-1, h_s.shape[-1]).astype(f32),
         table_s.astype(f32),
         zeros if bias_s is None else jnp.asarray(bias_s, f32),
@@ -247,24 +313,31 @@ kernel_distill_loss = common.mean_of(kernel_distill_loss_sum)
 # --------------------------------------------------------------------------
 
 
-def _ce_rows(h, table, bias, labels, valid, seen, grad):
-    return kernel_lib.cross_entropy_rows_hidden(
-        h, table, bias, labels, valid, mask_first=True, with_grad=grad, seen=seen
-    )
+def _ce_rows(mesh, h, table, bias, labels, valid, seen, grad):
+    def fn(rows, shared):
+        h, labels, valid, seen = rows
+        table, bias = shared
+        return kernel_lib.cross_entropy_rows_hidden(
+            h, table, bias, labels, valid, mask_first=True, with_grad=grad, seen=seen
+        )
+
+    # ce per row; with the gradient also d_h per row, d_table and d_bias summed.
+    rows, shared = (h, labels, valid, seen), (table, bias)
+    return _on_rows(mesh, fn, rows, shared, 4 if grad else 1, 2 if grad else 0)
 
 
-@jax.custom_vjp
-def _ce_total(h, table, bias, labels, valid, seen):
-    (ce,) = _ce_rows(h, table, bias, labels, valid, seen, grad=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ce_total(mesh, h, table, bias, labels, valid, seen):
+    (ce,) = _ce_rows(mesh, h, table, bias, labels, valid, seen, grad=False)
     return jnp.sum(ce)  # 0 on masked rows
 
 
-def _ce_fwd(h, table, bias, labels, valid, seen):
-    ce, d_h, d_table, bias_grad = _ce_rows(h, table, bias, labels, valid, seen, grad=True)
+def _ce_fwd(mesh, h, table, bias, labels, valid, seen):
+    ce, d_h, d_table, bias_grad = _ce_rows(mesh, h, table, bias, labels, valid, seen, grad=True)
     return jnp.sum(ce), (d_h, d_table, bias_grad)
 
 
-def _ce_bwd(residuals, g):
+def _ce_bwd(mesh, residuals, g):
     d_h, d_table, bias_grad = residuals
     return g * d_h, g * d_table, g * bias_grad, None, None, None
 
@@ -316,6 +389,7 @@ def kernel_cross_entropy_sum(
     f32 = jnp.float32
     rows = valid.size
     total = _ce_total(
+        _row_mesh(rows),
         h.reshape(rows, h.shape[-1]).astype(f32),
         table.astype(f32),
         jnp.zeros((table.shape[0],), f32) if bias is None else jnp.asarray(bias, f32),
