@@ -312,7 +312,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # along mesh axis 'model' and reduces across shards (for item tables sharded
     # by the 'vocab' rule); 'chunked' scans item chunks of chunk_size with an
     # online logsumexp (catalogues too large to materialise); 'cpu_kernel' fuses
-    # the loss into one C++ pass per row (built on first use; CPU backend).
+    # the loss into one C++ pass per row (built on first use; CPU backend, any
+    # mesh).
     # 'auto' takes, per stage, the fastest of these that runs its target and
     # options on this backend and mesh, and logs which and why
     # (distill_jax/losses/auto.py); all give the same values and gradients.

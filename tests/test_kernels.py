@@ -389,18 +389,6 @@ def test_distill_steps_cpu_kernel_equal_plain(last_item_slot):
     chex.assert_trees_all_close(out["cpu_kernel"][1], out["dense"][1], rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_kernel_refuses_a_vocab_sharded_mesh():
-    config = test_train._config()
-    split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
-    config.mesh.data, config.mesh.model = 4, 2  # the default rules split the table along 'model'
-    mesh = sharding_lib.make_mesh(config.mesh)
-    loss_cfg = ml_collections.ConfigDict(dict(form="cpu_kernel", chunk_size=16))
-    with pytest.raises(
-        ValueError, match=r"config\.loss\.form='cpu_kernel' has no vocab-sharded form \(2 shards\)"
-    ):
-        test_train._run_steps(config, split, mesh, "distill", loss_cfg=loss_cfg)
-
-
 # --------------------------------------------------------------------------
 # Cross-entropy through the kernel (teachers, students trained alone, the
 # teacher's top-k): no teacher, K labels, seen ids left out.
@@ -547,13 +535,14 @@ def test_kernel_cross_entropy_nothing_valid_is_zero_and_a_bad_label_is_nan():
     assert np.isnan(float(bad))
 
 
-def _two_steps(config, split, form, task, *, exclude_history=False, mesh_shape=(1, 1)):
-    """Two steps of `task` in `form` on a mesh of `mesh_shape`, the item table whole
-    on every device: (losses, params)."""
+def _two_steps(
+    config, split, form, task, *, exclude_history=False, mesh_shape=(1, 1), vocab_axis=None
+):
+    """Two steps of `task` in `form` on a mesh of `mesh_shape`, the item table split
+    along `vocab_axis` (None: whole on every device): (losses, params)."""
     config.mesh.data, config.mesh.model = mesh_shape
     mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[: np.prod(mesh_shape)])
-    # The table whole on every device: rows split along 'data' only.
-    rules = tuple((n, None if n == "vocab" else a) for n, a in sharding_lib.rules(config))
+    rules = tuple((n, vocab_axis if n == "vocab" else a) for n, a in sharding_lib.rules(config))
     student = models.build_model(config.student, num_items=split.num_items, max_len=16)
     state, shard = state_lib.create_state(student, config.student, mesh, rules, jax.random.key(1))
     teacher = t_params = t_shard = None
@@ -573,7 +562,7 @@ def _two_steps(config, split, form, task, *, exclude_history=False, mesh_shape=(
         distill_cfg=config.distill,
         loss_cfg=ml_collections.ConfigDict(dict(form=form, chunk_size=16)),
         exclude_history=exclude_history,
-        vocab_shards=1,
+        vocab_shards=1 if vocab_axis is None else mesh.shape[vocab_axis],
     )
     assert step.loss_form == form
     batches = TrainBatches(
@@ -631,12 +620,15 @@ def test_train_steps_through_the_kernel_equal_dense(name, task, method, exclude,
         ("distill", "hard", False, True),
     ],
 )
-@pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4)])
-def test_the_kernel_on_a_data_parallel_mesh_equals_one_device(
-    task, method, exclude, slots, mesh_shape
+@pytest.mark.parametrize(
+    "mesh_shape,vocab_axis", [((8, 1), None), ((2, 4), None), ((2, 4), "model"), ((4, 2), "model")]
+)
+def test_the_kernel_on_any_mesh_equals_one_device(
+    task, method, exclude, slots, mesh_shape, vocab_axis
 ):
-    """Rows split along 'data' (each device runs the kernel on its own), the table's
-    gradients summed: two steps give the one-device dense form's losses and params."""
+    """Rows split along 'data' (each device runs the kernel on its own), the table
+    whole on each (its gradients summed) or split along 'model' (blocks combined):
+    two steps give the one-device dense form's losses and params."""
     assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
     config = test_train._config()
     config.distill.update(temperature=2.0, alpha=0.3, hard_k=2, last_item_slot=slots)
@@ -645,23 +637,37 @@ def test_the_kernel_on_a_data_parallel_mesh_equals_one_device(
     split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
     want = _two_steps(config, split, "dense", task, exclude_history=exclude)
     got = _two_steps(
-        config, split, "cpu_kernel", task, exclude_history=exclude, mesh_shape=mesh_shape
+        config,
+        split,
+        "cpu_kernel",
+        task,
+        exclude_history=exclude,
+        mesh_shape=mesh_shape,
+        vocab_axis=vocab_axis,
     )
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     chex.assert_trees_all_close(got[1], want[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2)])
-def test_kernel_losses_split_over_data_equal_one_device(mesh_shape):
-    """The loss functions themselves under jax.set_mesh: values and gradients."""
-    h, table, bias, labels, valid, seen = ce_rows(48, 301, 7, 1, True, seed=3)
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_kernel_losses_on_any_mesh_equal_one_device(mesh_shape):
+    """The loss functions themselves under jax.set_mesh: values and gradients (the
+    item axis of 301 rows, 297 of them items, padded to the 'model' axis inside)."""
+    h, table, bias, labels, valid, seen = ce_rows(48, 297, 7, 2, True, seed=3)
     h = np.where(valid[:, None], h, 0.0).astype(np.float32)
     rng = np.random.default_rng(4)
+    # Four rows past the catalogue (a padded table's): never scored.
+    table = np.concatenate([table, rng.normal(size=(4, 7)).astype(np.float32)])
+    bias = np.concatenate([bias, rng.normal(size=4).astype(np.float32)])
     h_t = rng.normal(size=(48, 5)).astype(np.float32)
     table_t = rng.normal(size=(301, 5)).astype(np.float32)
+    label_where = valid & (rng.random(48) > 0.3)
 
-    def both(h, table, bias):
-        ce = cpu_kernel.kernel_cross_entropy(h, table, bias, labels[:, 0], valid, seen=seen)
+    def both(h, table, bias, alpha):
+        ce = cpu_kernel.kernel_cross_entropy(
+            h, table, bias, labels[:, 0], valid, seen=seen, num_valid_rows=297
+        )
+        top2 = cpu_kernel.kernel_cross_entropy(h, table, bias, labels, valid, num_valid_rows=297)
         kd = cpu_kernel.kernel_distill_loss(
             h,
             table,
@@ -671,21 +677,24 @@ def test_kernel_losses_split_over_data_equal_one_device(mesh_shape):
             None,
             labels[:, 0],
             valid,
+            label_where,
             temperature=1.5,
-            alpha=0.4,
+            alpha=alpha,
             seen=seen,
+            num_valid_rows=297,
         )
-        return ce + 2.0 * kd
+        return ce + 0.5 * top2 + 2.0 * kd
 
-    fn = jax.jit(jax.value_and_grad(both, argnums=(0, 1, 2)))
-    v1, g1 = fn(h, table, bias)
+    fn = jax.jit(jax.value_and_grad(both, argnums=(0, 1, 2, 3)))
+    v1, g1 = fn(h, table, bias, 0.3)
     mesh = sharding_lib.make_mesh(
         ml_collections.ConfigDict(dict(data=mesh_shape[0], model=mesh_shape[1]))
     )
     with jax.set_mesh(mesh):
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        v8, g8 = fn(jax.device_put(h, rows), table, bias)
+        v8, g8 = fn(jax.device_put(h, rows), table, bias, 0.3)
     np.testing.assert_allclose(v8, v1, rtol=1e-6)
     chex.assert_trees_all_close(g8, g1, rtol=1e-5, atol=1e-6)
-    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"47 rows .* 'data' of size"):
-        cpu_kernel.kernel_cross_entropy(h[:47], table, bias, labels[:47, 0], valid[:47])
+    if mesh_shape[0] > 1:
+        with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"47 rows .* 'data' of size"):
+            cpu_kernel.kernel_cross_entropy(h[:47], table, bias, labels[:47, 0], valid[:47])

@@ -1,6 +1,7 @@
 """config.loss.form='auto' (distill_jax/losses/auto.py): which form it picks where, what
 it logs, and that a step through it has the dense form's loss and gradients."""
 
+import dataclasses
 import logging
 
 import chex
@@ -60,12 +61,12 @@ CPU_PICKS = [
     ("label", {"exclude_history": True}, 8, 1, "cpu_kernel"),
     ("soft", {"teacher_only_slots": True}, 8, 1, "cpu_kernel"),
     ("ensemble", {}, 8, 1, "dense"),
-    # A vocab-sharded table: vocab_parallel where the stage has it.
-    ("label", {}, 8, 4, "vocab_parallel"),
-    ("soft", {}, 8, 4, "vocab_parallel"),
-    ("label", {"exclude_history": True}, 8, 4, "dense"),
-    ("soft", {"teacher_only_slots": True}, 8, 4, "dense"),
-    ("hard", {}, 8, 4, "dense"),
+    # A vocab-sharded table: the kernel's blocks.
+    ("label", {}, 8, 4, "cpu_kernel"),
+    ("label", {"exclude_history": True}, 8, 4, "cpu_kernel"),
+    ("soft", {"teacher_only_slots": True}, 8, 4, "cpu_kernel"),
+    ("hard", {}, 8, 4, "cpu_kernel"),
+    ("ranking", {}, 8, 4, "dense"),
 ]
 
 
@@ -93,17 +94,36 @@ def test_without_a_compiler_auto_falls_back_in_one_line_naming_what_to_install(n
     first = caplog.records[0].getMessage()
     assert first.startswith("config.loss.form='auto' falls back to 'dense' for the 'label' target")
     assert "needs a C++20 compiler" in first and "\n" not in first
+    assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_a_form_limited_to_some_meshes_is_passed_over_elsewhere(built):
+    dense = losses.PAIRS[("label", "dense")]
+    kernel = losses.PAIRS[("label", "cpu_kernel")]
+    for meshes, where, why in [
+        ("data", auto.Where("cpu", 8, 2), "has no vocab-sharded form (2 shards)"),
+        ("one", auto.Where("cpu", 8, 1), "runs on one device, the mesh has 8"),
+    ]:
+        pairs = {
+            ("label", "dense"): dense,
+            ("label", "cpu_kernel"): dataclasses.replace(kernel, meshes=meshes),
+        }
+        choice = auto.choose(pairs, "label", where)
+        assert choice.form == "dense" and f"not 'cpu_kernel': {why}" in choice.reason
+        assert auto.choose(pairs, "label", auto.Where("cpu")).form == "cpu_kernel"
 
 
 def test_the_choice_says_why_and_is_logged_once(built, caplog):
     with caplog.at_level(logging.INFO, logger=auto.__name__):
         for _ in range(3):  # e.g. the teacher and the scratch student
-            _pick("label", devices=2, shards=2, exclude_history=True)
-    (record,) = [r for r in caplog.records if "'label'" in r.getMessage()]
-    line = record.getMessage()
-    assert "chose 'dense'" in line
-    assert "not 'cpu_kernel': has no vocab-sharded form (2 shards)" in line
-    assert "not 'vocab_parallel': does not exclude history" in line
+            _pick("label", backend="gpu", devices=2, shards=2, exclude_history=True)
+        _pick("ensemble", devices=2, shards=2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "chose 'dense' for the 'label' target" in lines[0]
+    assert "not 'vocab_parallel': does not exclude history" in lines[0]
+    assert "chose 'dense' for the 'ensemble' target" in lines[1]
+    assert "not 'cpu_kernel': no such pair" in lines[1]
 
 
 def test_a_named_form_that_cannot_run_here_is_refused_naming_the_key(built):
@@ -152,7 +172,7 @@ def test_a_tiny_training_run_through_auto_equals_dense(task):
         ("train", (1, 1), "cpu_kernel"),
         ("distill", (1, 1), "cpu_kernel"),
         ("train", (8, 1), "cpu_kernel"),
-        ("train", (2, 4), None),
+        ("train", (2, 4), "cpu_kernel"),
     ],
 )
 def test_the_train_step_resolves_auto_for_its_mesh(built, task, mesh_shape, want):
@@ -174,5 +194,4 @@ def test_the_train_step_resolves_auto_for_its_mesh(built, task, mesh_shape, want
         distill_cfg=config.distill,
         loss_cfg=config.loss,
     )
-    # Default rules: the table is split along 'model'.
-    assert step.loss_form == (want or "vocab_parallel")
+    assert step.loss_form == want

@@ -23,7 +23,8 @@ states and item table:
   logits (`chunked.py`);
 * ``vocab_parallel``: logits sharded along the mesh axis 'model', reduced
   with shard_map, never gathered (`vocab_parallel.py`);
-* ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`).
+* ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`; on a mesh that
+  splits the table along 'model', `kernel_vocab.py`).
 
 ``config.loss.form='auto'`` (the default) is the fastest form that runs a
 stage here (`auto.py`; `resolve_form`).
@@ -227,25 +228,13 @@ def _soft_vocab_parallel(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
-def _check_unpadded(x: LossInputs) -> None:
-    if x.table.shape[0] != x.num_valid_rows:
-        # Never where the kernel runs (tables are padded only when split along
-        # 'model'); say so if it happens.
-        raise ValueError(
-            f"the cpu_kernel form scores every table row, but the table has "
-            f"{x.table.shape[0]} rows for a catalogue of {x.num_valid_rows}."
-        )
-
-
 def _label_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
-    _check_unpadded(x)
     return cpu_kernel.kernel_cross_entropy(
-        x.hidden, x.table, x.bias, x.labels, x.where, seen=x.seen
+        x.hidden, x.table, x.bias, x.labels, x.where, seen=x.seen, num_valid_rows=x.num_valid_rows
     )
 
 
 def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
-    _check_unpadded(x)
     return cpu_kernel.kernel_distill_loss(
         x.hidden,
         x.table,
@@ -257,6 +246,7 @@ def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
         temperature=s["temperature"],
         alpha=s["alpha"],
         seen=x.seen,
+        num_valid_rows=x.num_valid_rows,
     )
 
 
@@ -281,12 +271,13 @@ def _hard_chunked(x: LossInputs, s: Settings) -> jax.Array:
 
 
 def _hard_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
-    _check_unpadded(x)
     # The teacher's top-k (XLA: its product and top_k) are k labels of weight
     # 1/k each for the kernel's cross-entropy.
     where = x.teacher_where
     _, top = jax.lax.top_k(sanitize(x.teacher_logits_excluded(), where), s["k"])
-    return cpu_kernel.kernel_cross_entropy(x.hidden, x.table, x.bias, top, where, seen=x.seen)
+    return cpu_kernel.kernel_cross_entropy(
+        x.hidden, x.table, x.bias, top, where, seen=x.seen, num_valid_rows=x.num_valid_rows
+    )
 
 
 def _ranking_dense(x: LossInputs, s: Settings) -> jax.Array:
@@ -346,9 +337,9 @@ def _kernel_unavailable() -> str | None:
     return kernel_lib.unavailable_reason()
 
 
-# Where the fused CPU kernel runs (rows split along 'data'; a vocab-sharded
-# table is not supported yet), and whether it builds here.
-_KERNEL = dict(meshes="data", backends=("cpu",), unavailable=_kernel_unavailable)
+# Where the fused CPU kernel runs (any mesh: rows split along 'data', the
+# table along 'model'), and whether it builds here.
+_KERNEL = dict(backends=("cpu",), unavailable=_kernel_unavailable)
 
 PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True),

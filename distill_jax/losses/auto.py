@@ -10,7 +10,8 @@ process. The forms are tried in this order and the first that fits wins:
   compiler, so without one the log says so and what to install);
 * on GPU/TPU, `ACCELERATOR_FORMS` (the slot for a fused Pallas form; empty
   for now, and the log says so);
-* ``vocab_parallel`` on a mesh that shards the item table along 'model';
+* ``vocab_parallel`` on a mesh that shards the item table along 'model'
+  (the kernel runs there too, so on the CPU this serves the stages it lacks);
 * ``dense``, which every target has, with every option, on any mesh.
 
 A form fits when its (target, form) pair exists in `losses.PAIRS` with the
@@ -61,6 +62,8 @@ class Choice:
 
     form: str
     reason: str
+    # A faster form fits the stage but cannot be built here (logged as a warning).
+    fallback: bool = False
 
 
 def preference(backend: str, vocab_shards: int) -> tuple[str, ...]:
@@ -118,6 +121,7 @@ def choose(
             form,
             f"config.loss.form='auto' falls back to {form!r} for the {target!r} target "
             f"({where.backend} backend, {mesh}): {missing}",
+            fallback=True,
         )
     notes = [f"{where.backend} backend, {mesh}"]
     if where.backend != "cpu" and not ACCELERATOR_FORMS:
@@ -136,4 +140,4 @@ def report(choice: Choice) -> None:
     """Logs the choice once per process (several stages often make the same one)."""
     if choice.reason not in _logged:
         _logged.add(choice.reason)
-        log.info("%s", choice.reason)
+        log.log(logging.WARNING if choice.fallback else logging.INFO, "%s", choice.reason)

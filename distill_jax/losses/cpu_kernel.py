@@ -11,9 +11,10 @@ the teacher's top-k as K labels) is the same pass without a teacher
 out when given them (exclude_history). `logits_distill_total` is the
 distillation loss from given logits (`kernel_lib.distill_rows`), behind
 `dense.distill_loss(impl=...)`. Values and gradients equal the dense form's;
-CPU backend only, float32. From hidden states the losses run on one device or
-on a mesh (the one set by ``jax.set_mesh``) whose 'data' axis splits the rows,
-the item table whole on every device (`_on_rows`).
+CPU backend only, float32. From hidden states the losses run on any mesh (the
+one set by ``jax.set_mesh``): rows split along 'data', the item table whole on
+every device (`_on_rows`) or, where the mesh has a 'model' axis, split along it
+(`kernel_vocab.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from distill_jax.losses import common, kernel_lib
+from distill_jax.losses import common, kernel_lib, kernel_vocab
 from distill_jax.losses.common import SumAndCount
 
 __all__ = [
@@ -216,6 +217,13 @@ def _hidden_bwd(mesh, residuals, g):
 _hidden_total.defvjp(_hidden_fwd, _hidden_bwd)
 
 
+def _mask_items(bias, num_valid):
+    """`bias` with the rows past the catalogue (a padded table's) at -inf."""
+    if num_valid == bias.shape[0]:
+        return bias
+    return jnp.where(jnp.arange(bias.shape[0]) < num_valid, bias, -jnp.inf)
+
+
 def _seen_rows(seen, positions):
     """`seen` ``[..., S]`` as ``[N, S]`` int32 rows, or None."""
     if seen is None:
@@ -243,6 +251,7 @@ def kernel_distill_loss_sum(
     temperature: float | ArrayLike,
     alpha: float | ArrayLike,
     seen: ArrayLike | None = None,
+    num_valid_rows: int | None = None,
 ) -> SumAndCount:
     """``alpha·CE + (1 − alpha)·T²·KL`` from hidden states through the CPU kernel.
 
@@ -259,7 +268,9 @@ def kernel_distill_loss_sum(
       optional ``[...]`` mask of the valid positions that carry a label (the
       others add their KL term alone; see ``losses.distill_loss_sum``), and
       ``seen``, optional ``[..., S]`` ids each position leaves out of both
-      softmaxes (exclude_history; 0 = none, never the position's label).
+      softmaxes (exclude_history; 0 = none, never the position's label), and
+      ``num_valid_rows``, the table rows that are items (V+1; None: all), the
+      others -inf (a padded table's).
 
     Returns:
       ``(sum, count)`` scalars.
@@ -283,23 +294,38 @@ def kernel_distill_loss_sum(
     )
     f32 = jnp.float32
     items = table_s.shape[0]
+    num_valid = items if num_valid_rows is None else int(num_valid_rows)
     zeros = jnp.zeros((items,), f32)
+    bias_s = zeros if bias_s is None else jnp.asarray(bias_s, f32)
+    bias_t = jax.lax.stop_gradient(zeros if bias_t is None else jnp.asarray(bias_t, f32))
     # The teacher's product (no gradient); its bias is added inside the kernel.
     t_logits = jax.lax.stop_gradient(h_t.reshape(-1, h_t.shape[-1]).astype(f32) @ table_t.T)
-    total = _hidden_total(
-        _row_mesh(labels.size),
-        h_s.reshape(-1, h_s.shape[-1]).astype(f32),
-        table_s.astype(f32),
-        zeros if bias_s is None else jnp.asarray(bias_s, f32),
-        t_logits,
-        jax.lax.stop_gradient(zeros if bias_t is None else jnp.asarray(bias_t, f32)),
-        labels.reshape(-1),
-        valid.reshape(-1),
-        labelled.reshape(-1),
-        _seen_rows(seen, labels.shape),
-        jax.lax.stop_gradient(jnp.asarray(temperature, f32)),
-        jnp.asarray(alpha, f32),
-    )
+    h = h_s.reshape(-1, h_s.shape[-1]).astype(f32)
+    y, v, lab = labels.reshape(-1), valid.reshape(-1), labelled.reshape(-1)
+    seen = _seen_rows(seen, labels.shape)
+    temp = jax.lax.stop_gradient(jnp.asarray(temperature, f32))
+    mesh = _row_mesh(labels.size)
+    if mesh is not None and mesh.shape.get(kernel_vocab.MODEL, 1) > 1:
+        # The table split along 'model': the kernel over each device's block.
+        total = kernel_vocab.total(
+            mesh,
+            h,
+            table_s.astype(f32),
+            bias_s,
+            y[:, None],
+            v,
+            lab,
+            seen,
+            num_valid_rows=num_valid,
+            teacher=(t_logits, bias_t),
+            temperature=temp,
+            alpha=alpha,
+        )
+    else:
+        # Rows past the catalogue (a padded table's) at -inf through the biases.
+        bias_s, bias_t = _mask_items(bias_s, num_valid), _mask_items(bias_t, num_valid)
+        args = (h, table_s.astype(f32), bias_s, t_logits, bias_t, y, v, lab, seen, temp)
+        total = _hidden_total(mesh, *args, jnp.asarray(alpha, f32))
     dtype = common.compute_dtype(h_s)
     return total.astype(dtype), jnp.sum(valid, dtype=dtype)
 
@@ -353,6 +379,7 @@ def kernel_cross_entropy_sum(
     where: ArrayLike | None = None,
     *,
     seen: ArrayLike | None = None,
+    num_valid_rows: int | None = None,
 ) -> SumAndCount:
     """Softmax cross-entropy from hidden states through the CPU kernel, summed.
 
@@ -370,6 +397,8 @@ def kernel_cross_entropy_sum(
       where: optional ``[...]`` mask of the valid positions.
       seen: optional ``[..., S]`` ids each position leaves out (exclude_history;
         0 = none).
+      num_valid_rows: the table rows that are items (V+1; None: all), the
+        others -inf (a padded table's).
 
     Returns:
       ``(sum, count)`` scalars.
@@ -388,15 +417,19 @@ def kernel_cross_entropy_sum(
     valid = common.rows_where(where, positions)
     f32 = jnp.float32
     rows = valid.size
-    total = _ce_total(
-        _row_mesh(rows),
-        h.reshape(rows, h.shape[-1]).astype(f32),
-        table.astype(f32),
-        jnp.zeros((table.shape[0],), f32) if bias is None else jnp.asarray(bias, f32),
-        labels.reshape(rows, -1),
-        valid.reshape(-1),
-        _seen_rows(seen, positions),
-    )
+    items = table.shape[0]
+    num_valid = items if num_valid_rows is None else int(num_valid_rows)
+    bias = jnp.zeros((items,), f32) if bias is None else jnp.asarray(bias, f32)
+    h = h.reshape(rows, h.shape[-1]).astype(f32)
+    y, v, seen = labels.reshape(rows, -1), valid.reshape(-1), _seen_rows(seen, positions)
+    mesh = _row_mesh(rows)
+    if mesh is not None and mesh.shape.get(kernel_vocab.MODEL, 1) > 1:
+        # The table split along 'model': the kernel over each device's block.
+        total = kernel_vocab.total(
+            mesh, h, table.astype(f32), bias, y, v, v, seen, num_valid_rows=num_valid
+        )
+    else:
+        total = _ce_total(mesh, h, table.astype(f32), _mask_items(bias, num_valid), y, v, seen)
     dtype = common.compute_dtype(h)
     return total.astype(dtype), jnp.sum(valid, dtype=dtype)
 

@@ -150,7 +150,25 @@ struct Params {
   float* kl;  // nullptr without a teacher
   float* grad;  // [rows, cols] (logits given); nullptr: no gradient
   float* dh;  // [rows, dim] (from hidden states); nullptr: no gradient
+  // A block of a catalogue split along the items (a vocab-sharded table):
+  // local column j is item col_offset + j; labels and seen ids are items.
+  // Items >= valid_cols (a padded table's rows) are -inf like the padding.
+  int64_t col_offset;
+  int64_t valid_cols;
+  // Two-phase mode for such blocks: `stats_out` [rows, kStats] receives each
+  // row's statistics over this block (nothing else is written); `stats_in`
+  // [rows, kStats] gives the whole row's instead, from which the gradient's
+  // backward products are computed (no ce, no kl).
+  float* stats_out;
+  const float* stats_in;
 };
+
+// A row's statistics (two-phase mode): the student's maximum m_s,
+// sum exp(s - m_s), sum exp((s - m_s) / T); the teacher's maximum m_t,
+// sum exp((t - m_t) / T); the KL's cross term sum e^a (a - b) (a, b: the
+// teacher's and student's shifted logits over T); the sum of the student's
+// logits at the labels in this block, and how many labels are in it.
+constexpr int kStats = 8;
 
 // Rows of student logits computed together from the hidden states: each
 // 8-column slice of the transposed table is loaded once for kBlock rows.
@@ -259,7 +277,10 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
   std::vector<float> bias_s(p.s_bias, p.s_bias + v);
   std::vector<float> bias_t(teacher ? p.t_bias : p.s_bias, (teacher ? p.t_bias : p.s_bias) + v);
   if (fused) std::fill(bias_s.begin(), bias_s.end(), 0.0f);
-  if (p.mask_first && v > 0) bias_s[0] = bias_t[0] = neg_inf;
+  if (p.mask_first && p.col_offset == 0 && v > 0) bias_s[0] = bias_t[0] = neg_inf;
+  for (int64_t j = std::max<int64_t>(0, p.valid_cols - p.col_offset); j < v; ++j) {
+    bias_s[j] = bias_t[j] = neg_inf;
+  }
   float* bs = bias_s.data();
   float* bt = bias_t.data();
   std::vector<float> saved(2 * p.num_seen);
@@ -273,29 +294,52 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
 
   // The mean of the row's label logits (ce's second term); NaN if a label is
   // out of range.
-  auto label_mean = [&](int64_t r, const float* s, bool& in_range) {
+  // The sum of the row's label logits in this block and their count.
+  auto label_sum = [&](int64_t r, const float* s, int64_t& count) {
     const int32_t* y = p.labels + r * p.num_labels;
     float sum = 0.0f;
-    in_range = true;
+    count = 0;
     for (int64_t k = 0; k < p.num_labels; ++k) {
-      if (y[k] < 0 || y[k] >= v) {
-        in_range = false;
-        return std::numeric_limits<float>::quiet_NaN();
-      }
-      sum += s[y[k]] + bs[y[k]];
+      const int64_t j = y[k] - p.col_offset;
+      if (j < 0 || j >= v) continue;
+      sum += s[j] + bs[j];
+      ++count;
     }
-    return sum * inv_k;
+    return sum;
   };
-  // g -= w / K at each label (or NaN everywhere if one is out of range).
-  auto subtract_labels = [&](int64_t r, float* g, float w, bool in_range) {
+  // The mean of the row's label logits (ce's second term); NaN, and
+  // `in_range` false, if a label is not an item of the block.
+  auto label_mean = [&](int64_t r, const float* s, bool& in_range) {
+    int64_t count = 0;
+    const float sum = label_sum(r, s, count);
+    in_range = count == p.num_labels;
+    return in_range ? sum * inv_k : std::numeric_limits<float>::quiet_NaN();
+  };
+  // g -= w / K at each label in the block; with `whole` (one pass over the
+  // whole catalogue), NaN everywhere if a label is out of range.
+  auto subtract_labels = [&](int64_t r, float* g, float w, bool in_range, bool whole) {
     if (w == 0.0f) return;
-    if (!in_range) {
+    if (whole && !in_range) {
       std::fill(g, g + v, std::numeric_limits<float>::quiet_NaN());
       return;
     }
     const int32_t* y = p.labels + r * p.num_labels;
-    for (int64_t k = 0; k < p.num_labels; ++k) g[y[k]] -= w * inv_k;
+    for (int64_t k = 0; k < p.num_labels; ++k) {
+      const int64_t j = y[k] - p.col_offset;
+      if (j >= 0 && j < v) g[j] -= w * inv_k;
+    }
   };
+  // Two-phase mode: a row's statistics over the block, written out.
+  auto write_stats = [&](int64_t r, const float* s, float max_s, float sum_z, float sum_b,
+                         float max_t, float sum_a, float cross) {
+    int64_t count = 0;
+    const float lab = label_sum(r, s, count);
+    float* out = p.stats_out + r * kStats;
+    const float row[kStats] = {max_s, sum_z, sum_b, max_t, sum_a, cross, lab,
+                               static_cast<float>(count)};
+    std::copy(row, row + kStats, out);
+  };
+  const bool whole = p.stats_in == nullptr;
   auto add_colsum = [&](const float* g) {
     int64_t j = 0;
     for (; j < vec_end; j += kLanes) store(colsum + j, load(colsum + j) + load(g + j));
@@ -305,17 +349,22 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
   // Cross-entropy alone: two passes over the row (maxima, exponentials), and
   // the gradient from the row buffer.
   auto ce_row = [&](int64_t r, const float* s, float* g) {
-    vf m0 = splat(neg_inf), m1 = m0;
+    const float* given = whole ? nullptr : p.stats_in + r * kStats;
+    float max_s = given ? given[0] : neg_inf;
     int64_t j = 0;
-    for (; j + 2 * kLanes <= vec_end; j += 2 * kLanes) {
-      const vf a0 = load(s + j) + load(bs + j), a1 = load(s + j + kLanes) + load(bs + j + kLanes);
-      m0 = a0 > m0 ? a0 : m0;
-      m1 = a1 > m1 ? a1 : m1;
-    }
-    float max_s = std::max(hmax(m0), hmax(m1));
-    for (; j < v; ++j) {
-      const float sj = s[j] + bs[j];
-      max_s = sj > max_s ? sj : max_s;
+    if (!given) {
+      vf m0 = splat(neg_inf), m1 = m0;
+      for (; j + 2 * kLanes <= vec_end; j += 2 * kLanes) {
+        const vf a0 = load(s + j) + load(bs + j);
+        const vf a1 = load(s + j + kLanes) + load(bs + j + kLanes);
+        m0 = a0 > m0 ? a0 : m0;
+        m1 = a1 > m1 ? a1 : m1;
+      }
+      max_s = std::max(hmax(m0), hmax(m1));
+      for (; j < v; ++j) {
+        const float sj = s[j] + bs[j];
+        max_s = sj > max_s ? sj : max_s;
+      }
     }
     vf acc = splat(0.0f);
     const vf vmax = splat(max_s);
@@ -329,38 +378,50 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
       eb[j] = exp_nonpos(s[j] + bs[j] - max_s);
       sum += eb[j];
     }
+    if (p.stats_out != nullptr) {
+      write_stats(r, s, max_s, sum, sum, 0.0f, 0.0f, 0.0f);
+      return;
+    }
     const bool has_label = p.labelled[r] != 0.0f;
     bool in_range = true;
-    p.ce[r] = has_label ? std::log(sum) + (max_s - label_mean(r, s, in_range)) : 0.0f;
-    if (p.kl != nullptr) p.kl[r] = 0.0f;
+    if (given) {
+      sum = given[1];
+    } else {
+      p.ce[r] = has_label ? std::log(sum) + (max_s - label_mean(r, s, in_range)) : 0.0f;
+      if (p.kl != nullptr) p.kl[r] = 0.0f;
+    }
     if (g == nullptr) return;
     const float w = has_label ? p.alpha : 0.0f;
     const vf c = splat(w / sum);
     for (j = 0; j < vec_end; j += kLanes) store(g + j, c * load(eb + j));
     for (; j < v; ++j) g[j] = c[0] * eb[j];
-    subtract_labels(r, g, w, in_range);
+    subtract_labels(r, g, w, in_range, whole);
   };
 
   // The distillation loss: student and teacher together.
   auto distill_row = [&](int64_t r, const float* s, float* g) {
     const float* t = p.t + r * v;
+    const float* given = whole ? nullptr : p.stats_in + r * kStats;
     // Pass 1: row maxima (reads the row from memory; it stays in cache).
-    vf ms0 = splat(neg_inf), ms1 = ms0, mt0 = ms0, mt1 = ms0;
+    float max_s = given ? given[0] : neg_inf, max_t = given ? given[3] : neg_inf;
     int64_t j = 0;
-    for (; j + 2 * kLanes <= vec_end; j += 2 * kLanes) {
-      vf a0 = load(s + j) + load(bs + j), a1 = load(s + j + kLanes) + load(bs + j + kLanes);
-      vf b0 = load(t + j) + load(bt + j), b1 = load(t + j + kLanes) + load(bt + j + kLanes);
-      ms0 = a0 > ms0 ? a0 : ms0;
-      ms1 = a1 > ms1 ? a1 : ms1;
-      mt0 = b0 > mt0 ? b0 : mt0;
-      mt1 = b1 > mt1 ? b1 : mt1;
-    }
-    float max_s = std::max(hmax(ms0), hmax(ms1));
-    float max_t = std::max(hmax(mt0), hmax(mt1));
-    for (; j < v; ++j) {
-      const float sj = s[j] + bs[j], tj = t[j] + bt[j];
-      max_s = sj > max_s ? sj : max_s;
-      max_t = tj > max_t ? tj : max_t;
+    if (!given) {
+      vf ms0 = splat(neg_inf), ms1 = ms0, mt0 = ms0, mt1 = ms0;
+      for (; j + 2 * kLanes <= vec_end; j += 2 * kLanes) {
+        vf a0 = load(s + j) + load(bs + j), a1 = load(s + j + kLanes) + load(bs + j + kLanes);
+        vf b0 = load(t + j) + load(bt + j), b1 = load(t + j + kLanes) + load(bt + j + kLanes);
+        ms0 = a0 > ms0 ? a0 : ms0;
+        ms1 = a1 > ms1 ? a1 : ms1;
+        mt0 = b0 > mt0 ? b0 : mt0;
+        mt1 = b1 > mt1 ? b1 : mt1;
+      }
+      max_s = std::max(hmax(ms0), hmax(ms1));
+      max_t = std::max(hmax(mt0), hmax(mt1));
+      for (; j < v; ++j) {
+        const float sj = s[j] + bs[j], tj = t[j] + bt[j];
+        max_s = sj > max_s ? sj : max_s;
+        max_t = tj > max_t ? tj : max_t;
+      }
     }
     // Pass 2: exponentials into the row buffers, their sums, and the KL's
     // cross term sum_j e^a_j (a_j - b_j) with a = (t - max_t)/T and
@@ -403,10 +464,20 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
       }
     }
     if (unit) sum_z = sum_b;
-    p.kl[r] = cr / sum_a - std::log(sum_a) + std::log(sum_b);
+    if (p.stats_out != nullptr) {
+      write_stats(r, s, max_s, sum_z, sum_b, max_t, sum_a, cr);
+      return;
+    }
     const bool has_label = p.labelled[r] != 0.0f;
     bool in_range = true;
-    p.ce[r] = has_label ? std::log(sum_z) + (max_s - label_mean(r, s, in_range)) : 0.0f;
+    if (given) {
+      sum_z = given[1];
+      sum_b = given[2];
+      sum_a = given[4];
+    } else {
+      p.kl[r] = cr / sum_a - std::log(sum_a) + std::log(sum_b);
+      p.ce[r] = has_label ? std::log(sum_z) + (max_s - label_mean(r, s, in_range)) : 0.0f;
+    }
     if (g == nullptr) return;
     // Pass 3: the gradient, from the row buffers.
     const float w_ce = has_label ? p.alpha : 0.0f;
@@ -425,23 +496,28 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
     for (; j < v; ++j) {
       g[j] = cz[0] * ez[j] + cb[0] * eb[j] - ca[0] * ea[j];
     }
-    subtract_labels(r, g, w_ce, in_range);
+    subtract_labels(r, g, w_ce, in_range, whole);
   };
 
   auto row = [&](int64_t r, float* block_row) {
     const float* s = fused ? block_row : p.s + r * v;
     float* g = !want_grad ? nullptr : fused ? block_row : p.grad + r * v;
     if (p.valid[r] == 0.0f) {
-      p.ce[r] = 0.0f;
+      if (p.ce != nullptr) p.ce[r] = 0.0f;
       if (p.kl != nullptr) p.kl[r] = 0.0f;
+      if (p.stats_out != nullptr) {
+        // Finite statistics that combine to nothing: the caller drops the row.
+        const float none[kStats] = {0.0f, 1.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+        std::copy(none, none + kStats, p.stats_out + r * kStats);
+      }
       if (g != nullptr) std::fill(g, g + v, 0.0f);
       return;
     }
     // exclude_history: the seen columns are -inf for this row alone.
     const int32_t* seen = p.seen + r * p.num_seen;
     for (int64_t k = 0; k < p.num_seen; ++k) {
-      const int32_t c = seen[k];
-      if (c <= 0 || c >= v) continue;
+      const int64_t c = seen[k] - p.col_offset;
+      if (seen[k] <= 0 || c < 0 || c >= v) continue;
       saved[2 * k] = bs[c];
       saved[2 * k + 1] = bt[c];
       bs[c] = bt[c] = neg_inf;
@@ -453,8 +529,8 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
     }
     // Restored in reverse, so a column listed twice gets its own value back.
     for (int64_t k = p.num_seen - 1; k >= 0; --k) {
-      const int32_t c = seen[k];
-      if (c <= 0 || c >= v) continue;
+      const int64_t c = seen[k] - p.col_offset;
+      if (seen[k] <= 0 || c < 0 || c >= v) continue;
       bs[c] = saved[2 * k];
       bt[c] = saved[2 * k + 1];
     }
@@ -620,6 +696,7 @@ ffi::Error Common(const char* name, int64_t rows, int64_t items, F32& s_bias, F3
   p.labelled = labelled.typed_data();
   p.rows = rows;
   p.cols = items;
+  p.valid_cols = items;
   return ffi::Error::Success();
 }
 
@@ -645,10 +722,19 @@ ffi::Error DistillRows(ffi::ThreadPool pool, F32 s, F32 s_bias, F32 t, F32 t_bia
 
 // Student logits computed here: h [rows, dim] times et [dim, items]. `t` is
 // null for cross-entropy alone (then `kl` too, and T = alpha = 1).
+// Two-phase mode (a block of items): `block` gives its first item, how many
+// items are real and where the row statistics go or come from.
+struct Block {
+  int64_t col_offset = 0;
+  int64_t valid_cols = -1;  // -1: every column
+  float* stats_out = nullptr;
+  const float* stats_in = nullptr;
+};
+
 ffi::Error RowsHidden(const char* name, ffi::ThreadPool& pool, F32& h, F32& et, F32& s_bias,
                       F32* t, F32* t_bias, S32& labels, S32& seen, F32& valid, F32& labelled,
                       float temperature, float alpha, bool mask_first, float* ce, float* kl,
-                      float* dh, float* det, float* bias_grad) {
+                      float* dh, float* det, float* bias_grad, const Block& block = Block{}) {
   auto dims_h = h.dimensions();
   auto dims_e = et.dimensions();
   if (dims_h.size() != 2 || dims_e.size() != 2 || dims_e[0] != dims_h[1]) {
@@ -667,6 +753,10 @@ ffi::Error RowsHidden(const char* name, ffi::ThreadPool& pool, F32& h, F32& et, 
   p.ce = ce;
   p.kl = kl;
   p.dh = dh;
+  p.col_offset = block.col_offset;
+  if (block.valid_cols >= 0) p.valid_cols = block.valid_cols;
+  p.stats_out = block.stats_out;
+  p.stats_in = block.stats_in;
   Run(p, bias_grad, det, pool);
   return ffi::Error::Success();
 }
@@ -722,6 +812,45 @@ ffi::Error CeRowsHiddenGrad(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, S32
                     dh->typed_data(), det->typed_data(), bias_grad->typed_data());
 }
 
+// A block of a vocab-sharded catalogue (two-phase mode): the student's
+// table block et [dim, items], its bias; the teacher's logits t [rows, items]
+// and bias (ignored, and may be empty, without `teacher`); labels and seen
+// ids are items of the whole catalogue, `offset` the block's first.
+ffi::Error CheckBlock(const char* name, F32& h, ffi::Span<const int64_t> stats, S32& offset) {
+  if (offset.element_count() != 1) return Invalid(name, "offset must be a scalar");
+  auto dh = h.dimensions();
+  if (dh.size() != 2 || stats.size() != 2 || stats[0] != dh[0] || stats[1] != kStats) {
+    return Invalid(name, "row statistics must be [rows, 8]");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BlockStats(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, F32 t, F32 t_bias,
+                      S32 labels, S32 seen, F32 valid, F32 labelled, Scalar temperature,
+                      Scalar alpha, S32 offset, bool mask_first, int64_t valid_cols, bool teacher,
+                      F32Result stats) {
+  ffi::Error err = CheckBlock("block_rows_stats", h, stats->dimensions(), offset);
+  if (err.failure()) return err;
+  Block block{*offset.typed_data(), valid_cols, stats->typed_data(), nullptr};
+  return RowsHidden("block_rows_stats", pool, h, et, s_bias, teacher ? &t : nullptr,
+                    teacher ? &t_bias : nullptr, labels, seen, valid, labelled,
+                    *temperature.typed_data(), *alpha.typed_data(), mask_first, nullptr,
+                    nullptr, nullptr, nullptr, nullptr, block);
+}
+
+ffi::Error BlockGrad(ffi::ThreadPool pool, F32 h, F32 et, F32 s_bias, F32 t, F32 t_bias,
+                     S32 labels, S32 seen, F32 valid, F32 labelled, Scalar temperature,
+                     Scalar alpha, S32 offset, F32 stats, bool mask_first, int64_t valid_cols,
+                     bool teacher, F32Result dh, F32Result det, F32Result bias_grad) {
+  ffi::Error err = CheckBlock("block_rows_grad", h, stats.dimensions(), offset);
+  if (err.failure()) return err;
+  Block block{*offset.typed_data(), valid_cols, nullptr, stats.typed_data()};
+  return RowsHidden("block_rows_grad", pool, h, et, s_bias, teacher ? &t : nullptr,
+                    teacher ? &t_bias : nullptr, labels, seen, valid, labelled,
+                    *temperature.typed_data(), *alpha.typed_data(), mask_first, nullptr,
+                    nullptr, dh->typed_data(), det->typed_data(), bias_grad->typed_data(), block);
+}
+
 }  // namespace
 
 // Built with -fvisibility=hidden: only these symbols are exported.
@@ -734,6 +863,8 @@ DISTILL_ROWS_EXPORT(DistillJaxDistillRowsHiddenStats)
 DISTILL_ROWS_EXPORT(DistillJaxDistillRowsHiddenGrad)
 DISTILL_ROWS_EXPORT(DistillJaxCeRowsHiddenStats)
 DISTILL_ROWS_EXPORT(DistillJaxCeRowsHiddenGrad)
+DISTILL_ROWS_EXPORT(DistillJaxBlockRowsStats)
+DISTILL_ROWS_EXPORT(DistillJaxBlockRowsGrad)
 
 // Arguments after the student's own (its logits, or its hidden states and
 // transposed table): s_bias, t, t_bias, labels, [seen,] valid, labelled, T, alpha.
@@ -780,3 +911,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxDistillRowsHiddenGrad, DistillRowsHidden
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxCeRowsHiddenStats, CeRowsHiddenStats, CE_ROWS_ARGS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxCeRowsHiddenGrad, CeRowsHiddenGrad,
                               CE_ROWS_ARGS.Ret<F32>() GRAD_RETS);
+
+// A block of items: h, et, s_bias, t, t_bias, labels, seen, valid, labelled,
+// T, alpha, offset [, stats]; attributes mask_first, valid_cols, teacher.
+#define BLOCK_ROWS_ARGS                                                                        \
+  ffi::Ffi::Bind()                                                                             \
+      .Ctx<ffi::ThreadPool>()                                                                  \
+      .Arg<F32>()                                                                              \
+      .Arg<F32>()                                                                              \
+      .Arg<F32>()                                                                              \
+      .Arg<F32>()                                                                              \
+      .Arg<F32>()                                                                              \
+      .Arg<S32>()                                                                              \
+      .Arg<S32>()                                                                              \
+      .Arg<F32>()                                                                              \
+      .Arg<F32>()                                                                              \
+      .Arg<Scalar>()                                                                           \
+      .Arg<Scalar>()                                                                           \
+      .Arg<S32>()
+#define BLOCK_ROWS_ATTRS \
+  .Attr<bool>("mask_first").Attr<int64_t>("valid_cols").Attr<bool>("teacher")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxBlockRowsStats, BlockStats,
+                              BLOCK_ROWS_ARGS BLOCK_ROWS_ATTRS.Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistillJaxBlockRowsGrad, BlockGrad,
+                              BLOCK_ROWS_ARGS.Arg<F32>() BLOCK_ROWS_ATTRS.Ret<F32>() GRAD_RETS);

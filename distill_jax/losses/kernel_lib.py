@@ -10,7 +10,9 @@ and table, computing the (narrow) student's logits itself, a few rows at a
 time in cache, so they never go through memory; the trainer's
 `config.loss.form='cpu_kernel'` uses it. `cross_entropy_rows_hidden` is that
 pass without a teacher (cross-entropy: teachers and students trained alone).
-All run their rows on XLA's own CPU thread pool.
+`block_rows_hidden` runs either over one block of a vocab-sharded catalogue in
+two phases (the rows' statistics over the block; then, from the whole rows',
+the gradient's products). All run their rows on XLA's own CPU thread pool.
 
 The shared library is built with the system C++ compiler (``$CXX``, else
 ``c++``; C++20, ``-O3 -march=native``) against the XLA FFI headers that ship
@@ -55,7 +57,14 @@ _TARGETS = {
     "distill_jax_distill_rows_hidden_grad": "DistillJaxDistillRowsHiddenGrad",
     "distill_jax_ce_rows_hidden_stats": "DistillJaxCeRowsHiddenStats",
     "distill_jax_ce_rows_hidden_grad": "DistillJaxCeRowsHiddenGrad",
+    "distill_jax_block_rows_stats": "DistillJaxBlockRowsStats",
+    "distill_jax_block_rows_grad": "DistillJaxBlockRowsGrad",
 }
+# Per-row statistics of a block of items (`block_rows_hidden`): the student's
+# maximum m_s, sum exp(s − m_s), sum exp((s − m_s)/T); the teacher's maximum
+# m_t, sum exp((t − m_t)/T); the KL's cross term sum e^a (a − b); the sum of
+# the label logits in the block and how many labels it holds.
+BLOCK_STATS = 8
 
 
 class KernelBuildError(RuntimeError):
@@ -317,6 +326,77 @@ def cross_entropy_rows_hidden(
         mask_first=mask_first,
     )
     return _transposed_table_grad(out, with_grad)
+
+
+def block_rows_hidden(
+    student_hidden: jax.Array,
+    table_block: jax.Array,
+    bias_block: jax.Array,
+    teacher_logits: jax.Array | None,
+    teacher_bias: jax.Array | None,
+    labels: jax.Array,
+    valid: jax.Array,
+    labelled: jax.Array,
+    temperature: jax.Array,
+    alpha: jax.Array,
+    offset: jax.Array,
+    *,
+    valid_cols: int,
+    mask_first: bool,
+    seen: jax.Array | None = None,
+    stats: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel over one block of a vocab-sharded catalogue, in two phases.
+
+    The block holds items ``offset .. offset + B − 1`` (`table_block` ``[B,
+    D]``, `bias_block` and `teacher_bias` ``[B]``, `teacher_logits` ``[N,
+    B]``); `labels` and `seen` are item ids of the whole catalogue, and items
+    from `valid_cols` on (a padded table's rows) are -inf like the padding.
+    Without a teacher (None) the loss is cross-entropy (alpha = 1).
+
+    Args:
+      stats: None: return each row's statistics over this block
+        (``[N, BLOCK_STATS]``, see `BLOCK_STATS`). Given: the whole row's,
+        ``(m_s, Σ exp(s − m_s), Σ exp((s − m_s)/T), m_t, Σ exp((t − m_t)/T),
+        ·, ·, ·)``; then return the backward products of the gradient with
+        respect to this block's logits (as :func:`distill_rows_hidden`:
+        ``grad @ table_block`` ``[N, D]``, ``grad.T @ h`` ``[B, D]``,
+        ``grad.sum(0)`` ``[B]``).
+      The others: as :func:`distill_rows_hidden`.
+    """
+    _register()
+    f32 = jnp.float32
+    rows, dim, items = _check_tower("block_rows_hidden", student_hidden, table_block)
+    teacher = teacher_logits is not None
+    if not teacher:  # not read
+        teacher_logits, teacher_bias = jnp.zeros((rows, 0), f32), jnp.zeros((0,), f32)
+    args = [
+        student_hidden.astype(f32),
+        table_block.astype(f32).T,
+        bias_block.astype(f32),
+        teacher_logits.astype(f32),
+        teacher_bias.astype(f32),
+        labels.reshape(rows, -1).astype(jnp.int32),
+        _seen(seen, rows),
+        valid.astype(f32),
+        labelled.astype(f32),
+        jnp.asarray(temperature, f32),
+        jnp.asarray(alpha, f32),
+        jnp.asarray(offset, jnp.int32),
+    ]
+    attrs = dict(mask_first=mask_first, valid_cols=int(valid_cols), teacher=teacher)
+    if stats is None:
+        outs = (_out(rows, BLOCK_STATS),)
+        call = jax.ffi.ffi_call("distill_jax_block_rows_stats", outs, vmap_method="sequential")
+        (block_stats,) = call(*args, **attrs)
+        return block_stats
+    call = jax.ffi.ffi_call(
+        "distill_jax_block_rows_grad",
+        tuple(_grad_outs(rows, dim, items)),
+        vmap_method="sequential",
+    )
+    d_h, d_table_t, bias_grad = call(*args, stats.astype(f32), **attrs)
+    return d_h, d_table_t.T, bias_grad
 
 
 def _check_tower(name, hidden, table):
