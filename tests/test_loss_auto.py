@@ -13,6 +13,7 @@ import pytest
 from configs import base
 from distill_jax import config_lib, losses, models
 from distill_jax import sharding as sharding_lib
+from distill_jax.compress import quantize
 from distill_jax.data import preprocess
 from distill_jax.data import synthetic as synthetic_data
 from distill_jax.losses import auto, kernel_lib
@@ -195,3 +196,23 @@ def test_the_train_step_resolves_auto_for_its_mesh(built, task, mesh_shape, want
         loss_cfg=config.loss,
     )
     assert step.loss_form == want
+
+
+def test_a_quantization_aware_model_keeps_to_forms_that_call_its_logits(built):
+    """int8_qat fine-tuning: the catalogue scores are quantized inside the model's
+    `logits`, which the fused forms would bypass."""
+    config = test_train._distill_config()
+    mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+    model = models.build_model(config.student, num_items=63, max_len=config.student.max_len)
+    qat = quantize.qat_model(model)
+    assert model.plain_logits and not qat.plain_logits
+    forms = {}
+    for m in (model, qat):
+        _, shard = state_lib.create_state(
+            m, config.student, mesh, sharding_lib.rules(config), jax.random.key(0)
+        )
+        step = steps.make_train_step(
+            m, task="train", mesh=mesh, state_shardings=shard, loss_cfg=config.loss
+        )
+        forms[m is qat] = step.loss_form
+    assert forms == {False: "cpu_kernel", True: "dense"}

@@ -320,6 +320,10 @@ class Pair:
     backends: tuple[str, ...] | None = None
     # () -> why it cannot be built here, in one line, or None when it can.
     unavailable: Callable[[], str | None] | None = None
+    # Scores the catalogue through the model's own `logits` method (so a
+    # quantization-aware model's scoring is what it trains); the other forms
+    # compute hidden @ table.T + bias themselves.
+    model_logits: bool = False
 
 
 TARGETS = ("label", "soft", "hard", "ranking", "cached", "ensemble")
@@ -342,25 +346,35 @@ def _kernel_unavailable() -> str | None:
 _KERNEL = dict(backends=("cpu",), unavailable=_kernel_unavailable)
 
 PAIRS: dict[tuple[str, str], Pair] = {
-    ("label", "dense"): Pair(_label_dense, exclude_history=True),
+    ("label", "dense"): Pair(_label_dense, exclude_history=True, model_logits=True),
     ("label", "chunked"): Pair(_label_chunked, exclude_history=True),
     ("label", "vocab_parallel"): Pair(_label_vocab_parallel),
     ("label", "cpu_kernel"): Pair(_label_cpu_kernel, exclude_history=True, **_KERNEL),
-    ("soft", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
+    ("soft", "dense"): Pair(
+        _soft_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
     ("soft", "chunked"): Pair(_soft_chunked, exclude_history=True),
     ("soft", "vocab_parallel"): Pair(_soft_vocab_parallel),
     ("soft", "cpu_kernel"): Pair(
         _soft_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
     ),
-    ("hard", "dense"): Pair(_hard_dense, exclude_history=True, teacher_only_slots=True),
+    ("hard", "dense"): Pair(
+        _hard_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
     ("hard", "chunked"): Pair(_hard_chunked, exclude_history=True, teacher_only_slots=True),
     ("hard", "cpu_kernel"): Pair(
         _hard_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
     ),
-    ("ranking", "dense"): Pair(_ranking_dense, exclude_history=True, teacher_only_slots=True),
-    ("cached", "dense"): Pair(_cached_dense, exclude_history=True, teacher_only_slots=True),
+    ("ranking", "dense"): Pair(
+        _ranking_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
+    ("cached", "dense"): Pair(
+        _cached_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
     # The ensemble's logits are its log-mixture: the soft target's dense form.
-    ("ensemble", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
+    ("ensemble", "dense"): Pair(
+        _soft_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
 }
 
 
@@ -382,12 +396,15 @@ def resolve_form(
     *,
     exclude_history: bool = False,
     teacher_only_slots: bool = False,
+    model_logits: bool = False,
 ) -> str:
     """The form that runs `target` `where`: `form` itself, checked, or what 'auto' chooses.
 
     'auto' logs its choice and why in one line (`auto.choose`, once per
     distinct choice). A named form that cannot run there raises, naming
-    config.loss.form and what would run.
+    config.loss.form and what would run. `model_logits`: the model scores
+    the catalogue its own way (quantization-aware), so 'auto' takes a form
+    that calls its `logits` (`auto.unfit`).
     """
     if form == auto.AUTO:
         choice = auto.choose(
@@ -396,14 +413,16 @@ def resolve_form(
             where,
             exclude_history=exclude_history,
             teacher_only_slots=teacher_only_slots,
+            model_logits=model_logits,
         )
         auto.report(choice)
         return choice.form
     # Options were checked by config validation; here: the mesh and the backend,
-    # which must not be touched before jax.distributed is initialised.
-    # A kernel that does not build raises its own error, in full, when traced.
+    # which must not be touched before jax.distributed is initialised. A kernel
+    # that does not build raises its own error, in full, when traced. (A named
+    # form is kept for a quantization-aware model: the caller asked for it.)
     pair = dataclasses.replace(PAIRS[(target, form)], unavailable=None)
-    why = auto.unfit(pair, where, False, False)
+    why = auto.unfit(pair, where)
     if why is not None:
         raise ValueError(
             f"config.loss.form={form!r} {why} (the {target!r} target); use "

@@ -73,14 +73,26 @@ def preference(backend: str, vocab_shards: int) -> tuple[str, ...]:
     return (*fused, *sharded, "dense")
 
 
-def unfit(pair: Any, where: Where, exclude_history: bool, teacher_only_slots: bool) -> str | None:
-    """Why `pair` (a `losses.Pair` or None) cannot run the stage `where`; None if it can."""
+def unfit(
+    pair: Any,
+    where: Where,
+    exclude_history: bool = False,
+    teacher_only_slots: bool = False,
+    model_logits: bool = False,
+) -> str | None:
+    """Why `pair` (a `losses.Pair` or None) cannot run the stage `where`; None if it can.
+
+    `model_logits`: the stage's model scores the catalogue its own way (a
+    quantization-aware copy), so the loss must call its `logits` method.
+    """
     if pair is None:
         return "no such pair"
     if exclude_history and not pair.exclude_history:
         return "does not exclude history"
     if teacher_only_slots and not pair.teacher_only_slots:
         return "has no teacher-only slots"
+    if model_logits and not pair.model_logits:
+        return "scores the catalogue itself, not through the model's own (quantized) logits"
     if pair.backends is not None and where.backend not in pair.backends:
         return f"runs on {'/'.join(pair.backends)} only"
     if pair.meshes == "one" and where.devices != 1:
@@ -99,19 +111,21 @@ def choose(
     *,
     exclude_history: bool = False,
     teacher_only_slots: bool = False,
+    model_logits: bool = False,
 ) -> Choice:
     """The first form of `preference` whose pair fits the stage, and why."""
+    options = (exclude_history, teacher_only_slots, model_logits)
     passed, missing = [], None
     for form in preference(where.backend, where.vocab_shards):
         pair = pairs.get((target, form))
-        why = unfit(pair, where, exclude_history, teacher_only_slots)
+        why = unfit(pair, where, *options)
         if why is None:
             break
         passed.append(f"not {form!r}: {why}")
         if missing is None and pair is not None and pair.unavailable is not None:
             # Whether the stage fits this form, which only cannot be built here.
             built = dataclasses.replace(pair, unavailable=None)
-            if unfit(built, where, exclude_history, teacher_only_slots) is None:
+            if unfit(built, where, *options) is None:
                 missing = why
     else:  # 'dense' fits every stage; reaching here means PAIRS lost a line
         raise ValueError(f"no loss form runs the {target!r} target here: {'; '.join(passed)}")

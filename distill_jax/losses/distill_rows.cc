@@ -565,32 +565,36 @@ void RunRows(const Params& p, int64_t begin, int64_t end, float* colsum, float* 
 // the caller, finds the chunks taken and returns without touching the
 // arrays. The state is reference counted because a late task may start after
 // the call has returned.
+//
+// The gradient's sums over rows (column sums, det) are accumulated per chunk,
+// not per thread, and added up in chunk order: which thread takes which chunk
+// varies from call to call, and the result must not (a resumed run repeats
+// an uninterrupted one bit for bit).
 struct Shared {
   Params p;
+  bool grad = false;
   int64_t chunk_rows = 0;
   int64_t chunks = 0;
   std::atomic<int64_t> next_chunk{0};
-  std::atomic<int64_t> next_slot{0};
-  std::vector<std::vector<float>> partial;  // per worker column sums (gradient only)
-  std::vector<std::vector<float>> partial_det;  // per worker det (from hidden states)
+  std::vector<std::vector<float>> partial;  // per chunk column sums (gradient only)
+  std::vector<std::vector<float>> partial_det;  // per chunk det (from hidden states)
   std::mutex mu;
   std::condition_variable cv;
   int64_t done = 0;
 };
 
 void Work(Shared& st) {
-  const int64_t slot = st.next_slot.fetch_add(1);
-  float* colsum = nullptr;
-  float* det = nullptr;
   for (;;) {
     const int64_t c = st.next_chunk.fetch_add(1);
     if (c >= st.chunks) return;
-    if (colsum == nullptr) {
-      st.partial[slot].assign(st.p.cols, 0.0f);
-      colsum = st.partial[slot].data();
+    float* colsum = nullptr;
+    float* det = nullptr;
+    if (st.grad) {
+      st.partial[c].assign(st.p.cols, 0.0f);
+      colsum = st.partial[c].data();
       if (st.p.dh != nullptr) {
-        st.partial_det[slot].assign(st.p.dim * st.p.cols, 0.0f);
-        det = st.partial_det[slot].data();
+        st.partial_det[c].assign(st.p.dim * st.p.cols, 0.0f);
+        det = st.partial_det[c].data();
       }
     }
     const int64_t begin = c * st.chunk_rows;
@@ -602,25 +606,29 @@ void Work(Shared& st) {
 
 // Runs the rows on the caller and `pool.num_threads() - 1` pool tasks, so
 // that as many threads work as the pool has (one per core: more would only
-// take turns on the cores); 16 rows per chunk at least, about four chunks
-// per worker. Writes the gradient's column sums to `colsum` when given, and
-// from hidden states its product with h to `det` [dim, cols].
+// take turns on the cores); 16 rows per chunk at least, about two chunks per
+// worker. Writes the gradient's column sums to `colsum` when given, and from
+// hidden states its product with h to `det` [dim, cols].
 void Run(const Params& p, float* colsum, float* det, ffi::ThreadPool& pool) {
   auto st = std::make_shared<Shared>();
   st->p = p;
+  st->grad = colsum != nullptr;
   int64_t helpers = std::max<int64_t>(0, pool.num_threads() - 1);
-  if (p.dh != nullptr) {
-    // Each worker accumulates its own det [dim, cols]: keep them within
-    // 256 MB together (a 10^6-item catalogue at dim 64 is 256 MB per worker).
-    const int64_t per_worker = std::max<int64_t>(1, p.dim * p.cols * 4);
-    const int64_t fit = (int64_t{1} << 28) / per_worker;
-    helpers = std::min<int64_t>(helpers, std::max<int64_t>(0, fit - 1));
+  int64_t most_chunks = 2 * (helpers + 1);
+  if (det != nullptr) {
+    // Each chunk accumulates its own det [dim, cols]: keep them within 256 MB
+    // together (a 10^6-item catalogue at dim 64 is 256 MB per chunk).
+    const int64_t per_chunk = std::max<int64_t>(1, p.dim * p.cols * 4);
+    const int64_t fit = std::max<int64_t>(1, (int64_t{1} << 28) / per_chunk);
+    most_chunks = std::min(most_chunks, fit);
+    helpers = std::min(helpers, fit - 1);
   }
-  const int64_t workers = helpers + 1;
-  st->chunk_rows = std::max<int64_t>(16, (p.rows + 4 * workers - 1) / (4 * workers));
+  st->chunk_rows = std::max<int64_t>(16, (p.rows + most_chunks - 1) / most_chunks);
   st->chunks = (p.rows + st->chunk_rows - 1) / st->chunk_rows;
-  st->partial.resize(workers);
-  st->partial_det.resize(workers);
+  if (st->grad) {
+    st->partial.resize(st->chunks);
+    st->partial_det.resize(st->chunks);
+  }
   for (int64_t i = 0; i < std::min(helpers, st->chunks - 1); ++i) {
     pool.Schedule([st] { Work(*st); });
   }
@@ -632,14 +640,12 @@ void Run(const Params& p, float* colsum, float* det, ffi::ThreadPool& pool) {
   if (colsum == nullptr) return;
   std::fill(colsum, colsum + p.cols, 0.0f);
   for (const auto& part : st->partial) {
-    if (part.empty()) continue;
     for (int64_t j = 0; j < p.cols; ++j) colsum[j] += part[j];
   }
   if (det == nullptr) return;
   const int64_t n = p.dim * p.cols;
   std::fill(det, det + n, 0.0f);
   for (const auto& part : st->partial_det) {
-    if (part.empty()) continue;
     for (int64_t j = 0; j < n; ++j) det[j] += part[j];
   }
 }

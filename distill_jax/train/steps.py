@@ -197,7 +197,8 @@ def make_loss_fn(
         raise ValueError(f"task='distill' with method {target!r} needs a teacher model.")
     if form is None:
         where = losses.auto.here()
-        form = loss_form(task, distill_cfg, loss_cfg, exclude_history, where)
+        own = not getattr(model, "plain_logits", True)
+        form = loss_form(task, distill_cfg, loss_cfg, exclude_history, where, own)
     settings = {"chunk_size": 8192 if loss_cfg is None else loss_cfg.chunk_size}
     hidden_weight = 0.0
     if task == "distill":
@@ -280,8 +281,12 @@ def loss_form(
     loss_cfg: ml_collections.ConfigDict | None,
     exclude_history: bool,
     where: losses.auto.Where,
+    model_logits: bool = False,
 ) -> str:
     """The form of the stage's loss `where` it runs: `config.loss.form`, 'auto' resolved.
+
+    `model_logits`: the model scores the catalogue its own way (`plain_logits`
+    False: a quantization-aware copy); 'auto' then keeps to forms that call it.
 
     Resolved here, at the step's build, not in config_lib: the backend and the
     devices must not be touched before jax.distributed is initialised.
@@ -293,7 +298,11 @@ def loss_form(
         target,
         where,
         exclude_history=exclude_history,
-        teacher_only_slots=task == "distill" and bool(distill_cfg.last_item_slot),
+        # (Read for 'auto' alone: a named form's options were validated.)
+        teacher_only_slots=form == losses.AUTO
+        and task == "distill"
+        and bool(distill_cfg.last_item_slot),
+        model_logits=model_logits,
     )
 
 
@@ -331,7 +340,8 @@ def make_train_step(
     if loss_fn is None:
         shards = mesh.shape["model"] if vocab_shards is None else vocab_shards
         where = losses.auto.here(mesh.size, shards)
-        form = loss_form(task, distill_cfg, loss_cfg, exclude_history, where)
+        own = not getattr(model, "plain_logits", True)
+        form = loss_form(task, distill_cfg, loss_cfg, exclude_history, where, own)
         loss_fn = make_loss_fn(
             model, task, teacher, distill_cfg, loss_cfg, exclude_history, form=form
         )
