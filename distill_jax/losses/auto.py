@@ -2,9 +2,10 @@
 
 `choose` is a pure function of the stage (its target and options) and of
 where it runs (backend, mesh, whether the CPU kernel builds); the train step
-(`distill_jax/train/steps.py`) calls `resolve`, which reads the backend and
-the kernel and logs the choice in one line, once per distinct choice in a
-process. The forms are tried in this order and the first that fits wins:
+(`distill_jax/train/steps.py`) resolves 'auto' through `losses.resolve_form`
+with `here()` (this process's backend) and logs the choice in one line
+(`report`), once per distinct choice in a process. The forms are tried in
+this order and the first that fits wins:
 
 * on the CPU backend, ``cpu_kernel`` (the fused C++ pass; it needs a C++20
   compiler, so without one the log says so and what to install);
@@ -15,8 +16,9 @@ process. The forms are tried in this order and the first that fits wins:
 * ``dense``, which every target has, with every option, on any mesh.
 
 A form fits when its (target, form) pair exists in `losses.PAIRS` with the
-stage's options (exclude_history, teacher-only slots), on its mesh and
-backend, and can be built here (`Pair.unavailable`). All forms give the same
+stage's options (exclude_history, teacher-only slots; a quantization-aware
+model needs a form that calls its own `logits`), on its mesh and backend, and
+can be built here (`Pair.unavailable`). All forms give the same
 values and gradients (tests/test_loss_registry.py), so the choice changes
 speed only. ``chunked`` is never chosen: it trades speed for memory.
 """

@@ -197,8 +197,7 @@ def make_loss_fn(
         raise ValueError(f"task='distill' with method {target!r} needs a teacher model.")
     if form is None:
         where = losses.auto.here()
-        own = not getattr(model, "plain_logits", True)
-        form = loss_form(task, distill_cfg, loss_cfg, exclude_history, where, own)
+        form = loss_form(model, task, distill_cfg, loss_cfg, exclude_history, where)
     settings = {"chunk_size": 8192 if loss_cfg is None else loss_cfg.chunk_size}
     hidden_weight = 0.0
     if task == "distill":
@@ -276,17 +275,17 @@ def make_loss_fn(
 
 
 def loss_form(
+    model: nn.Module,
     task: str,
     distill_cfg: ml_collections.ConfigDict | None,
     loss_cfg: ml_collections.ConfigDict | None,
     exclude_history: bool,
     where: losses.auto.Where,
-    model_logits: bool = False,
 ) -> str:
     """The form of the stage's loss `where` it runs: `config.loss.form`, 'auto' resolved.
 
-    `model_logits`: the model scores the catalogue its own way (`plain_logits`
-    False: a quantization-aware copy); 'auto' then keeps to forms that call it.
+    A model that scores the catalogue its own way (`plain_logits` False: a
+    quantization-aware copy) keeps 'auto' to the forms that call its `logits`.
 
     Resolved here, at the step's build, not in config_lib: the backend and the
     devices must not be touched before jax.distributed is initialised.
@@ -302,7 +301,7 @@ def loss_form(
         teacher_only_slots=form == losses.AUTO
         and task == "distill"
         and bool(distill_cfg.last_item_slot),
-        model_logits=model_logits,
+        model_logits=not model.plain_logits,
     )
 
 
@@ -340,8 +339,7 @@ def make_train_step(
     if loss_fn is None:
         shards = mesh.shape["model"] if vocab_shards is None else vocab_shards
         where = losses.auto.here(mesh.size, shards)
-        own = not getattr(model, "plain_logits", True)
-        form = loss_form(task, distill_cfg, loss_cfg, exclude_history, where, own)
+        form = loss_form(model, task, distill_cfg, loss_cfg, exclude_history, where)
         loss_fn = make_loss_fn(
             model, task, teacher, distill_cfg, loss_cfg, exclude_history, form=form
         )
