@@ -258,12 +258,23 @@ def main(argv: Sequence[str]) -> None:
 
     t_fwd_flops = per_step(lambda B, S, N: encoder_flops(teacher, B, S) + logits_flops(teacher, N))
     rng = jax.random.key(0)
-    # config.loss (impl, chunk_size) goes to every step, as in training.
+    # config.loss (form, chunk_size) goes to every step, as in training.
+    shards = sharding.vocab_shards(cfg, mesh)
     t_step = steps.make_train_step(
-        teacher, task="train", mesh=mesh, state_shardings=t_shard, loss_cfg=cfg.loss
+        teacher,
+        task="train",
+        mesh=mesh,
+        state_shardings=t_shard,
+        loss_cfg=cfg.loss,
+        vocab_shards=shards,
     )
     s_step = steps.make_train_step(
-        student, task="train", mesh=mesh, state_shardings=s_shard, loss_cfg=cfg.loss
+        student,
+        task="train",
+        mesh=mesh,
+        state_shardings=s_shard,
+        loss_cfg=cfg.loss,
+        vocab_shards=shards,
     )
     d_step = steps.make_train_step(
         student,
@@ -274,7 +285,15 @@ def main(argv: Sequence[str]) -> None:
         teacher_shardings=t_shard.params,
         distill_cfg=cfg.distill,
         loss_cfg=cfg.loss,
+        vocab_shards=shards,
     )
+    # config.loss.form, and the form each step runs ('auto' resolved).
+    forms = {
+        "config": cfg.loss.form,
+        "teacher_train": t_step.loss_form,
+        "student_train": s_step.loss_form,
+        "distill": d_step.loss_form,
+    }
     t_params = t_state.params
     fwd = jax.jit(lambda params, b: steps.logits_at_targets(teacher, params, b, train=False))
 
@@ -369,7 +388,7 @@ def main(argv: Sequence[str]) -> None:
                 "matmul_dtype": args.matmul_dtype,
                 "distill_over_parts": ratio,
                 "allocator": _allocator(),
-                "loss_form": cfg.loss.form,
+                "loss_form": forms,
             }
         )
     )
@@ -379,7 +398,7 @@ def main(argv: Sequence[str]) -> None:
         f"student d={s.embed_dim} blocks={s.num_blocks} mlp={s.mlp_dim}; B={s.batch_size}, "
         f"{len(host)} batches x {args.repeats} (mean valid targets per batch {valid:.0f}); "
         f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"allocator {_allocator()}; loss.form={cfg.loss.form}\n"
+        f"allocator {_allocator()}; loss forms {forms}\n"
     )
     print(
         "| step | ms/step (fastest pass) | valid positions/s | GFLOP/s | share of matmul rate "

@@ -314,10 +314,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # along mesh axis 'model' and reduces across shards (for item tables sharded
     # by the 'vocab' rule); 'chunked' scans item chunks of chunk_size with an
     # online logsumexp (catalogues too large to materialise); 'cpu_kernel' fuses
-    # the soft distillation loss into one C++ pass per row (built on first use;
-    # CPU backend, one device).
+    # the loss into one C++ pass per row (built on first use; CPU backend, any
+    # mesh).
+    # 'auto' takes, per stage, the fastest of these that runs its target and
+    # options on this backend and mesh, and logs which and why
+    # (distill_jax/losses/auto.py); all give the same values and gradients.
     config.loss = ml_collections.ConfigDict()
-    config.loss.form = "dense"  #: 'dense', 'vocab_parallel', 'chunked' or 'cpu_kernel'.
+    #: 'auto' (the fastest that fits), 'dense', 'vocab_parallel', 'chunked' or 'cpu_kernel'.
+    config.loss.form = "auto"
     config.loss.chunk_size = 8192  #: 'chunked' form: items per chunk.
 
     config.eval = ml_collections.ConfigDict()

@@ -156,10 +156,16 @@ def _validate_method(config: ml_collections.ConfigDict, stages: list[str]) -> No
 def _validate_losses(config: ml_collections.ConfigDict) -> None:
     """Each stage's (target, form) pair and its options against `losses.PAIRS`."""
     from distill_jax import losses  # Late: keeps config checks import-light.
-    from distill_jax.models import MODELS
 
     d, form = config.distill, config.loss.form
-    _expect(form in losses.FORMS, "loss.form", form, f"one of {losses.FORMS}")
+    choices = (losses.AUTO, *losses.FORMS)
+    _expect(form in choices, "loss.form", form, f"one of {choices}")
+    _positive_int(config.loss, "loss", "chunk_size")
+    if form == losses.AUTO:
+        # Every target has a dense form with every option: 'auto' always
+        # resolves (at the step's build, for its backend and mesh).
+        _validate_history(config, None)
+        return
     # distill.method itself was checked by _validate_method, which runs first.
     _expect(
         losses.supported(d.method, form),
@@ -168,7 +174,6 @@ def _validate_losses(config: ml_collections.ConfigDict) -> None:
         f"a form of config.distill.method={d.method!r}: it is not supported with "
         f"config.loss.form={form!r}; forms for {d.method!r}: {losses.forms_for(d.method)}",
     )
-    _positive_int(config.loss, "loss", "chunk_size")
     if d.last_item_slot:
         option = "teacher_only_slots"
         _expect(
@@ -178,6 +183,15 @@ def _validate_losses(config: ml_collections.ConfigDict) -> None:
             f"False with config.distill.method={d.method!r} and config.loss.form={form!r} "
             f"(teacher-only slots: forms {losses.forms_for(d.method, option)})",
         )
+    _validate_history(config, form)
+
+
+def _validate_history(config: ml_collections.ConfigDict, form: str | None) -> None:
+    """exclude_history of each model: a causal model, and a form that excludes (None: any)."""
+    from distill_jax import losses  # Late: keeps config checks import-light.
+    from distill_jax.models import MODELS
+
+    d = config.distill
     sc = config.student_scratch
     scratch_excludes = (
         config.student.exclude_history if sc.exclude_history == -1 else sc.exclude_history == 1
@@ -199,7 +213,7 @@ def _validate_losses(config: ml_collections.ConfigDict) -> None:
         if not on:
             continue
         _expect(
-            losses.supported(target, form, "exclude_history"),
+            form is None or losses.supported(target, form, "exclude_history"),
             key,
             True,
             f"False with config.loss.form={form!r} for the {target!r} target (forms that "

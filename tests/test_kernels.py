@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 
 from configs import base
-from distill_jax import losses
+from distill_jax import losses, models
 from distill_jax import sharding as sharding_lib
 from distill_jax.data import preprocess
 from distill_jax.data import synthetic as synthetic_data
+from distill_jax.data.pipeline import TrainBatches
 from distill_jax.losses import cpu_kernel
 from distill_jax.losses import kernel_lib as kernels
 from distill_jax.models import sasrec
+from distill_jax.train import state as state_lib
 from distill_jax.train import steps
 from tests import test_train  # its tiny config and step runner
 
@@ -387,10 +389,329 @@ def test_distill_steps_cpu_kernel_equal_plain(last_item_slot):
     chex.assert_trees_all_close(out["cpu_kernel"][1], out["dense"][1], rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_kernel_refuses_a_multi_device_mesh():
+# --------------------------------------------------------------------------
+# Cross-entropy through the kernel (teachers, students trained alone, the
+# teacher's top-k): no teacher, K labels, seen ids left out.
+# --------------------------------------------------------------------------
+
+
+def np_cross_entropy(h, table, bias, labels, valid, seen):
+    """Per-row ce and d(ce)/d(logits), float64; labels [N, K] of weight 1/K each."""
+    z = h.astype(np.float64) @ table.T.astype(np.float64) + bias
+    z[:, 0] = -np.inf
+    if seen is not None:
+        for r in range(z.shape[0]):
+            z[r, seen[r][seen[r] > 0]] = -np.inf
+    log_q = np_log_softmax(np.where(valid[:, None], z, 0.0))
+    rows = np.arange(z.shape[0])
+    target = np.zeros_like(z)
+    for k in range(labels.shape[1]):
+        target[rows, np.clip(labels[:, k], 0, z.shape[1] - 1)] += 1.0 / labels.shape[1]
+    with np.errstate(invalid="ignore"):  # 0 · -inf off the targets, discarded
+        ce = -np.sum(np.where(target > 0, target * log_q, 0.0), axis=-1)
+    grad = np.where(valid[:, None], np.exp(log_q) - target, 0.0)
+    return np.where(valid, ce, 0.0), grad
+
+
+def ce_rows(rows, items, dim, k, exclude, seed):
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=(rows, dim)).astype(np.float32)
+    table = rng.normal(size=(items, dim)).astype(np.float32)
+    bias = rng.normal(size=items).astype(np.float32)
+    labels = rng.integers(1, items, (rows, k)).astype(np.int32)
+    valid = rng.random(rows) > 0.2
+    # Masked rows may hold anything: NaN hidden states and label -1.
+    h[~valid] = np.nan
+    labels[~valid] = -1
+    seen = None
+    if exclude:
+        seen = rng.integers(0, items, (rows, 6)).astype(np.int32)
+        seen[:, 2] = seen[:, 1]  # an id listed twice
+        for r in range(rows):  # never a row's own label
+            seen[r][np.isin(seen[r], labels[r])] = 0
+    return h, table, bias, labels, valid, seen
+
+
+@pytest.mark.parametrize("rows,dim", [(37, 5), (203, 16), (6, 1)])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_cross_entropy_rows_hidden_matches_float64_reference(rows, dim, k, exclude):
+    h, table, bias, labels, valid, seen = ce_rows(rows, 1003, dim, k, exclude, seed=rows + k)
+
+    def rows_fn(h, table, with_grad):
+        return kernels.cross_entropy_rows_hidden(
+            h,
+            table,
+            bias,
+            labels if k > 1 else labels[:, 0],
+            valid,
+            mask_first=True,
+            with_grad=with_grad,
+            seen=seen,
+        )
+
+    ce, d_h, d_table, col = jax.jit(rows_fn, static_argnums=2)(h, table, True)
+    chex.assert_shape(ce, (rows,))
+    chex.assert_shape(d_h, (rows, dim))
+    chex.assert_shape(d_table, (1003, dim))
+    ce_ref, grad_ref = np_cross_entropy(h, table, bias, labels, valid, seen)
+    np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-5)
+    h_valid = np.where(valid[:, None], h, 0.0).astype(np.float64)
+    np.testing.assert_allclose(d_h, grad_ref @ table, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_table, grad_ref.T @ h_valid, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(col, grad_ref.sum(0), rtol=1e-4, atol=1e-5)
+    (ce2,) = rows_fn(h, table, False)
+    np.testing.assert_array_equal(ce2, ce)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_kernel_cross_entropy_value_and_gradients_match_float64(exclude, k):
+    """The loss (mean over valid positions) and its gradients: hidden, table, bias."""
+    h, table, bias, labels, valid, seen = ce_rows(45, 301, 7, k, exclude, seed=11)
+    shape = (5, 9)  # positions as [B, S]: the loss flattens them
+
+    def loss(h, table, bias):
+        return cpu_kernel.kernel_cross_entropy(
+            h.reshape(*shape, -1),
+            table,
+            bias,
+            labels.reshape(*shape, k) if k > 1 else labels.reshape(shape),
+            valid.reshape(shape),
+            seen=None if seen is None else seen.reshape(*shape, -1),
+        )
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(h, table, bias)
+    ce_ref, grad_ref = np_cross_entropy(h, table, bias, labels, valid, seen)
+    count = valid.sum()
+    np.testing.assert_allclose(value, ce_ref.sum() / count, rtol=1e-5)
+    h_valid = np.where(valid[:, None], h, 0.0).astype(np.float64)
+    want = (grad_ref @ table / count, grad_ref.T @ h_valid / count, grad_ref.sum(0) / count)
+    for got, ref, name in zip(grads, want, ("d_hidden", "d_table", "d_bias"), strict=True):
+        got = np.where(valid[:, None], got, 0.0) if name == "d_hidden" else got
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6, err_msg=name)
+    # Masked rows get a zero gradient (not NaN), whatever they hold.
+    np.testing.assert_array_equal(np.asarray(grads[0])[~valid], 0.0)
+
+
+def test_kernel_cross_entropy_equals_the_dense_form_in_bfloat16():
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.normal(size=(3, 11, 6)), jnp.bfloat16)
+    table = jnp.asarray(rng.normal(size=(257, 6)), jnp.bfloat16)
+    bias = jnp.asarray(rng.normal(size=257), jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(1, 257, (3, 11)))
+    where = jnp.asarray(rng.random((3, 11)) > 0.25)
+    padding = jnp.arange(257) == 0
+
+    def dense(h, table, bias):
+        z = jnp.einsum("bsd,vd->bsv", h, table, preferred_element_type=jnp.float32)
+        z = jnp.where(padding, -jnp.inf, z + bias.astype(jnp.float32))
+        return losses.cross_entropy(z, labels, where=where)
+
+    def kernel(h, table, bias):
+        return cpu_kernel.kernel_cross_entropy(h, table, bias, labels, where)
+
+    v_d, g_d = jax.value_and_grad(dense, argnums=(0, 1, 2))(h, table, bias)
+    v_k, g_k = jax.value_and_grad(kernel, argnums=(0, 1, 2))(h, table, bias)
+    np.testing.assert_allclose(v_k, v_d, rtol=1e-5)
+    for a, b in zip(g_k, g_d, strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-2)
+
+
+def test_kernel_cross_entropy_nothing_valid_is_zero_and_a_bad_label_is_nan():
+    h = jnp.full((4, 3), jnp.nan)
+    table = jnp.ones((9, 3))
+    where = jnp.zeros(4, bool)
+    value, grad = jax.value_and_grad(
+        lambda h: cpu_kernel.kernel_cross_entropy(h, table, None, -jnp.ones(4, int), where)
+    )(h)
+    assert float(value) == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+    # A valid slot whose label is no item (outside [0, V)) is not silently dropped.
+    bad = cpu_kernel.kernel_cross_entropy(
+        jnp.ones((2, 3)), table, None, jnp.array([3, 9]), jnp.ones(2, bool)
+    )
+    assert np.isnan(float(bad))
+
+
+def _two_steps(
+    config, split, form, task, *, exclude_history=False, mesh_shape=(1, 1), vocab_axis=None
+):
+    """Two steps of `task` in `form` on a mesh of `mesh_shape`, the item table split
+    along `vocab_axis` (None: whole on every device): (losses, params)."""
+    config.mesh.data, config.mesh.model = mesh_shape
+    mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[: np.prod(mesh_shape)])
+    rules = tuple((n, vocab_axis if n == "vocab" else a) for n, a in sharding_lib.rules(config))
+    student = models.build_model(config.student, num_items=split.num_items, max_len=16)
+    state, shard = state_lib.create_state(student, config.student, mesh, rules, jax.random.key(1))
+    teacher = t_params = t_shard = None
+    if task == "distill":
+        teacher = models.build_model(config.teacher, num_items=split.num_items, max_len=16)
+        t_state, t_sh = state_lib.create_state(
+            teacher, config.teacher, mesh, rules, jax.random.key(2)
+        )
+        t_params, t_shard = t_state.params, t_sh.params
+    step = steps.make_train_step(
+        student,
+        task=task,
+        mesh=mesh,
+        state_shardings=shard,
+        teacher=teacher,
+        teacher_shardings=t_shard,
+        distill_cfg=config.distill,
+        loss_cfg=ml_collections.ConfigDict(dict(form=form, chunk_size=16)),
+        exclude_history=exclude_history,
+        vocab_shards=1 if vocab_axis is None else mesh.shape[vocab_axis],
+    )
+    assert step.loss_form == form
+    batches = TrainBatches(
+        split.train,
+        num_items=split.num_items,
+        max_len=16,
+        batch_size=config.student.batch_size,
+        causal=student.is_causal,
+        mask_prob=0.3,
+        seed=0,
+        # The same packing on every mesh: identical batches, comparable losses.
+        num_shards=8,
+        last_item_slot=task == "distill" and config.distill.last_item_slot,
+    )
+    out = []
+    for i in range(2):
+        batch = sharding_lib.put_batch(batches.batch(i), mesh)
+        state, metrics = step(state, t_params, batch, jax.random.key(3))
+        out.append(float(metrics["loss"]))
+    return out, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize(
+    "name,task,method,exclude,slots",
+    [
+        ("sasrec", "train", None, False, False),  # a teacher, a student alone
+        ("sasrec", "train", None, True, False),
+        ("bert4rec", "train", None, False, False),  # masked positions
+        ("sasrec", "distill", "soft", True, True),
+        ("sasrec", "distill", "hard", True, True),
+        ("bert4rec", "distill", "hard", False, False),
+    ],
+)
+def test_train_steps_through_the_kernel_equal_dense(name, task, method, exclude, slots):
+    """Two steps (AdamW included): the dense form's losses and parameters."""
     config = test_train._config()
+    config.teacher.name = config.student.name = name
+    config.distill.update(temperature=2.0, alpha=0.3, hard_k=3, last_item_slot=slots)
+    if method:
+        config.distill.method = method
     split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
-    mesh = sharding_lib.make_mesh(config.mesh)  # 8 virtual devices
-    loss_cfg = ml_collections.ConfigDict(dict(form="cpu_kernel", chunk_size=16))
-    with pytest.raises(ValueError, match=r"config\.loss\.form='cpu_kernel' runs on one device"):
-        test_train._run_steps(config, split, mesh, "distill", loss_cfg=loss_cfg)
+    out = {
+        form: _two_steps(config, split, form, task, exclude_history=exclude)
+        for form in ("dense", "cpu_kernel")
+    }
+    np.testing.assert_allclose(out["cpu_kernel"][0], out["dense"][0], rtol=1e-5)
+    chex.assert_trees_all_close(out["cpu_kernel"][1], out["dense"][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "task,method,exclude,slots",
+    [
+        ("train", None, True, False),
+        ("distill", "soft", True, True),
+        ("distill", "hard", False, True),
+    ],
+)
+@pytest.mark.parametrize(
+    "mesh_shape,vocab_axis", [((8, 1), None), ((2, 4), None), ((2, 4), "model"), ((4, 2), "model")]
+)
+def test_the_kernel_on_any_mesh_equals_one_device(
+    task, method, exclude, slots, mesh_shape, vocab_axis
+):
+    """Rows split along 'data' (each device runs the kernel on its own), the table
+    whole on each (its gradients summed) or split along 'model' (blocks combined):
+    two steps give the one-device dense form's losses and params."""
+    assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
+    config = test_train._config()
+    config.distill.update(temperature=2.0, alpha=0.3, hard_k=2, last_item_slot=slots)
+    if method:
+        config.distill.method = method
+    split = preprocess.leave_one_out(synthetic_data.generate(config.data.synthetic, config.seed))
+    want = _two_steps(config, split, "dense", task, exclude_history=exclude)
+    got = _two_steps(
+        config,
+        split,
+        "cpu_kernel",
+        task,
+        exclude_history=exclude,
+        mesh_shape=mesh_shape,
+        vocab_axis=vocab_axis,
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    chex.assert_trees_all_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_kernel_losses_on_any_mesh_equal_one_device(mesh_shape):
+    """The loss functions themselves under jax.set_mesh: values and gradients (the
+    item axis of 301 rows, 297 of them items, padded to the 'model' axis inside)."""
+    h, table, bias, labels, valid, seen = ce_rows(48, 297, 7, 2, True, seed=3)
+    h = np.where(valid[:, None], h, 0.0).astype(np.float32)
+    rng = np.random.default_rng(4)
+    # Four rows past the catalogue (a padded table's): never scored.
+    table = np.concatenate([table, rng.normal(size=(4, 7)).astype(np.float32)])
+    bias = np.concatenate([bias, rng.normal(size=4).astype(np.float32)])
+    h_t = rng.normal(size=(48, 5)).astype(np.float32)
+    table_t = rng.normal(size=(301, 5)).astype(np.float32)
+    label_where = valid & (rng.random(48) > 0.3)
+
+    def both(h, table, bias, alpha):
+        ce = cpu_kernel.kernel_cross_entropy(
+            h, table, bias, labels[:, 0], valid, seen=seen, num_valid_rows=297
+        )
+        top2 = cpu_kernel.kernel_cross_entropy(h, table, bias, labels, valid, num_valid_rows=297)
+        kd = cpu_kernel.kernel_distill_loss(
+            h,
+            table,
+            bias,
+            h_t,
+            table_t,
+            None,
+            labels[:, 0],
+            valid,
+            label_where,
+            temperature=1.5,
+            alpha=alpha,
+            seen=seen,
+            num_valid_rows=297,
+        )
+        return ce + 0.5 * top2 + 2.0 * kd
+
+    fn = jax.jit(jax.value_and_grad(both, argnums=(0, 1, 2, 3)))
+    v1, g1 = fn(h, table, bias, 0.3)
+    mesh = sharding_lib.make_mesh(
+        ml_collections.ConfigDict(dict(data=mesh_shape[0], model=mesh_shape[1]))
+    )
+    with jax.set_mesh(mesh):
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        v8, g8 = fn(jax.device_put(h, rows), table, bias, 0.3)
+    np.testing.assert_allclose(v8, v1, rtol=1e-6)
+    chex.assert_trees_all_close(g8, g1, rtol=1e-5, atol=1e-6)
+    if mesh_shape[0] > 1:
+        with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"47 rows .* 'data' of size"):
+            cpu_kernel.kernel_cross_entropy(h[:47], table, bias, labels[:47, 0], valid[:47])
+
+
+def test_the_kernels_sums_over_rows_are_the_same_on_every_call():
+    """The table's and bias's gradients are sums over rows shared out between
+    threads; they are added up in a fixed order, so a resumed run repeats an
+    uninterrupted one bit for bit."""
+    h, table, bias, labels, valid, seen = ce_rows(997, 1003, 16, 1, True, seed=8)
+    h = np.where(valid[:, None], h, 0.0).astype(np.float32)
+    fn = jax.jit(
+        lambda h, table, bias: kernels.cross_entropy_rows_hidden(
+            h, table, bias, labels[:, 0], valid, mask_first=True, with_grad=True, seen=seen
+        )
+    )
+    first = jax.device_get(fn(h, table, bias))
+    for _ in range(12):
+        for a, b in zip(jax.device_get(fn(h, table, bias)), first, strict=True):
+            np.testing.assert_array_equal(a, b)

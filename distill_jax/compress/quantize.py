@@ -87,7 +87,12 @@ def _compact(path, leaf):
 
 def qat_model(model: SequenceRecommender, activations: bool = False) -> SequenceRecommender:
     """The model whose forward pass sees int8-rounded weights; float params, same tree."""
-    return qwix.quantize_model(model, qwix.QtProvider(rules(activations, True)), methods=METHODS)
+    qat = qwix.quantize_model(model, qwix.QtProvider(rules(activations, True)), methods=METHODS)
+    # Its catalogue scores are quantized too: a loss must call its `logits`
+    # (config.loss.form='auto' keeps to the forms that do). The class is
+    # qwix's copy, made for this model alone.
+    type(qat).plain_logits = False
+    return qat
 
 
 def param_bytes(params: Any) -> int:

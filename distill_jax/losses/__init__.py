@@ -23,7 +23,11 @@ states and item table:
   logits (`chunked.py`);
 * ``vocab_parallel``: logits sharded along the mesh axis 'model', reduced
   with shard_map, never gathered (`vocab_parallel.py`);
-* ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`).
+* ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`; on a mesh that
+  splits the table along 'model', `kernel_vocab.py`).
+
+``config.loss.form='auto'`` (the default) is the fastest form that runs a
+stage here (`auto.py`; `resolve_form`).
 
 `PAIRS` is the one table of the (target, form) pairs that exist, with the
 options each supports: ``exclude_history`` (each slot's already-seen window
@@ -41,8 +45,16 @@ from typing import Any
 
 import jax
 
-from distill_jax.losses import cached, chunked, cpu_kernel, ranking, vocab_parallel
-from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count
+from distill_jax.losses import (
+    auto,
+    cached,
+    chunked,
+    cpu_kernel,
+    kernel_lib,
+    ranking,
+    vocab_parallel,
+)
+from distill_jax.losses.common import SumAndCount, masked_mean, masked_sum_and_count, sanitize
 from distill_jax.losses.dense import (
     binary_distill,
     binary_distill_sum,
@@ -58,6 +70,7 @@ from distill_jax.losses.dense import (
 )
 
 __all__ = [
+    "AUTO",
     "FORMS",
     "HIDDEN_LOSSES",
     "PAIRS",
@@ -69,6 +82,7 @@ __all__ = [
     "binary_distill",
     "binary_distill_sum",
     "compute",
+    "resolve_form",
     "cross_entropy",
     "cross_entropy_sum",
     "distill_loss",
@@ -214,13 +228,13 @@ def _soft_vocab_parallel(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
+def _label_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+    return cpu_kernel.kernel_cross_entropy(
+        x.hidden, x.table, x.bias, x.labels, x.where, seen=x.seen, num_valid_rows=x.num_valid_rows
+    )
+
+
 def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
-    if x.table.shape[0] != x.num_valid_rows:
-        # Never on one device, where tables are not padded; say so if it happens.
-        raise ValueError(
-            f"the cpu_kernel form scores every table row, but the table has "
-            f"{x.table.shape[0]} rows for a catalogue of {x.num_valid_rows}."
-        )
     return cpu_kernel.kernel_distill_loss(
         x.hidden,
         x.table,
@@ -231,6 +245,8 @@ def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
         x.label_where,
         temperature=s["temperature"],
         alpha=s["alpha"],
+        seen=x.seen,
+        num_valid_rows=x.num_valid_rows,
     )
 
 
@@ -251,6 +267,16 @@ def _hard_chunked(x: LossInputs, s: Settings) -> jax.Array:
         chunk_size=s["chunk_size"],
         seen=x.seen,
         num_valid_rows=x.num_valid_rows,
+    )
+
+
+def _hard_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
+    # The teacher's top-k (XLA: its product and top_k) are k labels of weight
+    # 1/k each for the kernel's cross-entropy.
+    where = x.teacher_where
+    _, top = jax.lax.top_k(sanitize(x.teacher_logits_excluded(), where), s["k"])
+    return cpu_kernel.kernel_cross_entropy(
+        x.hidden, x.table, x.bias, top, where, seen=x.seen, num_valid_rows=x.num_valid_rows
     )
 
 
@@ -282,13 +308,22 @@ def _cached_dense(x: LossInputs, s: Settings) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One (target, form) that exists: its function and the options it supports."""
+    """One (target, form) that exists: its function, its options, where it runs."""
 
     fn: Callable[[LossInputs, Settings], jax.Array]
     exclude_history: bool = False
     teacher_only_slots: bool = False
-    # Runs on one device only (one custom call over whole arrays).
-    single_device: bool = False
+    # The meshes it runs on: 'any'; 'data' (item tables whole on each device,
+    # rows split along 'data'); 'one' (one custom call over whole arrays).
+    meshes: str = "any"
+    # The backends it runs on; None: any.
+    backends: tuple[str, ...] | None = None
+    # () -> why it cannot be built here, in one line, or None when it can.
+    unavailable: Callable[[], str | None] | None = None
+    # Scores the catalogue through the model's own `logits` method (so a
+    # quantization-aware model's scoring is what it trains); the other forms
+    # compute hidden @ table.T + bias themselves.
+    model_logits: bool = False
 
 
 TARGETS = ("label", "soft", "hard", "ranking", "cached", "ensemble")
@@ -296,25 +331,50 @@ RANKING_LOSSES = ranking.LOSSES
 # Hidden-state matching (config.distill.hidden_loss; distill_jax/train/steps.py).
 HIDDEN_LOSSES = ("mse", "cosine")
 FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel")
+# config.loss.form: a form of FORMS, or 'auto', the fastest that fits (auto.py).
+AUTO = auto.AUTO
 # Targets that need a teacher; 'label' trains teachers and the scratch student.
 TEACHER_TARGETS = ("soft", "hard", "ranking", "cached", "ensemble")
 
+
+def _kernel_unavailable() -> str | None:
+    return kernel_lib.unavailable_reason()
+
+
+# Where the fused CPU kernel runs (any mesh: rows split along 'data', the
+# table along 'model'), and whether it builds here.
+_KERNEL = dict(backends=("cpu",), unavailable=_kernel_unavailable)
+
 PAIRS: dict[tuple[str, str], Pair] = {
-    ("label", "dense"): Pair(_label_dense, exclude_history=True),
+    ("label", "dense"): Pair(_label_dense, exclude_history=True, model_logits=True),
     ("label", "chunked"): Pair(_label_chunked, exclude_history=True),
     ("label", "vocab_parallel"): Pair(_label_vocab_parallel),
-    # The kernel fuses the distillation loss; cross-entropy is the dense form's.
-    ("label", "cpu_kernel"): Pair(_label_dense, exclude_history=True),
-    ("soft", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
+    ("label", "cpu_kernel"): Pair(_label_cpu_kernel, exclude_history=True, **_KERNEL),
+    ("soft", "dense"): Pair(
+        _soft_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
     ("soft", "chunked"): Pair(_soft_chunked, exclude_history=True),
     ("soft", "vocab_parallel"): Pair(_soft_vocab_parallel),
-    ("soft", "cpu_kernel"): Pair(_soft_cpu_kernel, teacher_only_slots=True, single_device=True),
-    ("hard", "dense"): Pair(_hard_dense, exclude_history=True, teacher_only_slots=True),
+    ("soft", "cpu_kernel"): Pair(
+        _soft_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
+    ),
+    ("hard", "dense"): Pair(
+        _hard_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
     ("hard", "chunked"): Pair(_hard_chunked, exclude_history=True, teacher_only_slots=True),
-    ("ranking", "dense"): Pair(_ranking_dense, exclude_history=True, teacher_only_slots=True),
-    ("cached", "dense"): Pair(_cached_dense, exclude_history=True, teacher_only_slots=True),
+    ("hard", "cpu_kernel"): Pair(
+        _hard_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
+    ),
+    ("ranking", "dense"): Pair(
+        _ranking_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
+    ("cached", "dense"): Pair(
+        _cached_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
     # The ensemble's logits are its log-mixture: the soft target's dense form.
-    ("ensemble", "dense"): Pair(_soft_dense, exclude_history=True, teacher_only_slots=True),
+    ("ensemble", "dense"): Pair(
+        _soft_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
+    ),
 }
 
 
@@ -327,6 +387,48 @@ def supported(target: str, form: str, option: str | None = None) -> bool:
 def forms_for(target: str, option: str | None = None) -> tuple[str, ...]:
     """The forms `target` exists in (with `option`, if given), in `FORMS` order."""
     return tuple(f for f in FORMS if supported(target, f, option))
+
+
+def resolve_form(
+    form: str,
+    target: str,
+    where: auto.Where,
+    *,
+    exclude_history: bool = False,
+    teacher_only_slots: bool = False,
+    model_logits: bool = False,
+) -> str:
+    """The form that runs `target` `where`: `form` itself, checked, or what 'auto' chooses.
+
+    'auto' logs its choice and why in one line (`auto.choose`, once per
+    distinct choice). A named form that cannot run there raises, naming
+    config.loss.form and what would run. `model_logits`: the model scores
+    the catalogue its own way (quantization-aware), so 'auto' takes a form
+    that calls its `logits` (`auto.unfit`).
+    """
+    if form == auto.AUTO:
+        choice = auto.choose(
+            PAIRS,
+            target,
+            where,
+            exclude_history=exclude_history,
+            teacher_only_slots=teacher_only_slots,
+            model_logits=model_logits,
+        )
+        auto.report(choice)
+        return choice.form
+    # Options were checked by config validation; here: the mesh and the backend,
+    # which must not be touched before jax.distributed is initialised. A kernel
+    # that does not build raises its own error, in full, when traced. (A named
+    # form is kept for a quantization-aware model: the caller asked for it.)
+    pair = dataclasses.replace(PAIRS[(target, form)], unavailable=None)
+    why = auto.unfit(pair, where)
+    if why is not None:
+        raise ValueError(
+            f"config.loss.form={form!r} {why} (the {target!r} target); use "
+            "config.loss.form='auto' (or 'dense')."
+        )
+    return form
 
 
 def compute(target: str, form: str, inputs: LossInputs, settings: Settings) -> jax.Array:

@@ -8,8 +8,11 @@ pass over each row where XLA's CPU backend makes about ten (BENCHMARKS.md,
 uses it. `distill_rows_hidden` does the same from the student's hidden states
 and table, computing the (narrow) student's logits itself, a few rows at a
 time in cache, so they never go through memory; the trainer's
-`config.loss.form='cpu_kernel'` uses it. Both run their rows on XLA's own CPU
-thread pool.
+`config.loss.form='cpu_kernel'` uses it. `cross_entropy_rows_hidden` is that
+pass without a teacher (cross-entropy: teachers and students trained alone).
+`block_rows_hidden` runs either over one block of a vocab-sharded catalogue in
+two phases (the rows' statistics over the block; then, from the whole rows',
+the gradient's products). All run their rows on XLA's own CPU thread pool.
 
 The shared library is built with the system C++ compiler (``$CXX``, else
 ``c++``; C++20, ``-O3 -march=native``) against the XLA FFI headers that ship
@@ -52,7 +55,16 @@ _TARGETS = {
     "distill_jax_distill_rows_grad": "DistillJaxDistillRowsGrad",
     "distill_jax_distill_rows_hidden_stats": "DistillJaxDistillRowsHiddenStats",
     "distill_jax_distill_rows_hidden_grad": "DistillJaxDistillRowsHiddenGrad",
+    "distill_jax_ce_rows_hidden_stats": "DistillJaxCeRowsHiddenStats",
+    "distill_jax_ce_rows_hidden_grad": "DistillJaxCeRowsHiddenGrad",
+    "distill_jax_block_rows_stats": "DistillJaxBlockRowsStats",
+    "distill_jax_block_rows_grad": "DistillJaxBlockRowsGrad",
 }
+# Per-row statistics of a block of items (`block_rows_hidden`): the student's
+# maximum m_s, sum exp(s − m_s), sum exp((s − m_s)/T); the teacher's maximum
+# m_t, sum exp((t − m_t)/T); the KL's cross term sum e^a (a − b); the sum of
+# the label logits in the block and how many labels it holds.
+BLOCK_STATS = 8
 
 
 class KernelBuildError(RuntimeError):
@@ -81,9 +93,10 @@ def _compiler() -> str:
     path = shutil.which(cxx)
     if path is None:
         raise KernelBuildError(
-            f"config.loss.form='cpu_kernel' needs a C++20 compiler to build "
-            f"{_SOURCE}, and {cxx!r} (from $CXX, default 'c++') is not on PATH. "
-            "Install one (e.g. `apt-get install g++`) or set config.loss.form='dense'."
+            f"config.loss.form='cpu_kernel' (and 'auto' on the CPU) needs a C++20 compiler "
+            f"to build {_SOURCE.name}, and {cxx!r} (from $CXX, default 'c++') is not on "
+            "PATH: install one (e.g. `apt-get install g++`) for the fused CPU kernel, or "
+            "set config.loss.form='dense'."
         )
     return path
 
@@ -123,13 +136,24 @@ def _register() -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
-def available() -> bool:
-    """Whether the kernel can be built and loaded here (a compiler is present)."""
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be built or loaded here, in one line; None when it can.
+
+    Tried once per process (the build is cached on disk, the answer here).
+    """
     try:
         _register()
-    except KernelBuildError:
-        return False
-    return True
+    except KernelBuildError as e:
+        return str(e).splitlines()[0]
+    except OSError as e:  # a library that does not load
+        return f"loading the kernel library failed: {e}"
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel can be built and loaded here (a compiler is present)."""
+    return unavailable_reason() is None
 
 
 def distill_rows(
@@ -199,6 +223,7 @@ def distill_rows_hidden(
     *,
     mask_first: bool,
     with_grad: bool,
+    seen: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """:func:`distill_rows` from the student's hidden states and table.
 
@@ -210,6 +235,8 @@ def distill_rows_hidden(
     Args:
       student_hidden: ``[N, D]`` float32.
       student_table: ``[V, D]`` float32 (passed to the kernel transposed).
+      seen: optional ``[N, S]`` ids each row leaves out of both softmaxes
+        (exclude_history; 0 = none).
       The others: as :func:`distill_rows`.
 
     Returns:
@@ -220,34 +247,188 @@ def distill_rows_hidden(
       their hidden states hold).
     """
     _register()
-    rows, dim = student_hidden.shape
-    items, table_dim = student_table.shape
+    f32 = jnp.float32
+    rows, dim, items = _check_tower("distill_rows_hidden", student_hidden, student_table)
+    outs = [_out(rows), _out(rows)] + (_grad_outs(rows, dim, items) if with_grad else [])
+    suffix = "grad" if with_grad else "stats"
+    call = jax.ffi.ffi_call(
+        f"distill_jax_distill_rows_hidden_{suffix}", tuple(outs), vmap_method="sequential"
+    )
+    out = call(
+        student_hidden.astype(f32),
+        student_table.astype(f32).T,
+        student_bias.astype(f32),
+        teacher_logits.astype(f32),
+        teacher_bias.astype(f32),
+        labels.astype(jnp.int32),
+        _seen(seen, rows),
+        valid.astype(f32),
+        labelled.astype(f32),
+        jnp.asarray(temperature, f32),
+        jnp.asarray(alpha, f32),
+        mask_first=mask_first,
+    )
+    return _transposed_table_grad(out, with_grad)
+
+
+def cross_entropy_rows_hidden(
+    student_hidden: jax.Array,
+    student_table: jax.Array,
+    student_bias: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    *,
+    mask_first: bool,
+    with_grad: bool,
+    seen: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
+    """Per-row cross-entropy from the student's hidden states and table: no teacher.
+
+    :func:`distill_rows_hidden` at ``alpha = 1`` without the teacher's passes:
+    row r's logits are ``s = student_hidden[r] @ student_table.T +
+    student_bias`` (column 0 at -inf with `mask_first`, the `seen` ids at -inf),
+    ``ce[r] = logsumexp(s) − mean_k s[labels[r, k]]``, and the gradient with
+    respect to the logits is ``softmax(s) − mean_k onehot(labels[r, k])``.
+
+    Args:
+      student_hidden: ``[N, D]`` float32.
+      student_table: ``[V, D]`` float32.
+      student_bias: ``[V]`` float32.
+      labels: ``[N]`` int32 targets, or ``[N, K]`` (K targets of weight 1/K
+        each: the teacher's top-k); an id outside ``[0, V)`` on a valid row
+        gives NaN.
+      valid: ``[N]`` bool; other rows get ce = 0 and add no gradient.
+      mask_first: treat column 0 (the padding item) as -inf.
+      with_grad: also return the gradient's products.
+      seen: optional ``[N, S]`` ids each row leaves out (exclude_history; 0 =
+        none).
+
+    Returns:
+      ``(ce,)`` ``[N]``; with `with_grad` also ``grad @ student_table``
+      ``[N, D]``, ``grad.T @ student_hidden`` ``[V, D]`` and ``grad.sum(0)``
+      ``[V]``.
+    """
+    _register()
+    f32 = jnp.float32
+    rows, dim, items = _check_tower("cross_entropy_rows_hidden", student_hidden, student_table)
+    outs = [_out(rows)] + (_grad_outs(rows, dim, items) if with_grad else [])
+    suffix = "grad" if with_grad else "stats"
+    call = jax.ffi.ffi_call(
+        f"distill_jax_ce_rows_hidden_{suffix}", tuple(outs), vmap_method="sequential"
+    )
+    out = call(
+        student_hidden.astype(f32),
+        student_table.astype(f32).T,
+        student_bias.astype(f32),
+        labels.astype(jnp.int32),
+        _seen(seen, rows),
+        valid.astype(f32),
+        mask_first=mask_first,
+    )
+    return _transposed_table_grad(out, with_grad)
+
+
+def block_rows_hidden(
+    student_hidden: jax.Array,
+    table_block: jax.Array,
+    bias_block: jax.Array,
+    teacher_logits: jax.Array | None,
+    teacher_bias: jax.Array | None,
+    labels: jax.Array,
+    valid: jax.Array,
+    labelled: jax.Array,
+    temperature: jax.Array,
+    alpha: jax.Array,
+    offset: jax.Array,
+    *,
+    valid_cols: int,
+    mask_first: bool,
+    seen: jax.Array | None = None,
+    stats: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel over one block of a vocab-sharded catalogue, in two phases.
+
+    The block holds items ``offset .. offset + B − 1`` (`table_block` ``[B,
+    D]``, `bias_block` and `teacher_bias` ``[B]``, `teacher_logits` ``[N,
+    B]``); `labels` and `seen` are item ids of the whole catalogue, and items
+    from `valid_cols` on (a padded table's rows) are -inf like the padding.
+    Without a teacher (None) the loss is cross-entropy (alpha = 1).
+
+    Args:
+      stats: None: return each row's statistics over this block
+        (``[N, BLOCK_STATS]``, see `BLOCK_STATS`). Given: the whole row's,
+        ``(m_s, Σ exp(s − m_s), Σ exp((s − m_s)/T), m_t, Σ exp((t − m_t)/T),
+        ·, ·, ·)``; then return the backward products of the gradient with
+        respect to this block's logits (as :func:`distill_rows_hidden`:
+        ``grad @ table_block`` ``[N, D]``, ``grad.T @ h`` ``[B, D]``,
+        ``grad.sum(0)`` ``[B]``).
+      The others: as :func:`distill_rows_hidden`.
+    """
+    _register()
+    f32 = jnp.float32
+    rows, dim, items = _check_tower("block_rows_hidden", student_hidden, table_block)
+    teacher = teacher_logits is not None
+    if not teacher:  # not read
+        teacher_logits, teacher_bias = jnp.zeros((rows, 0), f32), jnp.zeros((0,), f32)
+    args = [
+        student_hidden.astype(f32),
+        table_block.astype(f32).T,
+        bias_block.astype(f32),
+        teacher_logits.astype(f32),
+        teacher_bias.astype(f32),
+        labels.reshape(rows, -1).astype(jnp.int32),
+        _seen(seen, rows),
+        valid.astype(f32),
+        labelled.astype(f32),
+        jnp.asarray(temperature, f32),
+        jnp.asarray(alpha, f32),
+        jnp.asarray(offset, jnp.int32),
+    ]
+    attrs = dict(mask_first=mask_first, valid_cols=int(valid_cols), teacher=teacher)
+    if stats is None:
+        outs = (_out(rows, BLOCK_STATS),)
+        call = jax.ffi.ffi_call("distill_jax_block_rows_stats", outs, vmap_method="sequential")
+        (block_stats,) = call(*args, **attrs)
+        return block_stats
+    call = jax.ffi.ffi_call(
+        "distill_jax_block_rows_grad",
+        tuple(_grad_outs(rows, dim, items)),
+        vmap_method="sequential",
+    )
+    d_h, d_table_t, bias_grad = call(*args, stats.astype(f32), **attrs)
+    return d_h, d_table_t.T, bias_grad
+
+
+def _check_tower(name, hidden, table):
+    rows, dim = hidden.shape
+    items, table_dim = table.shape
     if table_dim != dim:
         raise ValueError(
-            f"distill_rows_hidden: hidden states [{rows}, {dim}] and table "
-            f"[{items}, {table_dim}] disagree on the width."
+            f"{name}: hidden states [{rows}, {dim}] and table [{items}, {table_dim}] "
+            "disagree on the width."
         )
-    out = _call(
-        "distill_jax_distill_rows_hidden",
-        rows,
-        items,
-        (student_hidden.astype(jnp.float32), student_table.astype(jnp.float32).T),
-        student_bias,
-        teacher_logits,
-        teacher_bias,
-        labels,
-        valid,
-        labelled,
-        temperature,
-        alpha,
-        mask_first=mask_first,
-        with_grad=with_grad,
-        dim=dim,
-    )
+    return rows, dim, items
+
+
+def _out(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _grad_outs(rows, dim, items):
+    # dh [N, D], the table's gradient transposed [D, V], the bias's [V].
+    return [_out(rows, dim), _out(dim, items), _out(items)]
+
+
+def _seen(seen, rows):
+    # No exclusion: no columns.
+    return jnp.zeros((rows, 0), jnp.int32) if seen is None else seen.astype(jnp.int32)
+
+
+def _transposed_table_grad(out, with_grad):
     if not with_grad:
-        return out
-    ce, kl, d_hidden, d_table_t, bias_grad = out
-    return ce, kl, d_hidden, d_table_t.T, bias_grad
+        return tuple(out)
+    *head, d_table_t, bias_grad = out
+    return (*head, d_table_t.T, bias_grad)
 
 
 def _call(
@@ -266,20 +447,11 @@ def _call(
     *,
     mask_first,
     with_grad,
-    dim=None,
 ):
-    # dim: the student's width when its hidden states are given; the gradient
-    # outputs are then [N, dim] and [dim, V] instead of [N, V].
     f32 = jnp.float32
-    outs = [jax.ShapeDtypeStruct((rows,), f32), jax.ShapeDtypeStruct((rows,), f32)]
-    if with_grad and dim is None:
-        outs += [jax.ShapeDtypeStruct((rows, items), f32), jax.ShapeDtypeStruct((items,), f32)]
-    elif with_grad:
-        outs += [
-            jax.ShapeDtypeStruct((rows, dim), f32),
-            jax.ShapeDtypeStruct((dim, items), f32),
-            jax.ShapeDtypeStruct((items,), f32),
-        ]
+    outs = [_out(rows), _out(rows)]
+    if with_grad:
+        outs += [_out(rows, items), _out(items)]
     target = f"{prefix}_grad" if with_grad else f"{prefix}_stats"
     call = jax.ffi.ffi_call(target, tuple(outs), vmap_method="sequential")
     return call(

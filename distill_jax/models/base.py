@@ -94,6 +94,10 @@ class SequenceRecommender(nn.Module):
     # Set by subclasses; the data pipeline reads them to decide what to feed.
     is_causal: ClassVar[bool] = True
     uses_mask_token: ClassVar[bool] = False
+    # `logits(h)` is h @ table.T + bias of `catalogue()`, so a loss may compute
+    # it from the table itself (the fused forms); False for a copy that scores
+    # its own way (quantization-aware: compress/quantize.py).
+    plain_logits: ClassVar[bool] = True
 
     num_items: int
     max_len: int

@@ -257,6 +257,7 @@ def train_stage(
         distill_cfg=config.distill,
         loss_cfg=config.loss,
         exclude_history=mcfg.exclude_history,
+        vocab_shards=sharding_lib.vocab_shards(config, mesh),
     )
     evaluator = Evaluator(split, config, mesh)
     # One scorer for the whole stage, so validation compiles once.

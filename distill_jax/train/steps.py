@@ -171,11 +171,14 @@ def make_loss_fn(
     distill_cfg: ml_collections.ConfigDict | None,
     loss_cfg: ml_collections.ConfigDict | None = None,
     exclude_history: bool = False,
+    form: str | None = None,
 ):
     """loss(params, teacher_params, batch, dropout_rng) -> scalar loss.
 
     The target is 'label' for task='train' and `config.distill.method` for
-    'distill'; the form is `config.loss.form` (`loss_cfg`; None: 'dense').
+    'distill'; the form is `form`, else `config.loss.form` (`loss_cfg`; None:
+    'dense'), 'auto' resolved for one device on this backend (`loss_form`;
+    the train step resolves it for its mesh).
     `exclude_history` is the trained model's `config.<model>.exclude_history`.
     The pair and its options were checked by config validation
     (`config_lib`, from the table in `distill_jax.losses`).
@@ -192,7 +195,9 @@ def make_loss_fn(
     target = "label" if task == "train" else distill_cfg.method
     if task == "distill" and teacher is None and target != "cached":
         raise ValueError(f"task='distill' with method {target!r} needs a teacher model.")
-    form = "dense" if loss_cfg is None else loss_cfg.form
+    if form is None:
+        where = losses.auto.here()
+        form = loss_form(model, task, distill_cfg, loss_cfg, exclude_history, where)
     settings = {"chunk_size": 8192 if loss_cfg is None else loss_cfg.chunk_size}
     hidden_weight = 0.0
     if task == "distill":
@@ -269,27 +274,35 @@ def make_loss_fn(
     return loss_fn
 
 
-def _sequence_loss(model, task, mesh, teacher, distill_cfg, loss_cfg, exclude_history):
-    """The sequence models' loss, after checking that its form runs on this mesh and backend."""
+def loss_form(
+    model: nn.Module,
+    task: str,
+    distill_cfg: ml_collections.ConfigDict | None,
+    loss_cfg: ml_collections.ConfigDict | None,
+    exclude_history: bool,
+    where: losses.auto.Where,
+) -> str:
+    """The form of the stage's loss `where` it runs: `config.loss.form`, 'auto' resolved.
+
+    A model that scores the catalogue its own way (`plain_logits` False: a
+    quantization-aware copy) keeps 'auto' to the forms that call its `logits`.
+
+    Resolved here, at the step's build, not in config_lib: the backend and the
+    devices must not be touched before jax.distributed is initialised.
+    """
     form = "dense" if loss_cfg is None else loss_cfg.form
     target = "label" if task == "train" else distill_cfg.method
-    if losses.PAIRS[(target, form)].single_device:
-        # Checked here, not in config_lib: the backend and the devices must not
-        # be touched before jax.distributed is initialised.
-        if mesh.size != 1:
-            # The kernel is one custom call over whole arrays: on a sharded
-            # batch XLA would gather every operand to every device.
-            raise ValueError(
-                f"config.loss.form={form!r} runs on one device, but the mesh has "
-                f"{dict(mesh.shape)}; set config.mesh.data=config.mesh.model=1 or use "
-                "config.loss.form='dense'."
-            )
-        if jax.default_backend() != "cpu":
-            raise ValueError(
-                f"config.loss.form={form!r} runs on the CPU backend only, not "
-                f"{jax.default_backend()!r}; use config.loss.form='dense'."
-            )
-    return make_loss_fn(model, task, teacher, distill_cfg, loss_cfg, exclude_history)
+    return losses.resolve_form(
+        form,
+        target,
+        where,
+        exclude_history=exclude_history,
+        # (Read for 'auto' alone: a named form's options were validated.)
+        teacher_only_slots=form == losses.AUTO
+        and task == "distill"
+        and bool(distill_cfg.last_item_slot),
+        model_logits=not model.plain_logits,
+    )
 
 
 def make_train_step(
@@ -304,6 +317,7 @@ def make_train_step(
     loss_cfg: ml_collections.ConfigDict | None = None,
     exclude_history: bool = False,
     loss_fn=None,
+    vocab_shards: int | None = None,
 ):
     """Builds `step(state, teacher_params, batch, rng) -> (state, metrics)`, jitted.
 
@@ -315,10 +329,20 @@ def make_train_step(
     (`config.train.on_nonfinite`). `teacher_params` is ignored
     (pass None) for task='train'. `loss_fn(params, teacher_params, batch,
     rng)`: another task's loss (the click task's); None builds the sequence
-    models' loss from `task` and the configs.
+    models' loss from `task` and the configs, in the form `loss_form` gives
+    (`config.loss.form`, 'auto' resolved for this backend and mesh; the step's
+    `loss_form` attribute). `vocab_shards`: how many pieces the item table is
+    split into (`sharding.vocab_shards`); None: the mesh's 'model' axis, as
+    the default rules have it.
     """
+    form = None
     if loss_fn is None:
-        loss_fn = _sequence_loss(model, task, mesh, teacher, distill_cfg, loss_cfg, exclude_history)
+        shards = mesh.shape["model"] if vocab_shards is None else vocab_shards
+        where = losses.auto.here(mesh.size, shards)
+        form = loss_form(model, task, distill_cfg, loss_cfg, exclude_history, where)
+        loss_fn = make_loss_fn(
+            model, task, teacher, distill_cfg, loss_cfg, exclude_history, form=form
+        )
 
     def step(state, teacher_params, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)
@@ -353,4 +377,5 @@ def make_train_step(
             return jitted(state, teacher_params, batch, rng)
 
     run.jitted = jitted  # For lowering/inspection (benchmarks/throughput.py --profile).
+    run.loss_form = form  # The loss form it runs (None: a given loss_fn).
     return run
