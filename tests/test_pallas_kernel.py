@@ -265,3 +265,19 @@ def test_auto_picks_pallas_on_gpu_and_tpu_never_on_the_cpu(monkeypatch):
             assert losses.resolve_form("auto", target, auto.Where("cpu")) != "pallas"
     with pytest.raises(ValueError, match=r"config\.loss\.form='pallas' runs on one device"):
         losses.resolve_form("pallas", "soft", auto.Where("gpu", 8, 1))
+
+
+def test_the_benchmark_times_dense_against_pallas_on_tiny_shapes():
+    """benchmarks/distill_kernel.py --variants dense,pallas (interpreted here: tiny shapes)."""
+    from benchmarks import common, distill_kernel
+
+    args = common.parse_flags(
+        ["distill_kernel", "--variants=dense,pallas", "--rows=16", "--items=33"]
+        + ["--d_teacher=8", "--d_student=4", "--rounds=1", "--calls=1"]
+        + ["--pallas_block_rows=8", "--pallas_block_items=16"],
+        distill_kernel.define_flags,
+    )
+    # run() checks the pallas variant's value and gradients against dense first.
+    rows = distill_kernel.run(args)
+    assert [r["variant"] for r in rows] == ["dense", "pallas"]
+    assert all(r["median_ms"] > 0 for r in rows)
