@@ -223,9 +223,10 @@ def test_wrong_arguments_are_refused_in_one_message_each():
 def test_the_kernels_lower_for_triton_and_mosaic(platform, target):
     """Lowered (not compiled) for the accelerator from this CPU: the forward and both
     backward kernels of the soft target with exclude_history, at the platform's tiles."""
-    f32, i32 = jnp.float32, jnp.int32
-    shapes = [(20, D, f32), (V, D, f32), (V, f32), (20, DT, f32), (V, DT, f32), (V, f32)]
-    shapes += [(20, i32), (20, jnp.bool_), (20, S, i32)]
+    # 70 slots and 300 items: padded sizes (96, 384 on GPU) that are no powers of two.
+    f32, i32, n, v = jnp.float32, jnp.int32, 70, 300
+    shapes = [(n, D, f32), (v, D, f32), (v, f32), (n, DT, f32), (v, DT, f32), (v, f32)]
+    shapes += [(n, i32), (n, jnp.bool_), (n, S, i32)]
     specs = [jax.ShapeDtypeStruct(s[:-1], s[-1]) for s in shapes]
 
     def loss(h, table, bias, ht, tt, bt, labels, where, seen):
