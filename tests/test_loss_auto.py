@@ -82,7 +82,7 @@ def test_accelerators_get_pallas_else_vocab_parallel_or_dense_and_the_log_says_w
 ):
     with caplog.at_level(logging.INFO, logger=auto.__name__):
         assert _pick("soft", backend=backend) == "pallas"
-        # The Pallas kernels run on one device: a vocab-sharded mesh keeps its form.
+        # No vocab-sharded pallas form: that mesh keeps its own.
         assert _pick("label", backend=backend, devices=8, shards=2) == "vocab_parallel"
         assert _pick("ranking", backend=backend) == "dense"  # no pallas form
     lines = [r.getMessage() for r in caplog.records]
@@ -90,7 +90,7 @@ def test_accelerators_get_pallas_else_vocab_parallel_or_dense_and_the_log_says_w
     assert f"chose 'pallas' for the 'soft' target ({backend} backend" in lines[0]
     assert "the fused Pallas kernels" in lines[0]
     assert "not 'cpu_kernel'" not in lines[0]  # never tried off the CPU
-    assert "not 'pallas': runs on one device, the mesh has 8" in lines[1]
+    assert "not 'pallas': has no vocab-sharded form (2 shards)" in lines[1]
     assert "not 'pallas': no such pair" in lines[2]
 
 

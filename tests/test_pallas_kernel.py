@@ -9,10 +9,12 @@ without compiling for either.
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from distill_jax import losses
+from distill_jax import sharding as sharding_lib
 from distill_jax.losses import auto, kernel_lib
 from distill_jax.losses import pallas_kernel as pk
 
@@ -153,6 +155,24 @@ def test_values_and_gradients_match_float64_and_the_dense_form(soft, exclude, sl
     chex.assert_trees_all_close(got, other, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 1)])
+def test_on_a_mesh_each_device_takes_its_slots(mesh_shape):
+    """Slots split along 'data' (3 or 6 per device: a partial block each), tables whole."""
+    x = _data()
+    want = _reference(x, True, True, True)
+    pallas, _ = _loss_fns(_garbage(x), True, True, True)
+    args = tuple(jnp.asarray(_garbage(x)[k], jnp.float32) for k in ("h", "table", "bias"))
+    cfg = ml_collections.ConfigDict({"data": mesh_shape[0], "model": mesh_shape[1]})
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    with jax.set_mesh(sharding_lib.make_mesh(cfg, devices=devices)):
+        got = jax.jit(jax.value_and_grad(pallas, argnums=(0, 1, 2)))(*args)
+        with pytest.raises(ValueError, match=r"pallas form splits its 9 rows .* 'data'"):
+            pk.pallas_cross_entropy(args[0][:9], args[1], None, jnp.ones(9, jnp.int32))
+    np.testing.assert_allclose(float(got[0]), want[0], rtol=2e-5)
+    for g, ref, name in zip(got[1], want[1:], ("d_hidden", "d_table", "d_bias"), strict=True):
+        np.testing.assert_allclose(np.asarray(g), ref, rtol=2e-4, atol=2e-6, err_msg=name)
+
+
 def test_alpha_gets_its_gradient_and_bfloat16_comes_back_in_kind():
     x = _data(1)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
@@ -259,13 +279,14 @@ def test_auto_picks_pallas_on_gpu_and_tpu_never_on_the_cpu(monkeypatch):
         # Refused where it has no pair or option: those stages keep the dense form.
         assert losses.resolve_form("auto", "ranking", where) == "dense"
         assert losses.resolve_form("auto", "soft", where, model_logits=True) == "dense"
-        assert losses.resolve_form("auto", "soft", auto.Where(backend, 8, 1)) == "dense"
+        assert losses.resolve_form("auto", "soft", auto.Where(backend, 8, 1)) == "pallas"
+        assert losses.resolve_form("auto", "soft", auto.Where(backend, 8, 2)) == "vocab_parallel"
     for built in (None, "no compiler"):
         monkeypatch.setattr(kernel_lib, "unavailable_reason", lambda b=built: b)
         for target in ("label", "soft", "ranking"):
             assert losses.resolve_form("auto", target, auto.Where("cpu")) != "pallas"
-    with pytest.raises(ValueError, match=r"config\.loss\.form='pallas' runs on one device"):
-        losses.resolve_form("pallas", "soft", auto.Where("gpu", 8, 1))
+    with pytest.raises(ValueError, match=r"config\.loss\.form='pallas' has no vocab-sharded"):
+        losses.resolve_form("pallas", "soft", auto.Where("gpu", 8, 2))
 
 
 def test_the_benchmark_times_dense_against_pallas_on_tiny_shapes():

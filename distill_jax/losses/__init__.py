@@ -26,8 +26,8 @@ states and item table:
 * ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`; on a mesh that
   splits the table along 'model', `kernel_vocab.py`);
 * ``pallas``: the fused loss as Pallas kernels, tile by tile over the
-  catalogue (`pallas_kernel.py`; GPU and TPU, one device; interpreted on the
-  CPU, for tests).
+  catalogue (`pallas_kernel.py`; GPU and TPU, rows split along 'data', the
+  item table whole on each device; interpreted on the CPU, for tests).
 
 ``config.loss.form='auto'`` (the default) is the fastest form that runs a
 stage here (`auto.py`; `resolve_form`).
@@ -384,9 +384,9 @@ def _kernel_unavailable() -> str | None:
 # Where the fused CPU kernel runs (any mesh: rows split along 'data', the
 # table along 'model'), and whether it builds here.
 _KERNEL = dict(backends=("cpu",), unavailable=_kernel_unavailable)
-# The Pallas kernels: one pallas_call over whole arrays, on any backend (the
-# CPU's interprets them: tests; 'auto' tries them on GPU/TPU only).
-_PALLAS = dict(meshes="one", exclude_history=True)
+# The Pallas kernels on any backend (the CPU's interprets them: tests; 'auto'
+# tries them on GPU/TPU only); rows split along 'data', no vocab-sharded form.
+_PALLAS = dict(meshes="data", exclude_history=True)
 
 PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True, model_logits=True),

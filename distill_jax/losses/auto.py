@@ -10,8 +10,8 @@ this order and the first that fits wins:
 * on the CPU backend, ``cpu_kernel`` (the fused C++ pass; it needs a C++20
   compiler, so without one the log says so and what to install);
 * on GPU/TPU, `ACCELERATOR_FORMS`: ``pallas``, the fused loss as Pallas
-  kernels (`pallas_kernel.py`; one device; never on the CPU, where it is
-  only interpreted and the C++ kernel is the fused form);
+  kernels (`pallas_kernel.py`; not on a vocab-sharded mesh; never on the
+  CPU, where it is only interpreted and the C++ kernel is the fused form);
 * ``vocab_parallel`` on a mesh that shards the item table along 'model'
   (the kernel runs there too, so on the CPU this serves the stages it lacks);
 * ``dense``, which every target has, with every option, on any mesh.

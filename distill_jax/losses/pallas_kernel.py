@@ -44,9 +44,10 @@ padding is masked). Limits, by design or not yet done:
   come from `chunked.chunked_top_k`, an XLA scan); 'ranking', 'cached' and
   'ensemble' have no pallas form (`losses.PAIRS` refuses them, so 'auto'
   never picks it for them);
-* one device: the kernels are one `pallas_call` over whole arrays
-  (``Pair.meshes='one'``), no sharded form (rows along 'data', items along
-  'model');
+* meshes: on several devices the slots are split along 'data' (shard_map,
+  `common.on_rows`; each device runs the kernels on its own slots, the item
+  tables whole on each, d_table and d_bias summed across 'data'); there is
+  no form for an item table split along 'model' (``Pair.meshes='data'``);
 * per-slot masks (``where``), not fractional weights;
 * `seen` ids and the K labels are compared unrolled, one column at a time:
   meant for windows of tens of ids, not thousands;
@@ -109,6 +110,8 @@ class _Spec:
     use_kl: bool  # distillation (a teacher); else cross-entropy
     unit_temperature: bool  # T == 1 as a Python number: softmax(z/T) is softmax(z)
     precision: jax.lax.Precision | None
+    # The mesh whose 'data' axis splits the slots (`common.row_mesh`); None: one device.
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
 
 
 # --------------------------------------------------------------------------
@@ -432,10 +435,25 @@ def _total(spec, h_s, tab_s, b_s, h_t, tab_t, b_t, labels, seen, valid, labelled
     return _total_fwd(spec, *args)[0]
 
 
+def _on_rows(spec: _Spec, kernels, info, h_s, tab_s, b_s, labels, seen, h_t, tab_t, b_t, summed):
+    """`kernels` on each device's slots (split along 'data'), the tables whole on each."""
+
+    def fn(rows, shared):
+        info, h_s, labels, seen, h_t = rows
+        tab_s, b_s, tab_t, b_t = shared
+        out = kernels(spec, info, h_s, tab_s, b_s, labels, seen, h_t, tab_t, b_t)
+        return out if isinstance(out, tuple) else (out,)
+
+    rows, shared = (info, h_s, labels, seen, h_t), (tab_s, b_s, tab_t, b_t)
+    outputs = 1 + summed
+    return common.on_rows(spec.mesh, fn, rows, shared, outputs, summed)
+
+
 def _total_fwd(spec, h_s, tab_s, b_s, h_t, tab_t, b_t, labels, seen, valid, labelled, temp, alpha):
     rows = h_s.shape[0]
     info = jnp.zeros((rows, _WIDTH), jnp.float32).at[:, _INV_T].set(1 / temp)
-    stats = _forward(spec, info, h_s, tab_s, b_s, labels, seen, h_t, tab_t, b_t)
+    arrays = (info, h_s, tab_s, b_s, labels, seen, h_t, tab_t, b_t)
+    (stats,) = _on_rows(spec, _forward, *arrays, summed=0)
     ce, kl, row_stats = _row_terms(spec, stats, temp)
     total, dtotal_dalpha = _totals(spec, ce, kl, valid, labelled, temp, alpha)
     residuals = (h_s, tab_s, b_s, h_t, tab_t, b_t, labels, seen, valid, labelled, temp, alpha)
@@ -450,7 +468,9 @@ def _total_bwd(spec, res, g):
     w_kl = jnp.where(valid, g * (1 - alpha) * temp, 0.0) if spec.use_kl else jnp.zeros(rows)
     inv_t = jnp.broadcast_to(1 / temp, (rows,))
     info = jnp.stack([inv_t, w_ce, w_kl, *row_stats], axis=1).astype(jnp.float32)
-    d_h, d_table, d_bias = _backward(spec, info, h_s, tab_s, b_s, labels, seen, h_t, tab_t, b_t)
+    arrays = (info, h_s, tab_s, b_s, labels, seen, h_t, tab_t, b_t)
+    # d_table and d_bias are sums over the slots: summed across 'data'.
+    d_h, d_table, d_bias = _on_rows(spec, _backward, *arrays, summed=2)
     # Teacher, labels, seen ids, masks and temperature get no cotangent;
     # alpha's exact derivative (CE − T²·KL) is free, so give it.
     d_alpha = g * dtotal_dalpha if spec.use_kl else jnp.zeros_like(alpha)
@@ -496,6 +516,16 @@ def _block(name: str, value, platform: str, multiple: int) -> int:
 def _pad(x: jax.Array, shape: tuple[int, ...], value=0) -> jax.Array:
     pads = [(0, s - d) for s, d in zip(shape, x.shape, strict=True)]
     return jnp.pad(x, pads, constant_values=value)
+
+
+def _pad_rows(x: jax.Array, shards: int, rows: int, value=0) -> jax.Array:
+    """``x [N, ...]`` with each of its `shards` blocks of slots padded to `rows`.
+
+    Per block, so that each device's slots stay on it (split along 'data').
+    """
+    blocks = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+    blocks = _pad(blocks, (shards, rows) + x.shape[1:], value)
+    return blocks.reshape((shards * rows,) + x.shape[1:])
 
 
 def _up(n: int, multiple: int) -> int:
@@ -554,7 +584,14 @@ def _run(
     if label_where is not None:
         labelled = valid & common.rows_where(label_where, positions).reshape(-1)
     n = valid.shape[0]
-    rows, padded_items = _up(n, bn), _up(items, bv)
+    mesh = common.row_mesh(n, "pallas")
+    shards = 1 if mesh is None else mesh.shape[common.DATA]
+    # Each device's slots padded to whole blocks; the items to whole tiles.
+    local, padded_items = _up(n // shards, bn), _up(items, bv)
+
+    def pad_rows(x, value=0):
+        return _pad_rows(x, shards, local, value)
+
     f32 = jnp.float32
 
     def tower(h, table, bias):
@@ -564,7 +601,7 @@ def _run(
         width = _width(h.shape[1], d_multiple)
         bias = jnp.zeros((items,), f32) if bias is None else bias.astype(f32)
         return (
-            _pad(h, (rows, width)),
+            pad_rows(_pad(h, (n, width))),
             _pad(table.astype(f32), (padded_items, width)),
             _pad(bias[None, :], (1, padded_items)),
         )
@@ -587,7 +624,7 @@ def _run(
     bad = jnp.any(labelled[:, None] & ((flat < 0) | (flat >= items)))
     # Other slots' labels (masked, teacher-only: may be -1) point at item 1.
     flat = jnp.where(labelled[:, None], flat, 1)
-    flat = _pad(_pad(flat, (n, pl.next_power_of_2(k)), -1), (rows, pl.next_power_of_2(k)), 1)
+    flat = pad_rows(_pad(flat, (n, pl.next_power_of_2(k)), -1), 1)
     num_seen, flat_seen = 0, None
     if seen is not None:
         seen = jnp.asarray(seen)
@@ -598,7 +635,7 @@ def _run(
             )
         num_seen = seen.shape[-1]
         flat_seen = seen.reshape(n, num_seen).astype(jnp.int32)
-        flat_seen = _pad(flat_seen, (rows, pl.next_power_of_2(num_seen)))  # 0: no id
+        flat_seen = pad_rows(_pad(flat_seen, (n, pl.next_power_of_2(num_seen))))  # 0: no id
     spec = _Spec(
         platform=where_run,
         block_rows=bn,
@@ -609,6 +646,7 @@ def _run(
         use_kl=use_kl,
         unit_temperature=isinstance(temperature, numbers.Real) and temperature == 1,
         precision=precision,
+        mesh=mesh,
     )
     total = _total(
         spec,
@@ -620,8 +658,8 @@ def _run(
         b_t,
         flat,
         flat_seen,
-        _pad(valid, (rows,)),
-        _pad(labelled, (rows,)),
+        pad_rows(valid),
+        pad_rows(labelled),
         jax.lax.stop_gradient(jnp.asarray(temperature, f32)),
         jnp.asarray(alpha, f32),
     )
