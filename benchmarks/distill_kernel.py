@@ -3,6 +3,9 @@
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
       python -m benchmarks.distill_kernel --rows 1600 --items 12102 --rounds 8
 
+  # On a GPU or TPU: the dense form against the Pallas kernels.
+  python -m benchmarks.distill_kernel --variants dense,pallas
+
 Times value-and-gradient of `T²·KL(teacher ‖ student)` (T=1, alpha=0, the
 Beauty settings) computed from hidden states: the teacher's `[N, D_t] x
 [D_t, V]` product, the student's `[N, D_s] x [D_s, V]` product, the fused loss
@@ -10,14 +13,22 @@ and the student's two backward products. Defaults are the Beauty shapes
 (~1,600 valid target slots per batch of 256, V = 12,101 items + padding,
 D_t = 128, D_s = 16). Column 0 is the padding item and must not count:
 
-* `plain`: what the trainer does: each product's column 0 set to -inf by a
-  `jnp.where` (as `Model.logits` does), then `losses.distill_loss` (fused
-  closed-form backward) under autodiff;
+* `plain` (or `dense`, the same): what the trainer does with
+  `loss.form='dense'`: each product's column 0 set to -inf by a `jnp.where`
+  (as `Model.logits` does), then `losses.distill_loss` (fused closed-form
+  backward) under autodiff;
 * `cpu_kernel`: what the trainer does with `loss.form='cpu_kernel'`:
   `losses.cpu_kernel.kernel_distill_loss` from the hidden states (XLA's
   teacher product, then the fused C++ kernel of `distill_jax/losses/distill_rows.cc`: the
   student's logits, the loss, the logits' gradient and its two products,
   four rows at a time in cache, the padding column masked inside);
+* `pallas`: what the trainer does with `loss.form='pallas'`:
+  `losses.pallas_kernel.pallas_distill_loss` (the Pallas kernels: both
+  products tile by tile over the items, online logsumexp, backward kernels
+  recomputing the tiles; `--pallas_block_rows`/`--pallas_block_items`, 0 for
+  the platform's `TILES`). Meant for a GPU or TPU; on the CPU it runs in
+  Pallas interpret mode, far slower than anything else here (tiny shapes
+  only there);
 * `row_blocks`: a `lax.scan` over blocks of `--row_block` rows, each block's
   logits, loss and gradients computed together so they could stay in cache
   (a hand-fused alternative; not used by the trainer).
@@ -40,7 +51,9 @@ from absl import flags
 
 from benchmarks import common, machine
 from distill_jax import losses
-from distill_jax.losses import cpu_kernel
+from distill_jax.losses import cpu_kernel, pallas_kernel
+
+VARIANTS = ("plain", "dense", "cpu_kernel", "pallas", "row_blocks")
 
 
 def make_inputs(rows: int, items: int, d_teacher: int, d_student: int, seed: int = 0):
@@ -54,8 +67,11 @@ def make_inputs(rows: int, items: int, d_teacher: int, d_student: int, seed: int
     )
 
 
-def make_variant(name: str, labels: jax.Array, row_block: int):
-    """jit(value_and_grad) of the mean KL w.r.t. the student's (hidden, table)."""
+def make_variant(name: str, labels: jax.Array, row_block: int, tiles: tuple[int, int] = (0, 0)):
+    """jit(value_and_grad) of the mean KL w.r.t. the student's (hidden, table).
+
+    `tiles`: the pallas variant's (block_rows, block_items); 0: the platform's.
+    """
     rows = labels.shape[0]
     where = jnp.ones((rows,), bool)
 
@@ -70,12 +86,32 @@ def make_variant(name: str, labels: jax.Array, row_block: int):
             hs, ws, None, ht, wt, None, labels, where, temperature=1.0, alpha=0.0
         )
 
-    if name == "plain":
+    block_rows, block_items = (t or None for t in tiles)
+
+    def pallas_loss(hs, ws, ht, wt):
+        return pallas_kernel.pallas_distill_loss(
+            hs,
+            ws,
+            None,
+            ht,
+            wt,
+            None,
+            labels,
+            where,
+            temperature=1.0,
+            alpha=0.0,
+            block_rows=block_rows,
+            block_items=block_items,
+        )
+
+    if name in ("plain", "dense"):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     if name == "cpu_kernel":
         return jax.jit(jax.value_and_grad(kernel_loss, argnums=(0, 1)))
+    if name == "pallas":
+        return jax.jit(jax.value_and_grad(pallas_loss, argnums=(0, 1)))
     if name != "row_blocks":
-        raise ValueError(f"unknown variant {name!r}")
+        raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
     if rows % row_block:
         raise ValueError(f"--row_block={row_block} must divide --rows={rows}")
 
@@ -106,7 +142,11 @@ def make_variant(name: str, labels: jax.Array, row_block: int):
 def run(args) -> list[dict]:
     x = make_inputs(args.rows, args.items, args.d_teacher, args.d_student)
     operands = (x["hs"], x["ws"], x["ht"], x["wt"])
-    fns = {v: make_variant(v, x["labels"], args.row_block) for v in args.variants}
+    # The pallas variant's tile flags (read only when it runs).
+    tiles = (
+        (args.pallas_block_rows, args.pallas_block_items) if "pallas" in args.variants else (0, 0)
+    )
+    fns = {v: make_variant(v, x["labels"], args.row_block, tiles) for v in args.variants}
     reference = None
     for name, fn in fns.items():  # Compile, and check every variant agrees.
         value, grads = jax.block_until_ready(fn(*operands))
@@ -154,10 +194,16 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_integer("d_teacher", 128, "Teacher width.", flag_values=fv)
     flags.DEFINE_integer("d_student", 16, "Student width.", flag_values=fv)
     flags.DEFINE_integer("row_block", 64, "Rows per block of row_blocks.", flag_values=fv)
+    flags.DEFINE_integer(
+        "pallas_block_rows", 0, "Slots per block of pallas; 0: the platform's.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "pallas_block_items", 0, "Items per tile of pallas; 0: the platform's.", flag_values=fv
+    )
     flags.DEFINE_list(
         "variants",
         ["plain", "row_blocks"],
-        "Comma-separated; the first is the baseline of the ratios.",
+        f"Comma-separated, of {VARIANTS}; the first is the baseline of the ratios.",
         flag_values=fv,
     )
     flags.DEFINE_integer("rounds", 8, "Interleaved rounds.", flag_values=fv)

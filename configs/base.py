@@ -315,12 +315,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     # by the 'vocab' rule); 'chunked' scans item chunks of chunk_size with an
     # online logsumexp (catalogues too large to materialise); 'cpu_kernel' fuses
     # the loss into one C++ pass per row (built on first use; CPU backend, any
-    # mesh).
+    # mesh); 'pallas' fuses it into Pallas kernels over item tiles (GPU/TPU, rows
+    # split along 'data', no vocab-sharded table; interpreted, slowly, on the CPU).
     # 'auto' takes, per stage, the fastest of these that runs its target and
     # options on this backend and mesh, and logs which and why
     # (distill_jax/losses/auto.py); all give the same values and gradients.
     config.loss = ml_collections.ConfigDict()
-    #: 'auto' (the fastest that fits), 'dense', 'vocab_parallel', 'chunked' or 'cpu_kernel'.
+    #: 'auto' (the fastest that fits), 'dense', 'vocab_parallel', 'chunked', 'cpu_kernel', 'pallas'.
     config.loss.form = "auto"
     config.loss.chunk_size = 8192  #: 'chunked' form: items per chunk.
 

@@ -77,15 +77,21 @@ def test_auto_picks_on_the_cpu_as_documented(built, target, options, devices, sh
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_accelerators_get_dense_or_vocab_parallel_and_the_log_says_why(built, backend, caplog):
+def test_accelerators_get_pallas_else_vocab_parallel_or_dense_and_the_log_says_why(
+    built, backend, caplog
+):
     with caplog.at_level(logging.INFO, logger=auto.__name__):
-        assert _pick("soft", backend=backend) == "dense"
+        assert _pick("soft", backend=backend) == "pallas"
+        # No vocab-sharded pallas form: that mesh keeps its own.
         assert _pick("label", backend=backend, devices=8, shards=2) == "vocab_parallel"
+        assert _pick("ranking", backend=backend) == "dense"  # no pallas form
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and all("\n" not in line for line in lines)
-    assert f"chose 'dense' for the 'soft' target ({backend} backend" in lines[0]
-    assert "no fused accelerator (Pallas) form exists yet" in lines[0]
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    assert f"chose 'pallas' for the 'soft' target ({backend} backend" in lines[0]
+    assert "the fused Pallas kernels" in lines[0]
     assert "not 'cpu_kernel'" not in lines[0]  # never tried off the CPU
+    assert "not 'pallas': has no vocab-sharded form (2 shards)" in lines[1]
+    assert "not 'pallas': no such pair" in lines[2]
 
 
 def test_without_a_compiler_auto_falls_back_in_one_line_naming_what_to_install(no_compiler, caplog):

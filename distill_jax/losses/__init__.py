@@ -24,7 +24,10 @@ states and item table:
 * ``vocab_parallel``: logits sharded along the mesh axis 'model', reduced
   with shard_map, never gathered (`vocab_parallel.py`);
 * ``cpu_kernel``: the fused C++ CPU kernel (`cpu_kernel.py`; on a mesh that
-  splits the table along 'model', `kernel_vocab.py`).
+  splits the table along 'model', `kernel_vocab.py`);
+* ``pallas``: the fused loss as Pallas kernels, tile by tile over the
+  catalogue (`pallas_kernel.py`; GPU and TPU, rows split along 'data', the
+  item table whole on each device; interpreted on the CPU, for tests).
 
 ``config.loss.form='auto'`` (the default) is the fastest form that runs a
 stage here (`auto.py`; `resolve_form`).
@@ -51,6 +54,7 @@ from distill_jax.losses import (
     chunked,
     cpu_kernel,
     kernel_lib,
+    pallas_kernel,
     ranking,
     vocab_parallel,
 )
@@ -250,6 +254,42 @@ def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
+def _label_pallas(x: LossInputs, s: Settings) -> jax.Array:
+    return pallas_kernel.pallas_cross_entropy(
+        x.hidden, x.table, x.bias, x.labels, x.where, seen=x.seen, num_valid_rows=x.num_valid_rows
+    )
+
+
+def _soft_pallas(x: LossInputs, s: Settings) -> jax.Array:
+    return pallas_kernel.pallas_distill_loss(
+        x.hidden,
+        x.table,
+        x.bias,
+        *x.teacher_tower(),
+        x.labels,
+        x.teacher_where,
+        x.label_where,
+        temperature=s["temperature"],
+        alpha=s["alpha"],
+        seen=x.seen,
+        num_valid_rows=x.num_valid_rows,
+    )
+
+
+def _hard_pallas(x: LossInputs, s: Settings) -> jax.Array:
+    return pallas_kernel.pallas_hard_label_distill(
+        x.hidden,
+        x.table,
+        x.bias,
+        *x.teacher_tower(),
+        x.teacher_where,
+        k=s["k"],
+        chunk_size=s["chunk_size"],
+        seen=x.seen,
+        num_valid_rows=x.num_valid_rows,
+    )
+
+
 def _hard_dense(x: LossInputs, s: Settings) -> jax.Array:
     return hard_label_distill(
         x.student_logits(), x.teacher_logits_excluded(), k=s["k"], where=x.teacher_where
@@ -330,7 +370,7 @@ TARGETS = ("label", "soft", "hard", "ranking", "cached", "ensemble")
 RANKING_LOSSES = ranking.LOSSES
 # Hidden-state matching (config.distill.hidden_loss; distill_jax/train/steps.py).
 HIDDEN_LOSSES = ("mse", "cosine")
-FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel")
+FORMS = ("dense", "chunked", "vocab_parallel", "cpu_kernel", "pallas")
 # config.loss.form: a form of FORMS, or 'auto', the fastest that fits (auto.py).
 AUTO = auto.AUTO
 # Targets that need a teacher; 'label' trains teachers and the scratch student.
@@ -344,12 +384,16 @@ def _kernel_unavailable() -> str | None:
 # Where the fused CPU kernel runs (any mesh: rows split along 'data', the
 # table along 'model'), and whether it builds here.
 _KERNEL = dict(backends=("cpu",), unavailable=_kernel_unavailable)
+# The Pallas kernels on any backend (the CPU's interprets them: tests; 'auto'
+# tries them on GPU/TPU only); rows split along 'data', no vocab-sharded form.
+_PALLAS = dict(meshes="data", exclude_history=True)
 
 PAIRS: dict[tuple[str, str], Pair] = {
     ("label", "dense"): Pair(_label_dense, exclude_history=True, model_logits=True),
     ("label", "chunked"): Pair(_label_chunked, exclude_history=True),
     ("label", "vocab_parallel"): Pair(_label_vocab_parallel),
     ("label", "cpu_kernel"): Pair(_label_cpu_kernel, exclude_history=True, **_KERNEL),
+    ("label", "pallas"): Pair(_label_pallas, **_PALLAS),
     ("soft", "dense"): Pair(
         _soft_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
     ),
@@ -358,6 +402,7 @@ PAIRS: dict[tuple[str, str], Pair] = {
     ("soft", "cpu_kernel"): Pair(
         _soft_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
     ),
+    ("soft", "pallas"): Pair(_soft_pallas, teacher_only_slots=True, **_PALLAS),
     ("hard", "dense"): Pair(
         _hard_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
     ),
@@ -365,6 +410,7 @@ PAIRS: dict[tuple[str, str], Pair] = {
     ("hard", "cpu_kernel"): Pair(
         _hard_cpu_kernel, exclude_history=True, teacher_only_slots=True, **_KERNEL
     ),
+    ("hard", "pallas"): Pair(_hard_pallas, teacher_only_slots=True, **_PALLAS),
     ("ranking", "dense"): Pair(
         _ranking_dense, exclude_history=True, teacher_only_slots=True, model_logits=True
     ),

@@ -9,8 +9,9 @@ this order and the first that fits wins:
 
 * on the CPU backend, ``cpu_kernel`` (the fused C++ pass; it needs a C++20
   compiler, so without one the log says so and what to install);
-* on GPU/TPU, `ACCELERATOR_FORMS` (the slot for a fused Pallas form; empty
-  for now, and the log says so);
+* on GPU/TPU, `ACCELERATOR_FORMS`: ``pallas``, the fused loss as Pallas
+  kernels (`pallas_kernel.py`; not on a vocab-sharded mesh; never on the
+  CPU, where it is only interpreted and the C++ kernel is the fused form);
 * ``vocab_parallel`` on a mesh that shards the item table along 'model'
   (the kernel runs there too, so on the CPU this serves the stages it lacks);
 * ``dense``, which every target has, with every option, on any mesh.
@@ -35,9 +36,8 @@ import jax
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-# The GPU/TPU slot: forms tried first on an accelerator backend, in order. A
-# Pallas kernel of the fused catalogue loss goes here once it exists.
-ACCELERATOR_FORMS: tuple[str, ...] = ()
+# The GPU/TPU slot: forms tried first on an accelerator backend, in order.
+ACCELERATOR_FORMS: tuple[str, ...] = ("pallas",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +140,10 @@ def choose(
             fallback=True,
         )
     notes = [f"{where.backend} backend, {mesh}"]
-    if where.backend != "cpu" and not ACCELERATOR_FORMS:
-        notes.append("no fused accelerator (Pallas) form exists yet")
     if form == "cpu_kernel":
         notes.append("the fused C++ kernel builds here")
+    if form == "pallas":
+        notes.append("the fused Pallas kernels (Triton on GPU, Mosaic on TPU)")
     notes += passed
     head = f"config.loss.form='auto' chose {form!r} for the {target!r} target"
     return Choice(form, f"{head} ({'; '.join(notes)})")

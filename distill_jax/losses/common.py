@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 SumAndCount = tuple[jax.Array, jax.Array]
@@ -161,6 +162,60 @@ def nan_rows(values: jax.Array, logits: jax.Array) -> jax.Array:
     """
     top = jnp.max(logits, axis=-1)  # NaN if any entry is
     return jnp.where(jnp.isnan(top) | (top == jnp.inf), jnp.nan, values)
+
+
+# --------------------------------------------------------------------------
+# Kernels that are one call over whole arrays (cpu_kernel, pallas) on a mesh:
+# each device takes its block of rows (split along 'data'; the item table
+# whole on each) under shard_map, and sums over rows (the table's and bias's
+# gradients) are summed across 'data'. Without shard_map XLA would gather
+# every operand onto every device.
+# --------------------------------------------------------------------------
+
+# The mesh axis that splits rows (positions) across devices.
+DATA = "data"
+
+
+def row_mesh(rows: int, form: str):
+    """The mesh `form` splits its rows over (set by jax.set_mesh), or None on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    if DATA not in mesh.axis_names:
+        raise ValueError(
+            f"the {form} form splits rows along mesh axis 'data', but the mesh has "
+            f"axes {mesh.axis_names}."
+        )
+    if rows % mesh.shape[DATA]:
+        raise ValueError(
+            f"the {form} form splits its {rows} rows (positions) along mesh axis "
+            f"'data' of size {mesh.shape[DATA]}; expected a multiple of it."
+        )
+    return mesh
+
+
+def on_rows(mesh, fn, rows, shared, outputs: int, summed: int):
+    """``fn(rows, shared)``: on each device's rows under shard_map when `mesh` is given.
+
+    `rows` (a tuple of ``[N, ...]`` arrays, None allowed) is split along
+    'data', `shared` is whole on every device; of the `outputs` arrays `fn`
+    returns, the last `summed` are sums over rows (summed across 'data'), the
+    others per-row (split like `rows`).
+    """
+    if mesh is None:
+        return fn(rows, shared)
+
+    def local(rows, shared):
+        out = fn(rows, shared)
+        cut = outputs - summed
+        return (*out[:cut], *(jax.lax.psum(x, DATA) for x in out[cut:]))
+
+    out_specs = (P(DATA),) * (outputs - summed) + (P(),) * summed
+    # check_vma=False: a kernel's (custom call's) outputs carry no varying-axes
+    # annotation; the specs above say what each is.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(DATA), P()), out_specs=out_specs, check_vma=False
+    )(rows, shared)
 
 
 # --------------------------------------------------------------------------

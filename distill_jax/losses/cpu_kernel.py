@@ -13,7 +13,7 @@ distillation loss from given logits (`kernel_lib.distill_rows`), behind
 `dense.distill_loss(impl=...)`. Values and gradients equal the dense form's;
 CPU backend only, float32. From hidden states the losses run on any mesh (the
 one set by ``jax.set_mesh``): rows split along 'data', the item table whole on
-every device (`_on_rows`) or, where the mesh has a 'model' axis, split along it
+every device (`common.on_rows`) or, where the mesh has a 'model' axis, split along it
 (`kernel_vocab.py`).
 """
 
@@ -23,7 +23,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from distill_jax.losses import common, kernel_lib, kernel_vocab
@@ -110,56 +109,11 @@ def logits_distill_total(s, t, labels, valid, label_valid, temperature, alpha) -
 # the kernel's, and the backward pass applies the loss's scale to those small
 # results (dh, dE, db), never to [N, V].
 #
-# On a mesh of several devices the kernel runs under shard_map: each device
-# takes its block of rows (split along 'data'; the table whole on each), and
-# the table's and bias's gradients, sums over rows, are summed across 'data'.
-# The kernel is one custom call over whole arrays: without shard_map XLA
-# would gather every operand onto every device.
+# On a mesh of several devices the kernel runs under shard_map
+# (`common.on_rows`): each device takes its block of rows (split along
+# 'data'; the table whole on each), and the table's and bias's gradients,
+# sums over rows, are summed across 'data'.
 # --------------------------------------------------------------------------
-
-DATA = "data"
-
-
-def _row_mesh(rows: int):
-    """The mesh the rows are split over (set by jax.set_mesh), or None on one device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return None
-    if DATA not in mesh.axis_names:
-        raise ValueError(
-            f"the cpu_kernel form splits rows along mesh axis 'data', but the mesh has "
-            f"axes {mesh.axis_names}."
-        )
-    if rows % mesh.shape[DATA]:
-        raise ValueError(
-            f"the cpu_kernel form splits its {rows} rows (positions) along mesh axis "
-            f"'data' of size {mesh.shape[DATA]}; expected a multiple of it."
-        )
-    return mesh
-
-
-def _on_rows(mesh, fn, rows, shared, outputs: int, summed: int):
-    """``fn(rows, shared)``: on each device's rows under shard_map when `mesh` is given.
-
-    `rows` (a tuple of ``[N, ...]`` arrays, None allowed) is split along
-    'data', `shared` is whole on every device; of the `outputs` arrays `fn`
-    returns, the last `summed` are sums over rows (summed across 'data'), the
-    others per-row (split like `rows`).
-    """
-    if mesh is None:
-        return fn(rows, shared)
-
-    def local(rows, shared):
-        out = fn(rows, shared)
-        cut = outputs - summed
-        return (*out[:cut], *(jax.lax.psum(x, DATA) for x in out[cut:]))
-
-    out_specs = (P(DATA),) * (outputs - summed) + (P(),) * summed
-    # check_vma=False: the custom call's outputs carry no varying-axes
-    # annotation; the specs above say what each is.
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(P(DATA), P()), out_specs=out_specs, check_vma=False
-    )(rows, shared)
 
 
 def _hidden_rows(
@@ -187,7 +141,7 @@ def _hidden_rows(
     rows = (h, t_logits, labels, valid, labelled, seen)
     shared = (table, bias, t_bias, temp, alpha)
     # (ce, kl) per row; with the gradient also d_h per row, d_table and d_bias summed.
-    return _on_rows(mesh, fn, rows, shared, 5 if grad else 2, 2 if grad else 0)
+    return common.on_rows(mesh, fn, rows, shared, 5 if grad else 2, 2 if grad else 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -304,7 +258,7 @@ def kernel_distill_loss_sum(
     y, v, lab = labels.reshape(-1), valid.reshape(-1), labelled.reshape(-1)
     seen = _seen_rows(seen, labels.shape)
     temp = jax.lax.stop_gradient(jnp.asarray(temperature, f32))
-    mesh = _row_mesh(labels.size)
+    mesh = common.row_mesh(labels.size, "cpu_kernel")
     if mesh is not None and mesh.shape.get(kernel_vocab.MODEL, 1) > 1:
         # The table split along 'model': the kernel over each device's block.
         total = kernel_vocab.total(
@@ -349,7 +303,7 @@ def _ce_rows(mesh, h, table, bias, labels, valid, seen, grad):
 
     # ce per row; with the gradient also d_h per row, d_table and d_bias summed.
     rows, shared = (h, labels, valid, seen), (table, bias)
-    return _on_rows(mesh, fn, rows, shared, 4 if grad else 1, 2 if grad else 0)
+    return common.on_rows(mesh, fn, rows, shared, 4 if grad else 1, 2 if grad else 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -422,7 +376,7 @@ def kernel_cross_entropy_sum(
     bias = jnp.zeros((items,), f32) if bias is None else jnp.asarray(bias, f32)
     h = h.reshape(rows, h.shape[-1]).astype(f32)
     y, v, seen = labels.reshape(rows, -1), valid.reshape(-1), _seen_rows(seen, positions)
-    mesh = _row_mesh(rows)
+    mesh = common.row_mesh(rows, "cpu_kernel")
     if mesh is not None and mesh.shape.get(kernel_vocab.MODEL, 1) > 1:
         # The table split along 'model': the kernel over each device's block.
         total = kernel_vocab.total(
