@@ -83,7 +83,8 @@ def cold_variants(
     split's `cold_users` and `cold_items` slices;
     `features` does the same and turns on the side features of teacher and
     students (items and, where the data has them, users), so the two variants
-    compare the same split with and without features.
+    compare the same split with and without features (the students with their
+    own id_dropout).
     """
     if "cold" in variants or "features" in variants:
         config.data.update(
@@ -91,6 +92,9 @@ def cold_variants(
         )
     if "features" in variants:
         config.teacher.use_features = config.student.use_features = True
+        # BENCHMARKS.md, the id_dropout search (MovieLens 100K): the teacher
+        # keeps features.id_dropout (0.5), both students drop 0.1.
+        config.student.id_dropout = 0.1
 
 
 def click_model_config(**overrides) -> ml_collections.ConfigDict:
@@ -149,6 +153,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     # Items fused from their ids and side features (config.features), so that
     # items never seen in training can be ranked (models/features.py).
     c.use_features = False  #: Items read their side features beside their ids.
+    # The teacher and the students may want different rates (BENCHMARKS.md,
+    # "Side features and cold start": the teacher keeps 0.5, students 0.1).
+    c.id_dropout = -1.0  #: With use_features: this model's id-part drop rate; -1 = features.id_dropout.
     # Shared with the other model: checked equal at start-up. max_len is the
     # input window; num_items = -1 takes the catalogue size from the data.
     c.max_len = 50  #: Input window: the newest items of a history the model sees.

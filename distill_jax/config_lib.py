@@ -266,6 +266,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"a multiple of {prefix}.num_heads ({m.num_heads})",
         )
         _expect(0.0 <= m.dropout < 1.0, f"{prefix}.dropout", m.dropout, "a rate in [0, 1)")
+        _expect(
+            m.id_dropout == -1.0 or 0.0 <= m.id_dropout < 1.0,
+            f"{prefix}.id_dropout",
+            m.id_dropout,
+            "a rate in [0, 1), or -1 for features.id_dropout",
+        )
         _expect(0.0 < m.mask_prob < 1.0, f"{prefix}.mask_prob", m.mask_prob, "a rate in (0, 1)")
         _expect(
             0.0 <= m.mask_last_prob <= 1.0,

@@ -431,3 +431,24 @@ def test_the_features_variants_and_the_s3rec_attribute_file_beside_the_data(tmp_
 
     with pytest.raises(Exception, match=r"config.data.cold_item_rule='newest' is invalid"):
         config_lib.validate(bad)
+
+
+def test_each_model_may_set_its_own_id_dropout(tmp_path):
+    """teacher.id_dropout / student.id_dropout override features.id_dropout (-1 keeps it);
+    the scratch student takes the student's; an invalid rate names its key."""
+    from configs import synthetic
+    from distill_jax import config_lib, pipeline
+    from distill_jax.data import dataset
+
+    config = synthetic.get_config("tiny")
+    config.teacher.use_features = config.student.use_features = True
+    config.features.id_dropout = 0.5
+    config.student.id_dropout = 0.1
+    config_lib.validate(config)
+    split = dataset.load(config, str(tmp_path)).split
+    keys = {"teacher": "teacher", "student_kd": "student", "student_scratch": "student"}
+    rates = {stage: pipeline.build(config, key, split, stage).id_dropout for stage, key in keys.items()}
+    assert rates == {"teacher": 0.5, "student_kd": 0.1, "student_scratch": 0.1}
+    config.teacher.id_dropout = 1.0
+    with pytest.raises(Exception, match=r"config.teacher.id_dropout=1.0 is invalid"):
+        config_lib.validate(config)

@@ -76,6 +76,13 @@ DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOGICAL_AXES: tuple[str, ...] = ("vocab", "pos", "embed", "mlp", "heads", "kv")
 
 
+def id_dropout(cfg: ml_collections.ConfigDict, features_cfg: ml_collections.ConfigDict) -> float:
+    """The model's id-part drop rate: its own ``id_dropout``, or -1 for
+    ``features.id_dropout``."""
+    own = float(cfg.get("id_dropout", -1.0))
+    return float(features_cfg.id_dropout) if own < 0 else own
+
+
 def build_model(
     cfg: ml_collections.ConfigDict,
     *,
@@ -142,7 +149,7 @@ def build_model(
                 item_features.encoded, item_features.known_items, table_rows or num_items + 1
             ),
             fusion=features_cfg.fusion,
-            id_dropout=float(features_cfg.id_dropout),
+            id_dropout=id_dropout(cfg, features_cfg),
         )
         users = getattr(item_features, "users", None)
         if users is not None:
