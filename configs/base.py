@@ -125,6 +125,9 @@ def click_config() -> ml_collections.ConfigDict:
     c.categorical = ""  #: Comma-separated integer side features read as categories.
     c.drop_features = "title"  #: Comma-separated side features left out (free text).
     c.scratch_learning_rate = 0.0  #: student_scratch's own lr (0: click.student.learning_rate).
+    # The logistic baseline is click.student without hidden layers; its own searched settings:
+    c.logistic_learning_rate = 0.0  #: The logistic baseline's lr (0: click.student.learning_rate).
+    c.logistic_weight_decay = -1.0  #: The logistic baseline's weight decay (-1: the student's).
     c.calibrate_teacher = False  #: student_kd: Platt-scale the teacher on valid rows first.
     c.history = 0  #: Each row's user's last N clicks before it, pooled (0: no history input).
     # data.source='click_table': a CSV/Parquet whose rows are examples (features and a label).

@@ -70,6 +70,18 @@ def _validate_click(config: ml_collections.ConfigDict) -> None:
         ">= 0 (0: the student's learning rate)",
     )
     _expect(
+        c.logistic_learning_rate >= 0,
+        "click.logistic_learning_rate",
+        c.logistic_learning_rate,
+        ">= 0 (0: the student's learning rate)",
+    )
+    _expect(
+        c.logistic_weight_decay == -1 or c.logistic_weight_decay >= 0,
+        "click.logistic_weight_decay",
+        c.logistic_weight_decay,
+        ">= 0, or -1 for the student's weight decay",
+    )
+    _expect(
         isinstance(c.history, int) and c.history >= 0,
         "click.history",
         c.history,

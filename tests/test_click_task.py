@@ -65,13 +65,21 @@ def test_losses_are_bce_and_binary_distillation():
     np.testing.assert_allclose(kd, want, rtol=1e-5)
 
 
-def test_the_scratch_student_may_have_its_own_learning_rate():
+def test_the_scratch_student_and_the_baseline_may_have_their_own_settings():
     config = ml100k_click.get_config()
+    config.click.update(logistic_learning_rate=0.0, logistic_weight_decay=-1.0)
     assert click._model_cfg(config, "student_scratch").learning_rate == 3e-3
     assert click._model_cfg(config, "student_kd").learning_rate == 1e-2
     assert click._model_cfg(config, "logistic").learning_rate == 1e-2
+    assert click._model_cfg(config, "logistic").weight_decay == 0.0
     config.click.scratch_learning_rate = 0.0
     assert click._model_cfg(config, "student_scratch").learning_rate == 1e-2
+    config.click.update(logistic_learning_rate=3e-2, logistic_weight_decay=0.1)
+    logistic = click._model_cfg(config, "logistic")
+    assert (logistic.learning_rate, logistic.weight_decay) == (3e-2, 0.1)
+    assert (logistic.num_cross, logistic.mlp_dims) == (0, "")
+    # The students keep theirs.
+    assert click._model_cfg(config, "student_kd").weight_decay == 0.0
 
 
 def test_platt_scaling_recovers_the_calibration_map():

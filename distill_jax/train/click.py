@@ -228,6 +228,10 @@ def _model_cfg(config, stage: str) -> ml_collections.ConfigDict:
     mcfg = c.student.copy_and_resolve_references()
     if stage == "logistic":
         mcfg.update(num_cross=0, mlp_dims="")
+        if c.logistic_learning_rate > 0:
+            mcfg.learning_rate = c.logistic_learning_rate
+        if c.logistic_weight_decay >= 0:
+            mcfg.weight_decay = c.logistic_weight_decay
     if stage == "student_scratch" and c.scratch_learning_rate > 0:
         mcfg.learning_rate = c.scratch_learning_rate
     return mcfg
