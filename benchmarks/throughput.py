@@ -177,15 +177,6 @@ def profile_step(step, args, carry, batches, mesh, profile_dir: str, top: int = 
     return rows
 
 
-def _allocator() -> str:
-    """What serves malloc: a preloaded tcmalloc/jemalloc, or the C library's."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    for name in ("tcmalloc", "jemalloc"):
-        if name in preload:
-            return f"{name} (LD_PRELOAD)"
-    return "system malloc"
-
-
 def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     """throughput.py's flags: `--config` (and overrides), then what is timed and how."""
     common.define_config(flag_values, argv)
@@ -387,7 +378,7 @@ def main(argv: Sequence[str]) -> None:
                 "matmul_gflops_each": rates,
                 "matmul_dtype": args.matmul_dtype,
                 "distill_over_parts": ratio,
-                "allocator": _allocator(),
+                "allocator": machine.allocator(),
                 "loss_form": forms,
             }
         )
@@ -398,7 +389,7 @@ def main(argv: Sequence[str]) -> None:
         f"student d={s.embed_dim} blocks={s.num_blocks} mlp={s.mlp_dim}; B={s.batch_size}, "
         f"{len(host)} batches x {args.repeats} (mean valid targets per batch {valid:.0f}); "
         f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"allocator {_allocator()}; loss forms {forms}\n"
+        f"allocator {machine.allocator()}; loss forms {forms}\n"
     )
     print(
         "| step | ms/step (fastest pass) | valid positions/s | GFLOP/s | share of matmul rate "
