@@ -73,22 +73,6 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     )
 
 
-def config_args(argv: Sequence[str]) -> list[str]:
-    """The `--config` and `--config.KEY` flags of `argv`, as `--flag=value` for distill_jax.main."""
-    out, args = [], list(argv[1:])
-    i = 0
-    while i < len(args):
-        a = args[i]
-        name = a.split("=", 1)[0]
-        if name in ("--config", "-config") or name.startswith(("--config.", "-config.")):
-            if "=" not in a and i + 1 < len(args):  # `--config FILE`
-                a = f"{a}={args[i + 1]}"
-                i += 1
-            out.append("--" + a.lstrip("-"))
-        i += 1
-    return out
-
-
 def run_variant(form: str, argv: Sequence[str], workdir: str) -> dict:
     """Runs the main job with config.loss.form=`form` in WORKDIR/<form>; its timings and metrics."""
     wd = os.path.join(workdir, form)
@@ -97,7 +81,7 @@ def run_variant(form: str, argv: Sequence[str], workdir: str) -> dict:
         sys.executable,
         "-m",
         "distill_jax.main",
-        *config_args(argv),
+        *common.config_args(argv),
         f"--config.loss.form={form}",
         f"--workdir={wd}",
         "--fresh",

@@ -714,7 +714,7 @@ def test_pipeline_time_table_ratios_and_forwarded_flags():
     table = pipeline_time.time_table(pipeline_time.time_rows(runs), ["dense", "auto"])
     assert "| teacher | 10.0 | 5.0 | 0.50 |" in table
     assert "| total wall time | 14.0 | 8.0 | 0.57 |" in table
-    assert pipeline_time.config_args(
+    assert common.config_args(
         ["p", "--config", "c.py:tiny", "--config.seed=3", "--variants=auto", "--config.x", "1"]
     ) == ["--config=c.py:tiny", "--config.seed=3", "--config.x=1"]
 
