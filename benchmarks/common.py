@@ -88,6 +88,23 @@ def config_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def main_job_command(argv: Sequence[str], overrides: Sequence[str], workdir: str) -> list[str]:
+    """`python -m distill_jax.main` with the config of `argv`, then `overrides`, in `workdir`.
+
+    `overrides` are further `--config.KEY=VALUE` flags (they win over `argv`'s);
+    `--fresh` moves earlier work in `workdir` aside, so every stage runs anew.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "distill_jax.main",
+        *config_args(argv),
+        *overrides,
+        f"--workdir={workdir}",
+        "--fresh",
+    ]
+
+
 def define_config(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     """`--config=FILE[:variants]` (required) and its `--config.KEY=VALUE` overrides."""
     config_flags.DEFINE_config_file(

@@ -77,15 +77,7 @@ def run_variant(form: str, argv: Sequence[str], workdir: str) -> dict:
     """Runs the main job with config.loss.form=`form` in WORKDIR/<form>; its timings and metrics."""
     wd = os.path.join(workdir, form)
     log_path = os.path.join(workdir, f"{form}.log")
-    cmd = [
-        sys.executable,
-        "-m",
-        "distill_jax.main",
-        *common.config_args(argv),
-        f"--config.loss.form={form}",
-        f"--workdir={wd}",
-        "--fresh",
-    ]
+    cmd = common.main_job_command(argv, [f"--config.loss.form={form}"], wd)
     print(f"[{form}] {' '.join(cmd)}\n[{form}] log: {log_path}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()

@@ -432,11 +432,7 @@ def run_ours(args, argv, config, mcfg, stage: str, epoch: dict, workdir: str) ->
     every = max(1, round(args.eval_every_epochs * epoch["steps"]))
     wd = os.path.join(workdir, f"ours_{stage}")
     log_path = os.path.join(workdir, f"ours_{stage}.log")
-    cmd = [
-        sys.executable,
-        "-m",
-        "distill_jax.main",
-        *common.config_args(argv),
+    overrides = [
         f"--config.stages={stage}",
         f"--config.eval.every_steps={every}",
         "--config.eval.patience=0",
@@ -444,9 +440,8 @@ def run_ours(args, argv, config, mcfg, stage: str, epoch: dict, workdir: str) ->
         # One progress line per validation: each line makes the host wait for the step.
         f"--config.log_every_steps={every}",
         f"--config.data.cache_dir={os.path.join(workdir, 'data')}",
-        f"--workdir={wd}",
-        "--fresh",
     ]
+    cmd = common.main_job_command(argv, overrides, wd)
     print(f"[ours] {' '.join(cmd)}\n[ours] log: {log_path}", flush=True)
     tb = os.path.join(wd, stage, "tb")
     reached = stopped = None
