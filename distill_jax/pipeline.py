@@ -230,7 +230,8 @@ def _timed(seconds: dict[str, float], name: str, workdir: str):
     t0 = time.perf_counter()
     yield
     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-    workdir_lib.write_json(os.path.join(workdir, STAGE_SECONDS), seconds)
+    # No process reads it back: no barrier (a collective) between the stages.
+    workdir_lib.write_json(os.path.join(workdir, STAGE_SECONDS), seconds, wait=False)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None) -> dict | None:
