@@ -27,7 +27,12 @@ then the test HR@10 and NDCG@10 of every model per variant side by side (the
 forms give the same values up to float rounding, so quality should match),
 and writes all of it with the machine, commit, date and allocator (tcmalloc
 preloaded or not; benchmarks/machine.py) to WORKDIR/pipeline_time.json.
-Run from the repository root with nothing else on the machine.
+Run from the repository root with nothing else on the machine. Each variant
+compiles its own programs: with JAX_COMPILATION_CACHE_DIR set, a later variant
+could reuse an earlier one's (the JSON records it, with XLA_FLAGS and
+LD_PRELOAD). 'cpu_kernel' (what 'auto' takes on a CPU) is built on its first
+use on a machine and cached (distill_jax/losses/kernel_lib.py): a run on a
+fresh machine pays that build once, inside a stage.
 """
 
 import json
