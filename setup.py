@@ -50,6 +50,10 @@ setup(
             "tensorboard>=2.16",
         ],
         "notebooks": ["jupyter", "ipykernel"],
+        # Other systems measured beside ours (benchmarks/peers/); the package never imports
+        # them. torch's CPU wheels: pip install torch --index-url
+        # https://download.pytorch.org/whl/cpu first. tensorboard reads our runs' events.
+        "peers": ["torch", "recbole>=1.2", "tensorboard>=2.16"],
         "tpu": ["jax[tpu]>=0.7"],
         "gpu": ["jax[cuda12]>=0.7"],
     },

@@ -6,6 +6,7 @@ Run them from the repository root as modules, e.g.
 distill_jax.main (`--config=FILE[:variants] --config.KEY=VALUE`). What several
 scripts share is public here: `common.py` (flag parsing, config overrides),
 `trained.py` (reading back a workdir's trained stages), `machine.py` (the
-matmul reference rate). The package is not installed with distill_jax
-(setup.py): it runs from a checkout.
+matmul reference rate, the allocator, the commit). `peers/` holds scripts that
+measure other systems beside ours (their libraries: setup.py's `peers` extra).
+The package is not installed with distill_jax (setup.py): it runs from a checkout.
 """

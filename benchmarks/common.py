@@ -67,6 +67,44 @@ def parse_flags(argv: Sequence[str], define: DefineFlags, doc: str = "") -> flag
     return flag_values
 
 
+def config_args(argv: Sequence[str]) -> list[str]:
+    """The `--config` and `--config.KEY` flags of `argv`, as `--flag=value`.
+
+    For a script that runs the main job (`python -m distill_jax.main`) in a
+    process of its own with the config it was given.
+    """
+    out, args = [], list(argv[1:])
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name = a.split("=", 1)[0]
+        if name in ("--config", "-config") or name.lstrip("-").startswith(("config.", "noconfig.")):
+            if "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                # `--config FILE` (a bare `--config.FLAG` is a boolean set to true).
+                a = f"{a}={args[i + 1]}"
+                i += 1
+            out.append("--" + a.lstrip("-"))
+        i += 1
+    return out
+
+
+def main_job_command(argv: Sequence[str], overrides: Sequence[str], workdir: str) -> list[str]:
+    """`python -m distill_jax.main` with the config of `argv`, then `overrides`, in `workdir`.
+
+    `overrides` are further `--config.KEY=VALUE` flags (they win over `argv`'s);
+    `--fresh` moves earlier work in `workdir` aside, so every stage runs anew.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "distill_jax.main",
+        *config_args(argv),
+        *overrides,
+        f"--workdir={workdir}",
+        "--fresh",
+    ]
+
+
 def define_config(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     """`--config=FILE[:variants]` (required) and its `--config.KEY=VALUE` overrides."""
     config_flags.DEFINE_config_file(

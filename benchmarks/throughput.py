@@ -63,9 +63,8 @@ from absl import flags
 from benchmarks import common, machine
 from distill_jax import pipeline, sharding
 from distill_jax.data import dataset
-from distill_jax.data.pipeline import TrainBatches
 from distill_jax.evaluation import evaluator as evaluator_lib
-from distill_jax.train import state, steps
+from distill_jax.train import loop, state, steps
 
 
 def encoder_flops(model, rows: int, width: int) -> float:
@@ -177,15 +176,6 @@ def profile_step(step, args, carry, batches, mesh, profile_dir: str, top: int = 
     return rows
 
 
-def _allocator() -> str:
-    """What serves malloc: a preloaded tcmalloc/jemalloc, or the C library's."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    for name in ("tcmalloc", "jemalloc"):
-        if name in preload:
-            return f"{name} (LD_PRELOAD)"
-    return "system malloc"
-
-
 def define_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
     """throughput.py's flags: `--config` (and overrides), then what is timed and how."""
     common.define_config(flag_values, argv)
@@ -233,18 +223,8 @@ def main(argv: Sequence[str]) -> None:
     # A second student state for the distill step (train steps donate their state).
     s_state2, s_shard2 = state.create_state(student, cfg.student, mesh, rules, jax.random.key(1))
     m = cfg.student
-    tb = TrainBatches(
-        split.train,
-        num_items=split.num_items,
-        max_len=m.max_len,
-        batch_size=m.batch_size,
-        causal=student.is_causal,
-        mask_prob=m.mask_prob,
-        seed=cfg.seed,
-        length_buckets=cfg.data.length_buckets,
-        fixed_shapes=cfg.data.fixed_shapes,
-        num_shards=mesh.shape["data"],
-    )
+    # The student stages' batches (the distill step's teacher-only slots aside).
+    tb = loop.train_batches(student, m, cfg, split, mesh)
     host = [tb.batch(i) for i in range(min(args.batches, tb.steps_per_epoch))]
     batches = [sharding.put_batch(b, mesh) for b in host]
     valid = sum(int(b["where"].sum()) for b in host) / len(host)
@@ -387,7 +367,7 @@ def main(argv: Sequence[str]) -> None:
                 "matmul_gflops_each": rates,
                 "matmul_dtype": args.matmul_dtype,
                 "distill_over_parts": ratio,
-                "allocator": _allocator(),
+                "allocator": machine.allocator(),
                 "loss_form": forms,
             }
         )
@@ -398,7 +378,7 @@ def main(argv: Sequence[str]) -> None:
         f"student d={s.embed_dim} blocks={s.num_blocks} mlp={s.mlp_dim}; B={s.batch_size}, "
         f"{len(host)} batches x {args.repeats} (mean valid targets per batch {valid:.0f}); "
         f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"allocator {_allocator()}; loss forms {forms}\n"
+        f"allocator {machine.allocator()}; loss forms {forms}\n"
     )
     print(
         "| step | ms/step (fastest pass) | valid positions/s | GFLOP/s | share of matmul rate "

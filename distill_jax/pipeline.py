@@ -10,9 +10,11 @@ the run where nothing is lost (train/preemption.py: a training step's
 boundary after a checkpoint, else between stages or evaluation batches) with
 `faults.Preempted`; the same command resumes. The report stage
 writes `WORKDIR/report.json`, `report.md`, `report.html` and `plots/*.png`
-(distill_jax/evaluation/report.py).
+(distill_jax/evaluation/report.py). `WORKDIR/stage_seconds.json` holds the
+wall seconds this run spent on each stage (`STAGE_SECONDS`).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +38,12 @@ log = logging.getLogger(__name__)
 # Benchmarks and tests build models and read finished stages through these.
 build = workdir_lib.build
 load_best_params = workdir_lib.load_best_params
+
+# Wall seconds of this run per stage, "data" (preparing or reading back the
+# dataset) first, rewritten as each stage ends: a stage finished earlier and
+# skipped counts the reading of its result, and a resumed run starts the file anew
+# (benchmarks/pipeline_time.py reads it).
+STAGE_SECONDS = "stage_seconds.json"
 
 # stage -> (its model's config subtree, its teacher's stage or None)
 STAGES = {
@@ -213,9 +221,24 @@ def run(
         return _run(config, workdir, stop_at_step)
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str, workdir: str):
+    """Adds the wall seconds of the block to `seconds[name]` and rewrites STAGE_SECONDS.
+
+    An exception (a preemption, an error) leaves the file as it was.
+    """
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    # No process reads it back: no barrier (a collective) between the stages.
+    workdir_lib.write_json(os.path.join(workdir, STAGE_SECONDS), seconds, wait=False)
+
+
 def _run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None) -> dict | None:
     os.makedirs(workdir, exist_ok=True)
-    data = dataset_lib.load(config, workdir)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "data", workdir):
+        data = dataset_lib.load(config, workdir)
     _check_catalogue(config, data.split.num_items)
     mesh = sharding_lib.make_mesh(config.mesh)
     log.info(
@@ -229,39 +252,40 @@ def _run(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | No
     results = {}
     report = exported = soft_labels = None
     for stage in config_lib.stages(config):
-        preemption.stage_boundary(f"stage {stage}")
-        if stage == "report":
-            report = {
-                "config": json.loads(config.to_json_best_effort()),
-                "dataset": data.info,
-                "models": results,
-                "export": exported,
-                "soft_labels": soft_labels,
-            }
-            workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
-            if distributed.is_main_process():
-                written = report_lib.write(report, workdir)
-                log.info("report written: %s", ", ".join(written.values()))
-            continue
-        if stage == "compress":
-            variants = compress_stage.run_compress(config, data, mesh, workdir, stop_at_step)
-            if variants is None:
-                log.info("stopped during stage compress; re-run to resume")
+        with _timed(seconds, stage, workdir):
+            preemption.stage_boundary(f"stage {stage}")
+            if stage == "report":
+                report = {
+                    "config": json.loads(config.to_json_best_effort()),
+                    "dataset": data.info,
+                    "models": results,
+                    "export": exported,
+                    "soft_labels": soft_labels,
+                }
+                workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
+                if distributed.is_main_process():
+                    written = report_lib.write(report, workdir)
+                    log.info("report written: %s", ", ".join(written.values()))
+                continue
+            if stage == "compress":
+                variants = compress_stage.run_compress(config, data, mesh, workdir, stop_at_step)
+                if variants is None:
+                    log.info("stopped during stage compress; re-run to resume")
+                    return None
+                results.update(variants)
+                continue
+            if stage == "export":
+                exported = compress_stage.run_export(config, data, mesh, workdir)
+                continue
+            if stage == "soft_labels":
+                soft_labels = teachers.write_soft_labels(config, data, mesh, workdir)
+                continue
+            if stage == "ensemble":
+                results[stage] = run_ensemble(config, data, mesh, workdir)
+                continue
+            result = run_stage(stage, config, data, mesh, workdir, stop_at_step)
+            if result is None:
+                log.info("stopped during stage %s; re-run to resume", stage)
                 return None
-            results.update(variants)
-            continue
-        if stage == "export":
-            exported = compress_stage.run_export(config, data, mesh, workdir)
-            continue
-        if stage == "soft_labels":
-            soft_labels = teachers.write_soft_labels(config, data, mesh, workdir)
-            continue
-        if stage == "ensemble":
-            results[stage] = run_ensemble(config, data, mesh, workdir)
-            continue
-        result = run_stage(stage, config, data, mesh, workdir, stop_at_step)
-        if result is None:
-            log.info("stopped during stage %s; re-run to resume", stage)
-            return None
-        results[stage] = result
+            results[stage] = result
     return report

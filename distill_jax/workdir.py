@@ -21,19 +21,21 @@ from distill_jax.train import state as state_lib
 from distill_jax.train.checkpoint import StageCheckpointer
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any, wait: bool = True) -> None:
     """Process 0 writes atomically (temp file + rename): readers never see half a file.
 
     Every process calls this: the others wait until the file exists, because
     they read it next (a later stage's `_finished` check) and would otherwise
-    take a different branch from process 0 and hang in a collective.
+    take a different branch from process 0 and hang in a collective. With
+    `wait=False` they do not: for a file no process of the run reads back.
     """
     if distributed.is_main_process():
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)  # insertion order: steps stay in run order
         os.replace(tmp, path)
-    distributed.barrier(f"distill_jax_wrote_{path}")
+    if wait:
+        distributed.barrier(f"distill_jax_wrote_{path}")
 
 
 CONFIG_FILE = "config.json"

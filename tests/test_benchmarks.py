@@ -632,3 +632,103 @@ def test_preemption_reads_where_a_killed_run_got_to():
     )
     assert preemption.reached(log) == "teacher@4"
     assert preemption.reached(log + f"{t}[student_kd] 164 training windows\n") == "student_kd"
+
+
+# --------------------------------------------------------------------------
+# pipeline_time.py
+# --------------------------------------------------------------------------
+
+
+def test_pipeline_time_runs_each_loss_form_and_tabulates_the_stages(tmp_path, capsys, monkeypatch):
+    """Two forms of a tiny main job, each in a process of its own: the stage seconds
+    the pipeline wrote, the ratios, both variants' metrics and the machine in the JSON."""
+    from benchmarks import pipeline_time
+
+    # The runs on one device, as in test_pipeline.py: 8 virtual ones only slow the compiles.
+    monkeypatch.setenv(
+        "XLA_FLAGS",
+        os.environ.get("XLA_FLAGS", "").replace("device_count=8", "device_count=1"),
+    )
+
+    steps = "4"
+    pipeline_time.main(
+        [
+            "pipeline_time",
+            f"--config={SYNTHETIC}:tiny",
+            "--config.stages=teacher,report",
+            f"--config.teacher.num_steps={steps}",
+            "--config.teacher.warmup_steps=1",
+            f"--config.eval.every_steps={steps}",
+            f"--config.checkpoint.every_steps={steps}",
+            "--config.eval.latency_repeats=1",
+            "--config.eval.latency_batch_sizes=(1,)",
+            "--variants=dense,auto",
+            "--matmul_size=64",
+            f"--workdir={tmp_path}",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| stage | dense s | auto s | auto/dense |" in out
+    for row in ("data", "teacher", "  teacher: training", "report", "total wall time"):
+        assert f"| {row} | " in out, row
+    assert "| model | hr@10 dense | hr@10 auto | ndcg@10 dense | ndcg@10 auto |" in out
+    assert "| teacher | 0." in out
+    result = json.loads((tmp_path / "pipeline_time.json").read_text())
+    assert result["variants"] == ["dense", "auto"]
+    m = result["machine"]
+    assert {"commit", "date", "cpu", "cores", "allocator", "tcmalloc_preloaded"} <= set(m)
+    assert m["matmul_64_gflops"] > 0
+    for form in ("dense", "auto"):
+        run = result["runs"][form]
+        assert list(run["stage_seconds"]) == ["data", "teacher", "report"]
+        assert run["wall_seconds"] > sum(run["stage_seconds"].values()) > 0
+        teacher = run["models"]["teacher"]
+        assert teacher["steps_run"] == int(steps) and 0 <= teacher["test"]["ndcg@10"] <= 1
+        assert 0 < teacher["train_seconds"] < run["stage_seconds"]["teacher"]
+        config = json.loads((tmp_path / form / "report.json").read_text())["config"]
+        assert config["loss"]["form"] == form
+        assert (tmp_path / f"{form}.log").stat().st_size > 0
+
+
+def test_pipeline_time_table_ratios_and_forwarded_flags():
+    from benchmarks import pipeline_time
+
+    runs = {
+        v: {
+            "wall_seconds": wall,
+            "stage_seconds": {"data": 1.0, "teacher": teacher},
+            "models": {
+                "teacher": {
+                    "train_seconds": teacher - 1,
+                    "eval_seconds": 0.5,
+                    "compressed": False,
+                    "test": {"hr@10": 0.5, "ndcg@10": 0.25},
+                }
+            },
+        }
+        for v, wall, teacher in (("dense", 14.0, 10.0), ("auto", 8.0, 5.0))
+    }
+    rows = {r["row"]: r["seconds"] for r in pipeline_time.time_rows(runs)}
+    assert rows["  teacher: training"] == {"dense": 9.0, "auto": 4.0}
+    assert rows["start-up and exit"] == {"dense": 3.0, "auto": 2.0}
+    table = pipeline_time.time_table(pipeline_time.time_rows(runs), ["dense", "auto"])
+    assert "| teacher | 10.0 | 5.0 | 0.50 |" in table
+    assert "| total wall time | 14.0 | 8.0 | 0.57 |" in table
+    assert common.config_args(
+        ["p", "--config", "c.py:tiny", "--config.seed=3", "--variants=auto", "--config.x", "1"]
+    ) == ["--config=c.py:tiny", "--config.seed=3", "--config.x=1"]
+
+
+def test_pipeline_time_checks_every_variant_before_running(tmp_path):
+    from benchmarks import pipeline_time
+
+    with pytest.raises(SystemExit, match=r"variant 'fastest'.*loss.form"):
+        pipeline_time.main(
+            [
+                "pipeline_time",
+                f"--config={SYNTHETIC}:tiny",
+                "--variants=dense,fastest",
+                f"--workdir={tmp_path}",
+            ]
+        )
+    assert not (tmp_path / "dense").exists()

@@ -135,6 +135,38 @@ def _hparams(name: str, mcfg: ml_collections.ConfigDict, config) -> dict:
     return out
 
 
+def train_batches(
+    model: nn.Module,
+    mcfg: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    split: LeaveOneOut,
+    mesh,
+    distilling: bool = False,
+    soft_labels: Any = None,
+) -> TrainBatches:
+    """The step-indexed training batches of a stage (`train_stage`'s; the arguments as there).
+
+    Public so a benchmark can count what a stage trains on (`steps_per_epoch`,
+    `slot_counts`) without running it.
+    """
+    return TrainBatches(
+        split.train,
+        num_items=split.num_items,
+        max_len=mcfg.max_len,
+        batch_size=mcfg.batch_size,
+        causal=model.is_causal,
+        mask_prob=mcfg.mask_prob,
+        mask_last_prob=mcfg.mask_last_prob,
+        seed=config.seed,
+        length_buckets=config.data.length_buckets,
+        fixed_shapes=config.data.fixed_shapes,
+        num_shards=mesh.shape["data"],
+        last_item_slot=distilling and config.distill.last_item_slot,
+        soft_labels=soft_labels,
+        users=split.user_ids(),
+    )
+
+
 def train_stage(
     *,
     name: str,
@@ -182,22 +214,7 @@ def train_stage(
     rule_pairs = sharding_lib.rules(config)
     sharding_lib.check_batch_size(mcfg.batch_size, mesh, "batch_size of the model config")
     distilling = teacher is not None or soft_labels is not None
-    batches = TrainBatches(
-        split.train,
-        num_items=split.num_items,
-        max_len=mcfg.max_len,
-        batch_size=mcfg.batch_size,
-        causal=model.is_causal,
-        mask_prob=mcfg.mask_prob,
-        mask_last_prob=mcfg.mask_last_prob,
-        seed=config.seed,
-        length_buckets=config.data.length_buckets,
-        fixed_shapes=config.data.fixed_shapes,
-        num_shards=mesh.shape["data"],
-        last_item_slot=distilling and config.distill.last_item_slot,
-        soft_labels=soft_labels,
-        users=split.user_ids(),
-    )
+    batches = train_batches(model, mcfg, config, split, mesh, distilling, soft_labels)
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(jax.random.fold_in(rng, zlib.crc32(name.encode())))
     extra = None
