@@ -18,7 +18,7 @@ The targets other than ``label`` are the methods of ``config.distill.method``.
 A **form** says how the ``[N, V]`` part is computed from the student's hidden
 states and item table:
 
-* ``dense``: the full logits (`dense.py`; the default);
+* ``dense``: the full logits (`dense.py`; every target, any mesh, what `auto` falls back to);
 * ``chunked``: a scan over item chunks, never more than ``[N, chunk]``
   logits (`chunked.py`);
 * ``vocab_parallel``: logits sharded along the mesh axis 'model', reduced
