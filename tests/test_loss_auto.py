@@ -120,6 +120,26 @@ def test_a_form_limited_to_some_meshes_is_passed_over_elsewhere(built):
         assert auto.choose(pairs, "label", auto.Where("cpu")).form == "cpu_kernel"
 
 
+def test_a_model_wider_than_the_kernels_limit_stays_on_dense(built):
+    """On the CPU the kernel serves narrow models (students); a teacher of width
+    128 trains faster with XLA's own products (auto.CPU_KERNEL_MAX_WIDTH)."""
+    limit = auto.CPU_KERNEL_MAX_WIDTH
+    for target in ("label", "soft", "hard"):
+        assert _choose(target, auto.Where("cpu", width=limit)).form == "cpu_kernel"
+        wide = _choose(target, auto.Where("cpu", width=2 * limit))
+        assert wide.form == "dense" and not wide.fallback
+        assert f"not 'cpu_kernel': slower than XLA's products above width {limit}" in wide.reason
+        # Width 0 (unknown) and other backends are not affected.
+        assert _choose(target, auto.Where("cpu")).form == "cpu_kernel"
+    assert _choose("label", auto.Where("gpu", width=512)).form == "pallas"
+    # A form the config names runs at any width.
+    assert losses.resolve_form("cpu_kernel", "label", auto.Where("cpu", width=512)) == "cpu_kernel"
+
+
+def _choose(target, where):
+    return auto.choose(losses.PAIRS, target, where)
+
+
 def test_the_choice_says_why_and_is_logged_once(built, caplog):
     with caplog.at_level(logging.INFO, logger=auto.__name__):
         for _ in range(3):  # e.g. the teacher and the scratch student

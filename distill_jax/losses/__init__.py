@@ -364,6 +364,9 @@ class Pair:
     # quantization-aware model's scoring is what it trains); the other forms
     # compute hidden @ table.T + bias themselves.
     model_logits: bool = False
+    # 'auto' passes it over for models wider than this (it is slower there
+    # than the dense form); 0: any width.
+    max_width: int = 0
 
 
 TARGETS = ("label", "soft", "hard", "ranking", "cached", "ensemble")
@@ -383,7 +386,9 @@ def _kernel_unavailable() -> str | None:
 
 # Where the fused CPU kernel runs (any mesh: rows split along 'data', the
 # table along 'model'), and whether it builds here.
-_KERNEL = dict(backends=("cpu",), unavailable=_kernel_unavailable)
+_KERNEL = dict(
+    backends=("cpu",), unavailable=_kernel_unavailable, max_width=auto.CPU_KERNEL_MAX_WIDTH
+)
 # The Pallas kernels on any backend (the CPU's interprets them: tests; 'auto'
 # tries them on GPU/TPU only); rows split along 'data', no vocab-sharded form.
 _PALLAS = dict(meshes="data", exclude_history=True)
@@ -467,7 +472,7 @@ def resolve_form(
     # which must not be touched before jax.distributed is initialised. A kernel
     # that does not build raises its own error, in full, when traced. (A named
     # form is kept for a quantization-aware model: the caller asked for it.)
-    pair = dataclasses.replace(PAIRS[(target, form)], unavailable=None)
+    pair = dataclasses.replace(PAIRS[(target, form)], unavailable=None, max_width=0)
     why = auto.unfit(pair, where)
     if why is not None:
         raise ValueError(

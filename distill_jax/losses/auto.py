@@ -36,6 +36,12 @@ import jax
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# Above this model width XLA's own matmuls beat the C++ kernel's products on
+# the CPU (benchmarks.distill_kernel, Beauty's shapes, 2 cores: the kernel's
+# catalogue pass 0.78 x plain at width 32, 0.93 x at 64, 2.19 x at 128;
+# BENCHMARKS.md, "Speed on the CPU"), so 'auto' keeps wider models on dense
+# (the kernel pairs' `max_width`; a form named in config.loss.form ignores it).
+CPU_KERNEL_MAX_WIDTH = 64
 # The GPU/TPU slot: forms tried first on an accelerator backend, in order.
 ACCELERATOR_FORMS: tuple[str, ...] = ("pallas",)
 
@@ -47,6 +53,9 @@ class Where:
     backend: str
     devices: int = 1
     vocab_shards: int = 1
+    # The width of the hidden states the loss scores against the item table
+    # (the trained model's embed_dim); 0: not known.
+    width: int = 0
 
 
 def _backend() -> str:
@@ -101,6 +110,11 @@ def unfit(
         return f"runs on one device, the mesh has {where.devices}"
     if pair.meshes == "data" and where.vocab_shards > 1:
         return f"has no vocab-sharded form ({where.vocab_shards} shards)"
+    if pair.max_width and where.width > pair.max_width:
+        return (
+            f"slower than XLA's products above width {pair.max_width} "
+            f"(this model's is {where.width})"
+        )
     if pair.unavailable is not None:
         return pair.unavailable()
     return None

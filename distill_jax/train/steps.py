@@ -4,6 +4,7 @@ Every step also reports whether its loss and gradient were finite, and applies
 no update when they were not (`make_train_step`).
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -295,7 +296,7 @@ def loss_form(
     return losses.resolve_form(
         form,
         target,
-        where,
+        dataclasses.replace(where, width=int(getattr(model, "embed_dim", 0) or 0)),
         exclude_history=exclude_history,
         # (Read for 'auto' alone: a named form's options were validated.)
         teacher_only_slots=form == losses.AUTO
