@@ -216,7 +216,7 @@ def _run(argv):
         ours.info(
             "CPU backend with the system allocator: preloading tcmalloc "
             "(LD_PRELOAD=.../libtcmalloc_minimal.so.4) makes train steps 1.4-1.8x faster "
-            "here; see README.md, 'Speed on CPU'."
+            "here; see README.md, 'Speed'."
         )
     if progress.bars_enabled():
         # Log lines print above the progress bars instead of through them.
