@@ -158,7 +158,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     c.use_features = False  #: Items read their side features beside their ids.
     # The teacher and the students may want different rates (BENCHMARKS.md,
     # "Side features and cold start": the teacher keeps 0.5, students 0.1).
-    c.id_dropout = -1.0  #: With use_features: this model's id-part drop rate; -1 = features.id_dropout.
+    c.id_dropout = -1.0  #: Id-part drop rate with use_features; -1 = features.id_dropout.
     # Shared with the other model: checked equal at start-up. max_len is the
     # input window; num_items = -1 takes the catalogue size from the data.
     c.max_len = 50  #: Input window: the newest items of a history the model sees.

@@ -447,7 +447,9 @@ def test_each_model_may_set_its_own_id_dropout(tmp_path):
     config_lib.validate(config)
     split = dataset.load(config, str(tmp_path)).split
     keys = {"teacher": "teacher", "student_kd": "student", "student_scratch": "student"}
-    rates = {stage: pipeline.build(config, key, split, stage).id_dropout for stage, key in keys.items()}
+    rates = {
+        stage: pipeline.build(config, key, split, stage).id_dropout for stage, key in keys.items()
+    }
     assert rates == {"teacher": 0.5, "student_kd": 0.1, "student_scratch": 0.1}
     config.teacher.id_dropout = 1.0
     with pytest.raises(Exception, match=r"config.teacher.id_dropout=1.0 is invalid"):
