@@ -73,9 +73,17 @@ def test_auto_picks_on_the_cpu_as_documented(built, target, options, devices, sh
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_accelerators_get_pallas_else_vocab_parallel_or_dense_and_the_log_says_why(
-    built, backend, caplog
+def test_accelerators_keep_to_xla_forms_until_pallas_is_measured(built, backend):
+    assert auto.ACCELERATOR_FORMS == ()
+    assert _pick("soft", backend=backend) == "dense"
+    assert _pick("label", backend=backend, devices=8, shards=2) == "vocab_parallel"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_accelerator_forms_get_pallas_else_vocab_parallel_or_dense_and_the_log_says_why(
+    built, backend, caplog, monkeypatch
 ):
+    monkeypatch.setattr(auto, "ACCELERATOR_FORMS", ("pallas",))
     with caplog.at_level(logging.INFO, logger=auto.__name__):
         assert _pick("soft", backend=backend) == "pallas"
         # No vocab-sharded pallas form: that mesh keeps its own.
@@ -127,7 +135,7 @@ def test_a_model_wider_than_the_kernels_limit_stays_on_dense(built):
         assert f"not 'cpu_kernel': slower than XLA's products above width {limit}" in wide.reason
         # Width 0 (unknown) and other backends are not affected.
         assert _choose(target, auto.Where("cpu")).form == "cpu_kernel"
-    assert _choose("label", auto.Where("gpu", width=512)).form == "pallas"
+    assert _choose("label", auto.Where("gpu", width=512)).form == "dense"
     # A form the config names runs at any width.
     assert losses.resolve_form("cpu_kernel", "label", auto.Where("cpu", width=512)) == "cpu_kernel"
 

@@ -15,7 +15,7 @@ from configs import synthetic
 from distill_jax import pipeline
 
 
-def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
+def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path, capsys):
     workdir = tmp_path / "run"
     out = subprocess.run(
         [
@@ -105,6 +105,27 @@ def test_tiny_main_job_writes_report_and_skips_finished_stages(tmp_path):
     # A re-run in the same workdir skips finished stages and gives the same report.
     again = pipeline.run(config, str(workdir))
     assert again["models"] == report["models"]
+
+    # benchmarks/compress.py on the finished job (its stages are reused): every
+    # model exported and timed, one table with the serving targets.
+    from benchmarks import compress
+
+    compress.main(
+        ["compress", "--config=configs/synthetic.py:tiny", f"--workdir={workdir}", "--repeats=2"]
+    )
+    out = capsys.readouterr().out
+    rows = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert [r["model"] for r in rows] == ["teacher", "student_kd", *sorted(variants, key=_order)]
+    for r in rows:
+        assert r["same_top_k"] == 1.0 and r["artifact_bytes"] > 0
+        assert set(r["latency"]) == {"batch_1", "batch_256"}
+        assert (workdir / "benchmark_export" / r["model"] / "weights.npz").exists()
+    assert "| student_kd_int8 |" in out and "target <= 1/3" in out
+
+
+def _order(name: str) -> int:
+    """The compress stage's order of its variants."""
+    return ["pruned50", "int8", "int8_qat", "lowrank4"].index(name.removeprefix("student_kd_"))
 
 
 def test_bert4rec_distillation_and_student_checkpoint_holds_no_teacher(tmp_path):

@@ -9,9 +9,10 @@ this order and the first that fits wins:
 
 * on the CPU backend, ``cpu_kernel`` (the fused C++ pass; it needs a C++20
   compiler, so without one the log says so and what to install);
-* on GPU/TPU, `ACCELERATOR_FORMS`: ``pallas``, the fused loss as Pallas
-  kernels (`pallas_kernel.py`; not on a vocab-sharded mesh; never on the
-  CPU, where it is only interpreted and the C++ kernel is the fused form);
+* on GPU/TPU, `ACCELERATOR_FORMS`: the slot for ``pallas``, the fused loss
+  as Pallas kernels (`pallas_kernel.py`; not on a vocab-sharded mesh; never
+  on the CPU, where it is only interpreted and the C++ kernel is the fused
+  form); empty until the kernels have been run and timed on a device;
 * ``vocab_parallel`` on a mesh that shards the item table along 'model'
   (the kernel runs there too, so on the CPU this serves the stages it lacks);
 * ``dense``, which every target has, with every option, on any mesh.
@@ -43,7 +44,12 @@ AUTO = "auto"
 # (the kernel pairs' `max_width`; a form named in config.loss.form ignores it).
 CPU_KERNEL_MAX_WIDTH = 64
 # The GPU/TPU slot: forms tried first on an accelerator backend, in order.
-ACCELERATOR_FORMS: tuple[str, ...] = ("pallas",)
+# Empty until 'pallas' has been compiled, run and timed on a device: its
+# kernels are tested on the CPU in interpret mode and lowered for Triton and
+# Mosaic only, and on a TPU they hold whole item tables in VMEM, so a
+# default that might fail to compile or fit waits for that measurement
+# (`--config.loss.form=pallas` runs it now).
+ACCELERATOR_FORMS: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
