@@ -32,6 +32,8 @@ setup(
         "qwix>=0.1.8",
         # jax.export's serializer (the exported artefact, distill_jax/compress/export.py).
         "flatbuffers>=24",
+        # jax's compilation cache needs it to keep under a size (distill_jax/compile_cache.py).
+        "filelock>=3.12",
         # TF-IDF + truncated SVD text features (distill_jax/data/features.py).
         "scikit-learn>=1.4",
     ],

@@ -28,15 +28,19 @@ forms give the same values up to float rounding, so quality should match),
 and writes all of it with the machine, commit, date and allocator (tcmalloc
 preloaded or not; benchmarks/machine.py) to WORKDIR/pipeline_time.json.
 Run from the repository root with nothing else on the machine. Each variant
-compiles its own programs: with JAX_COMPILATION_CACHE_DIR set, a later variant
-could reuse an earlier one's (the JSON records it, with XLA_FLAGS and
-LD_PRELOAD). 'cpu_kernel' (what 'auto' takes on a CPU) is built on its first
+compiles its own programs into a compilation cache of its own, emptied first
+(WORKDIR/<variant>.xla_cache, config.compile_cache): a program a stage compiled
+is read back by the later stages of the same run, as in a first run on a new
+machine. With JAX_COMPILATION_CACHE_DIR set, that directory wins and a later
+variant could reuse an earlier one's programs (the JSON records it, with
+XLA_FLAGS and LD_PRELOAD). 'cpu_kernel' (what 'auto' takes on a CPU) is built on its first
 use on a machine and cached (distill_jax/losses/kernel_lib.py): a run on a
 fresh machine pays that build once, inside a stage.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,7 +86,13 @@ def run_variant(form: str, argv: Sequence[str], workdir: str) -> dict:
     """Runs the main job with config.loss.form=`form` in WORKDIR/<form>; its timings and metrics."""
     wd = os.path.join(workdir, form)
     log_path = os.path.join(workdir, f"{form}.log")
-    cmd = common.main_job_command(argv, [f"--config.loss.form={form}"], wd)
+    # A fresh compilation cache per variant: each pays its own compiles, as a
+    # first run on a new machine does, and reuses them within the run as that does.
+    cache = os.path.join(workdir, f"{form}.xla_cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    cmd = common.main_job_command(
+        argv, [f"--config.loss.form={form}", f"--config.compile_cache.dir={cache}"], wd
+    )
     print(f"[{form}] {' '.join(cmd)}\n[{form}] log: {log_path}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()

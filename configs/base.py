@@ -405,6 +405,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.export.top_k = 10  #: Recommendations per history.
     config.export.popular_items = 100  #: Kept for the fallback of an empty history.
 
+    # jax's persistent compilation cache (distill_jax/compile_cache.py): a
+    # program compiled once is read back by later stages, resumes, seeds and
+    # runs. $JAX_COMPILATION_CACHE_DIR, where set, wins.
+    config.compile_cache = ml_collections.ConfigDict()
+    config.compile_cache.dir = "auto"  #: 'auto': ~/.cache/distill_jax/xla; '': off; or a directory.
+    config.compile_cache.max_gb = 4.0  #: Size the cache is kept under, least recently used first.
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 200  #: Training steps between checkpoints.
     config.log_every_steps = 100  #: Training steps between progress lines.

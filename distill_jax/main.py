@@ -20,7 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from distill_jax import describe, distributed, faults, pipeline, progress
+from distill_jax import compile_cache, describe, distributed, faults, pipeline, progress
 from distill_jax.config_checks import ConfigError
 from distill_jax.data.types import DataError
 from distill_jax.distributed import DistributedError
@@ -206,6 +206,8 @@ def _run(argv):
     )
     ours = logging.getLogger("distill_jax")
     ours.setLevel(logging.INFO)
+    # Before anything compiles (it compiles nothing itself).
+    compile_cache.configure(_CONFIG.value)
     # First jax call of the job: jax.distributed must start before the backends.
     distributed.initialize(_CONFIG.value)
     if not distributed.is_main_process():

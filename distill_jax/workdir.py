@@ -54,6 +54,7 @@ FREE_KEYS = (
     "data.cache_dir",
     "data.download",
     "distributed.",
+    "compile_cache.",
 )
 _REPLACED = "replaced-"
 

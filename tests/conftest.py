@@ -14,7 +14,8 @@ only the speed of the generated code drops, which tests never measure.
 A persistent compilation cache in a fresh temporary directory (removed at
 exit) lets identical programs compile once per session: a resumed run, the
 single-device references that several sharding tests share, and the main-job
-subprocesses all reuse what an earlier test compiled.
+subprocesses all reuse what an earlier test compiled. The xdist workers inherit
+the directory from the controller, so the two workers share it too.
 """
 
 import atexit
@@ -34,6 +35,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="distill_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# Every program, as the main job caches them (distill_jax/compile_cache.py):
+# jax's default skips those compiled in under a second, most of the suite's.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Property tests (tests/test_properties_*.py): each sets its own max_examples.
 # 'ci' (the default) draws the same examples on every run, so a failure is
