@@ -232,62 +232,69 @@ def _soft_vocab_parallel(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
-def _label_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
-    return cpu_kernel.kernel_cross_entropy(
-        x.hidden, x.table, x.bias, x.labels, x.where, seen=x.seen, num_valid_rows=x.num_valid_rows
-    )
+def _fused_label(fn):
+    """A label-form entry for a fused catalogue loss `fn` (cpu_kernel's, pallas_kernel's)."""
+
+    def loss(x: LossInputs, s: Settings) -> jax.Array:
+        del s
+        return fn(
+            x.hidden,
+            x.table,
+            x.bias,
+            x.labels,
+            x.where,
+            seen=x.seen,
+            num_valid_rows=x.num_valid_rows,
+        )
+
+    return loss
 
 
-def _soft_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
-    return cpu_kernel.kernel_distill_loss(
-        x.hidden,
-        x.table,
-        x.bias,
-        *x.teacher_tower(),
-        x.labels,
-        x.teacher_where,
-        x.label_where,
-        temperature=s["temperature"],
-        alpha=s["alpha"],
-        seen=x.seen,
-        num_valid_rows=x.num_valid_rows,
-    )
+def _fused_soft(fn):
+    """A soft-form entry for a fused catalogue loss `fn` (both towers, the labels, T and alpha)."""
+
+    def loss(x: LossInputs, s: Settings) -> jax.Array:
+        return fn(
+            x.hidden,
+            x.table,
+            x.bias,
+            *x.teacher_tower(),
+            x.labels,
+            x.teacher_where,
+            x.label_where,
+            temperature=s["temperature"],
+            alpha=s["alpha"],
+            seen=x.seen,
+            num_valid_rows=x.num_valid_rows,
+        )
+
+    return loss
 
 
-def _label_pallas(x: LossInputs, s: Settings) -> jax.Array:
-    return pallas_kernel.pallas_cross_entropy(
-        x.hidden, x.table, x.bias, x.labels, x.where, seen=x.seen, num_valid_rows=x.num_valid_rows
-    )
+def _fused_hard(fn):
+    """A hard-form entry for a loss that takes both towers and the top k (pallas, chunked)."""
+
+    def loss(x: LossInputs, s: Settings) -> jax.Array:
+        return fn(
+            x.hidden,
+            x.table,
+            x.bias,
+            *x.teacher_tower(),
+            x.teacher_where,
+            k=s["k"],
+            chunk_size=s["chunk_size"],
+            seen=x.seen,
+            num_valid_rows=x.num_valid_rows,
+        )
+
+    return loss
 
 
-def _soft_pallas(x: LossInputs, s: Settings) -> jax.Array:
-    return pallas_kernel.pallas_distill_loss(
-        x.hidden,
-        x.table,
-        x.bias,
-        *x.teacher_tower(),
-        x.labels,
-        x.teacher_where,
-        x.label_where,
-        temperature=s["temperature"],
-        alpha=s["alpha"],
-        seen=x.seen,
-        num_valid_rows=x.num_valid_rows,
-    )
-
-
-def _hard_pallas(x: LossInputs, s: Settings) -> jax.Array:
-    return pallas_kernel.pallas_hard_label_distill(
-        x.hidden,
-        x.table,
-        x.bias,
-        *x.teacher_tower(),
-        x.teacher_where,
-        k=s["k"],
-        chunk_size=s["chunk_size"],
-        seen=x.seen,
-        num_valid_rows=x.num_valid_rows,
-    )
+_label_cpu_kernel = _fused_label(cpu_kernel.kernel_cross_entropy)
+_soft_cpu_kernel = _fused_soft(cpu_kernel.kernel_distill_loss)
+_label_pallas = _fused_label(pallas_kernel.pallas_cross_entropy)
+_soft_pallas = _fused_soft(pallas_kernel.pallas_distill_loss)
+_hard_pallas = _fused_hard(pallas_kernel.pallas_hard_label_distill)
 
 
 def _hard_dense(x: LossInputs, s: Settings) -> jax.Array:
@@ -296,18 +303,7 @@ def _hard_dense(x: LossInputs, s: Settings) -> jax.Array:
     )
 
 
-def _hard_chunked(x: LossInputs, s: Settings) -> jax.Array:
-    return chunked.chunked_hard_label_distill(
-        x.hidden,
-        x.table,
-        x.bias,
-        *x.teacher_tower(),
-        x.teacher_where,
-        k=s["k"],
-        chunk_size=s["chunk_size"],
-        seen=x.seen,
-        num_valid_rows=x.num_valid_rows,
-    )
+_hard_chunked = _fused_hard(chunked.chunked_hard_label_distill)
 
 
 def _hard_cpu_kernel(x: LossInputs, s: Settings) -> jax.Array:
