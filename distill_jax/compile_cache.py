@@ -17,6 +17,8 @@ kept under `max_gb` by jax, least recently used first.
   - config.compile_cache.dir '' : no persistent cache;
   - 'auto': ~/.cache/distill_jax/xla (or $XDG_CACHE_HOME/distill_jax/xla);
   - any other value: that directory.
+The size bound (config.compile_cache.max_gb) holds for the config's
+directories; one the environment names is left unbounded, as jax leaves it.
 Every program is cached (jax's default keeps only those that took over a
 second to compile; on the CPU many evaluation programs take 0.2-0.9 s, and
 a run compiles dozens of them).
@@ -83,6 +85,10 @@ def configure(config: ml_collections.ConfigDict) -> str | None:
         )
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
+    if not os.environ.get(ENV):
+        # jax keeps a size bound with a last-use time file per entry; processes
+        # that share a directory must agree on it, and one whose directory the
+        # environment set may share it with processes that never set a bound.
+        jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
     log.info("Compiled programs are cached in %s (config.compile_cache).", path)
     return path

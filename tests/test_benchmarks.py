@@ -559,6 +559,45 @@ def test_cold_start_table_and_its_checks(tmp_path, capsys):
         cold_start.main(["cold_start", f"--without={tmp_path}", f"--with={tmp_path}"])
 
 
+def test_cold_start_fills_the_new_item_figures_from_a_refresh_file(tmp_path, capsys):
+    """Older reports lack new_hr@10; cold_items_refresh.json supplies them, report values win."""
+    for sub, new_hr in (("without", 0.05), ("with", 0.30)):
+        for seed in (0, 1):
+            d = tmp_path / sub / f"seed_{seed}"
+            d.mkdir(parents=True)
+            report = _cold_report(0.0, 0.05, 0.0)
+            (d / "report.json").write_text(json.dumps(report))
+            assert cold_start._lacking(report) == list(cold_start.TRAINED)
+            refresh = {
+                m: {
+                    "cold_items": {
+                        "new_hr@10": new_hr + seed / 100,
+                        "new_ndcg@10": 0.1,
+                        "hr@10": 0.9,
+                    }
+                }
+                for m in cold_start.TRAINED
+            }
+            (d / cold_start.REFRESH).write_text(json.dumps(refresh))
+            merged = cold_start._report(str(tmp_path / sub), seed)
+            assert merged["models"]["teacher"]["metrics"]["cold_items"]["hr@10"] == 0.0
+            assert cold_start._lacking(merged) == []
+    cold_start.main(
+        [
+            "cold_start",
+            f"--without={tmp_path / 'without'}",
+            f"--with={tmp_path / 'with'}",
+            "--seeds=0,1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| teacher | yes | 0.0000 ± 0.0000 | 0.0000 ± 0.0000 |" in out
+    assert (
+        "[held] teacher: cold-item new_hr@10 (among the new items alone) 0.0550 without "
+        "features, 0.3050 with (gain 0.2500 ± 0.0000)" in out
+    )
+
+
 def test_quality_prints_the_click_table_and_its_checks():
     def report(t, kd, sc):
         models = {}
