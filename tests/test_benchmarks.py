@@ -598,6 +598,26 @@ def test_cold_start_fills_the_new_item_figures_from_a_refresh_file(tmp_path, cap
     )
 
 
+def test_compile_time_compiles_every_shape_of_the_first_epoch(capsys):
+    from benchmarks import compile_time
+
+    rows = compile_time.main(
+        [
+            "compile_time",
+            f"--config={SYNTHETIC}:tiny",
+            "--config.data.fixed_shapes=False",
+            "--config.student.max_len=8",
+            "--model=student",
+            "--threads=1,2",
+        ]
+    )
+    assert [r["threads"] for r in rows] == [1, 2]
+    # Length buckets: more than one shape, the same ones for both thread counts.
+    assert rows[0]["shapes"] == rows[1]["shapes"] > 1
+    assert all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in rows)
+    assert capsys.readouterr().out.count('"threads"') == 2
+
+
 def test_quality_prints_the_click_table_and_its_checks():
     def report(t, kd, sc):
         models = {}
