@@ -16,7 +16,8 @@ kept under `max_gb` by jax, least recently used first.
     the user's choice wins over the config (tests and benchmarks pin it);
   - config.compile_cache.dir '' : no persistent cache;
   - 'auto': ~/.cache/distill_jax/xla (or $XDG_CACHE_HOME/distill_jax/xla);
-  - any other value: that directory.
+  - any other value: that directory, or a bucket every host of a pod shares
+    (gs://..., written by jax through etils; not created or checked here).
 The size bound (config.compile_cache.max_gb) holds for the config's
 directories; one the environment names is left unbounded, as jax leaves it.
 Every program is cached (jax's default keeps only those that took over a
@@ -50,7 +51,27 @@ def resolve(config: ml_collections.ConfigDict) -> str | None:
     value = str(config.compile_cache.dir).strip()
     if not value:
         return None
-    return default_dir() if value == "auto" else os.path.abspath(os.path.expanduser(value))
+    if value == "auto":
+        return default_dir()
+    if "://" in value:  # a bucket, e.g. gs://...: as given
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _check_local(config: ml_collections.ConfigDict, path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError as e:
+        raise ConfigError(
+            f"config.compile_cache.dir={config.compile_cache.dir!r} is invalid: {path} cannot "
+            f"be a directory ({e.strerror}); expected a writable directory, 'auto' or '' (off)."
+        ) from None
+    if not writable:
+        raise ConfigError(
+            f"config.compile_cache.dir={config.compile_cache.dir!r} is invalid: {path} is "
+            "not writable; expected a writable directory, 'auto' or '' (off)."
+        )
 
 
 def configure(config: ml_collections.ConfigDict) -> str | None:
@@ -70,22 +91,12 @@ def configure(config: ml_collections.ConfigDict) -> str | None:
     if path is None:
         log.info("No persistent compilation cache (config.compile_cache.dir='').")
         return None
-    try:
-        os.makedirs(path, exist_ok=True)
-        writable = os.access(path, os.W_OK)
-    except OSError as e:
-        raise ConfigError(
-            f"config.compile_cache.dir={config.compile_cache.dir!r} is invalid: {path} cannot "
-            f"be a directory ({e.strerror}); expected a writable directory, 'auto' or '' (off)."
-        ) from None
-    if not writable:
-        raise ConfigError(
-            f"config.compile_cache.dir={config.compile_cache.dir!r} is invalid: {path} is "
-            "not writable; expected a writable directory, 'auto' or '' (off)."
-        )
+    remote = "://" in path
+    if not remote:
+        _check_local(config, path)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if not os.environ.get(ENV):
+    if not remote and not os.environ.get(ENV):
         # jax keeps a size bound with a last-use time file per entry; processes
         # that share a directory must agree on it, and one whose directory the
         # environment set may share it with processes that never set a bound.

@@ -33,6 +33,8 @@ def test_the_environment_wins_then_off_auto_or_a_directory(monkeypatch, tmp_path
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert compile_cache.default_dir() == str(tmp_path / "home" / ".cache" / "distill_jax" / "xla")
     assert compile_cache.resolve(_config(str(tmp_path / "mine"))) == str(tmp_path / "mine")
+    # A bucket a pod's hosts share goes to jax as given (no local directory made).
+    assert compile_cache.resolve(_config("gs://bucket/xla")) == "gs://bucket/xla"
 
 
 def test_a_path_that_cannot_be_a_directory_or_a_bad_size_names_the_key(monkeypatch, tmp_path):
