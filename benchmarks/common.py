@@ -170,3 +170,18 @@ def log_progress() -> None:
     """The pipeline's progress (INFO) on stdout; other libraries' only from WARNING."""
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
     logging.getLogger("distill_jax").setLevel(logging.INFO)
+
+
+def data_and_mesh(config: ml_collections.ConfigDict):
+    """The data (prepared in a temporary directory), the mesh and the sharding rules.
+
+    What a script that times steps outside a workdir needs.
+    """
+    import tempfile
+
+    from distill_jax import sharding
+    from distill_jax.data import dataset
+
+    with tempfile.TemporaryDirectory() as work:
+        data = dataset.load(config, work)
+    return data, sharding.make_mesh(config.mesh), sharding.rules(config)

@@ -22,7 +22,6 @@ import json
 import logging
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -31,7 +30,6 @@ from absl import flags
 
 from benchmarks import common
 from distill_jax import pipeline, sharding
-from distill_jax.data import dataset
 from distill_jax.train import loop, state, steps
 
 
@@ -56,11 +54,8 @@ def main(argv: Sequence[str]) -> list[dict]:
     args = common.parse_flags(argv, define_flags, __doc__)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     cfg = args.config
-    with tempfile.TemporaryDirectory() as work:
-        data = dataset.load(cfg, work)
+    data, mesh, rules = common.data_and_mesh(cfg)
     split = data.split
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.rules(cfg)
     model = pipeline.build(cfg, args.model, split.num_items)
     mcfg = cfg[args.model]
     tb = loop.train_batches(model, mcfg, cfg, split, mesh)

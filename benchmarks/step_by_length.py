@@ -12,7 +12,6 @@ step. Prints JSON lines and a markdown table with the per-epoch estimate.
 
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -22,7 +21,6 @@ from absl import flags
 
 from benchmarks import common
 from distill_jax import pipeline, sharding
-from distill_jax.data import dataset
 from distill_jax.data.pipeline import TrainBatches
 from distill_jax.train import state, steps
 
@@ -47,12 +45,10 @@ def main(argv: Sequence[str]) -> None:
     """Times the teacher step on each batch width, trimmed and full, and prints the table."""
     args = common.parse_flags(argv, define_flags, __doc__)
     cfg = args.config
-    with tempfile.TemporaryDirectory() as work:
-        data = dataset.load(cfg, work)
-    mesh = sharding.make_mesh(cfg.mesh)
+    data, mesh, rules = common.data_and_mesh(cfg)
     m = cfg.teacher
     model = pipeline.build(cfg, "teacher", data.split.num_items)
-    st, shard = state.create_state(model, m, mesh, sharding.rules(cfg), jax.random.key(0))
+    st, shard = state.create_state(model, m, mesh, rules, jax.random.key(0))
     fn = steps.make_train_step(model, task="train", mesh=mesh, state_shardings=shard)
     tb = TrainBatches(
         data.split.train,

@@ -51,7 +51,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -62,7 +61,6 @@ from absl import flags
 
 from benchmarks import common, machine
 from distill_jax import pipeline, sharding
-from distill_jax.data import dataset
 from distill_jax.evaluation import evaluator as evaluator_lib
 from distill_jax.train import loop, state, steps
 
@@ -211,11 +209,8 @@ def main(argv: Sequence[str]) -> None:
     args = common.parse_flags(argv, define_flags, __doc__)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     cfg = args.config
-    with tempfile.TemporaryDirectory() as work:
-        data = dataset.load(cfg, work)
+    data, mesh, rules = common.data_and_mesh(cfg)
     split = data.split
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.rules(cfg)
     teacher = pipeline.build(cfg, "teacher", split.num_items)
     student = pipeline.build(cfg, "student", split.num_items)
     t_state, t_shard = state.create_state(teacher, cfg.teacher, mesh, rules, jax.random.key(0))
